@@ -1,0 +1,48 @@
+"""`device-sim`: register simulated devices with DPS, inspect chains, run fleets, serve a local DPS."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from hsm_setup.errors import UserError
+
+# Each area owns its verbs: a module with `add_subparser(subparsers)` that sets `func`.
+COMMAND_MODULES = (
+    "device_sim.register_cli",   # device-sim register
+    "device_sim.chain_cli",      # device-sim chain show|lint
+    "device_sim.fleet_cli",      # device-sim fleet run
+    "device_sim.stub.cli",       # device-sim stub serve|...
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="device-sim", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:
+                raise
+            continue  # area not built yet
+        module.add_subparser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except UserError as exc:
+        print(f"device-sim: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("device-sim: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
