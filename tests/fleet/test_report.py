@@ -1,0 +1,70 @@
+"""The fleet report's arithmetic and the plot file, on hand-made records."""
+
+import json
+
+import pytest
+
+from device_sim.fleet.plot import histogram, write_plot
+from device_sim.fleet.report import DeviceResult, FleetReport, percentile, render_text
+from hsm_setup.errors import UserError
+
+
+def make(i, status="assigned", total=None, hub="hub-a"):
+    return DeviceResult(
+        registration_id=f"dev-{i}", status=status, started_s=i / 10,
+        tls_ms=10.0, register_ms=2.0, wait_ms=1.0, total_ms=float(total if total is not None else i),
+        assigned_hub=hub if status == "assigned" else None,
+        error_code="401002" if status == "unauthorized" else None,
+    )
+
+
+def test_percentile_is_nearest_rank():
+    values = list(range(1, 101))
+    assert percentile(values, 50) == 50
+    assert percentile(values, 99) == 99
+    assert percentile(values, 100) == 100
+    assert percentile([7.0], 90) == 7.0
+
+
+def test_summary_counts_outcomes_hubs_and_rate():
+    devices = [make(i) for i in range(1, 101)] + [make(200, "unauthorized"), make(201, "cancelled")]
+    devices[0].assigned_hub = "hub-b"
+    devices[5].retries = 3
+    summary = FleetReport(wall_s=2.0, devices=devices, interrupted=True).summary()
+    assert summary["registrations_per_s"] == 50.0
+    assert summary["outcomes"] == {"assigned": 100, "unauthorized": 1, "cancelled": 1}
+    assert summary["errors"] == {"401002": 1}
+    assert summary["hubs"] == {"hub-a": 99, "hub-b": 1}
+    assert summary["retries"] == 3
+    assert summary["finished"] == 101
+    total = summary["latency_ms"]["total_ms"]
+    assert (total["p50"], total["p90"], total["p99"], total["max"]) == (50, 90, 99, 100)
+    text = render_text(summary)
+    assert "interrupted" in text and "401002" in text
+
+
+def test_report_json_has_one_record_per_device():
+    report = FleetReport(wall_s=1.0, devices=[make(i) for i in range(3)], settings={"concurrency": 2})
+    data = json.loads(json.dumps(report.to_dict()))
+    assert [d["registration_id"] for d in data["devices"]] == ["dev-0", "dev-1", "dev-2"]
+    assert data["settings"]["concurrency"] == 2
+
+
+def test_histogram_puts_every_value_in_a_bin():
+    counts, width, top = histogram([0.0, 1.0, 5.0, 10.0], bins=10)
+    assert sum(counts) == 4 and top == 10.0 and width == 1.0
+    assert counts[-1] == 1  # the maximum lands in the last bin, not past it
+
+
+def test_html_plot_is_written_whole(tmp_path):
+    out = tmp_path / "plot.html"
+    write_plot(out, [make(i, "assigned" if i % 3 else "failed") for i in range(50)], "run")
+    text = out.read_text()
+    assert text.count("<svg") == 2 and "<circle" in text and "<rect" in text
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_unknown_plot_format_is_refused(tmp_path):
+    with pytest.raises(UserError, match=r"\.html or \.png"):
+        write_plot(tmp_path / "plot.pdf", [make(1)], "run")
+    assert not list(tmp_path.iterdir())
