@@ -401,13 +401,22 @@ class Decoder:
         self._buffer = bytearray()
 
     def feed(self, data: bytes) -> list[Packet]:
-        self._buffer += data
+        """Every complete packet in the input so far (convenience over the two calls below)."""
+        self.receive_data(data)
         packets = []
-        while (packet := self._next()) is not None:
+        while (packet := self.next_packet()) is not None:
             packets.append(packet)
         return packets
 
-    def _next(self) -> Packet | None:
+    def receive_data(self, data: bytes) -> None:
+        self._buffer += data
+
+    def next_packet(self) -> Packet | None:
+        """The next complete packet, or None until more data arrives; ProtocolError if bad.
+
+        Taking packets one at a time lets a server answer the good packets that precede a
+        bad one in the same read.
+        """
         buf = self._buffer
         if not buf:
             return None
