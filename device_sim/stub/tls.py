@@ -429,6 +429,9 @@ class TlsListener:
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
+        """Start the accept loop in a daemon thread (a second call does nothing)."""
+        if self._thread is not None:
+            return
         self._thread = threading.Thread(target=self._accept_loop, name=f"{self.name}-accept", daemon=True)
         self._thread.start()
 

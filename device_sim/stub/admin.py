@@ -1,0 +1,230 @@
+"""Client of the emulator's service API (what `device-sim stub ca|group|enroll|registration` use).
+
+It finds the server through `<home>/stub/endpoint.json` (written by `stub serve`) or an
+explicit service URL, trusts the emulator's CA file, and signs each request with a SAS
+token made from the service key file. The key itself is never printed.
+
+Paths follow the real services (dps-protocol.md sections 7 and 8): certificates as in
+ARM (`/certificates/{name}`, `.../generateVerificationCode`, `.../verify`), enrollments
+and registrations as in the DPS service API.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import quote
+
+import requests
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from device_sim.stub import sas, server
+from hsm_setup.errors import UserError
+
+API_VERSION = "2021-10-01"
+EXIT_SERVICE_ERROR = 3  # the service answered with an error
+EXIT_UNREACHABLE = 4  # no emulator answering
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    service_url: str
+    ca_cert: Path
+    service_key_file: Path
+    service_host: str = "localhost"
+
+
+def find_endpoint(home: Path, service_url: str | None = None) -> Endpoint:
+    """Where the service API is: `--service-url` (with the home's CA and key files) or the
+    endpoint file a running `stub serve --home` wrote."""
+    directory = server.state_dir(home)
+    endpoint_file = directory / server.ENDPOINT_FILE
+    recorded: dict = {}
+    if endpoint_file.exists():
+        try:
+            recorded = json.loads(endpoint_file.read_text())
+        except (OSError, ValueError):
+            recorded = {}
+    url = service_url or recorded.get("service_url")
+    if not url:
+        raise UserError(
+            f"no running emulator found under {home} (no {endpoint_file}); start one with "
+            f"`device-sim stub serve --home {home}` or pass --service-url",
+            exit_code=EXIT_UNREACHABLE,
+        )
+    ca_cert = Path(recorded.get("ca_cert") or directory / server.TLS_SUBDIR / "ca.pem")
+    key_file = Path(recorded.get("service_key_file") or directory / server.SERVICE_KEY_FILE)
+    for path, what in ((ca_cert, "server CA file"), (key_file, "service key file")):
+        if not path.exists():
+            raise UserError(f"{what} {path} is missing; point --home at the emulator's state directory")
+    return Endpoint(url.rstrip("/"), ca_cert, key_file, recorded.get("service_host", "localhost"))
+
+
+def read_certificate_pem(path: str | Path) -> str:
+    """The first certificate of a PEM or DER file, as PEM text."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise UserError(f"cannot read certificate file {path}: {exc.strerror}") from exc
+    try:
+        if b"-----BEGIN CERTIFICATE-----" in data:
+            cert = x509.load_pem_x509_certificates(data)[0]
+        else:
+            cert = x509.load_der_x509_certificate(data)
+    except ValueError:
+        raise UserError(f"{path} holds no X.509 certificate (PEM or DER expected)") from None
+    return cert.public_bytes(Encoding.PEM).decode("ascii")
+
+
+class ServiceClient:
+    """Thin, typed calls of the service API; every error becomes a one-line UserError."""
+
+    def __init__(self, endpoint: Endpoint, timeout: float = 15.0):
+        self.endpoint = endpoint
+        self.key = server.read_service_key(endpoint.service_key_file)
+        self.timeout = timeout
+        self.session = requests.Session()
+        self.session.verify = str(endpoint.ca_cert)
+
+    def close(self) -> None:
+        self.session.close()
+
+    # -- plumbing
+
+    def call(self, method: str, path: str, body: dict | None = None, headers: dict | None = None,
+             ok: tuple[int, ...] = (200, 201, 204)) -> requests.Response:
+        token = sas.make_token(self.endpoint.service_host, self.key)
+        all_headers = {"Authorization": token, "Accept": "application/json"}
+        all_headers.update(headers or {})
+        try:
+            response = self.session.request(
+                method, self.endpoint.service_url + path, params={"api-version": API_VERSION},
+                json=body, headers=all_headers, timeout=self.timeout,
+            )
+        except requests.exceptions.SSLError as exc:
+            raise UserError(f"TLS to {self.endpoint.service_url} failed ({_short(exc)}); is "
+                            f"{self.endpoint.ca_cert} the CA of this emulator?", EXIT_UNREACHABLE) from None
+        except requests.exceptions.RequestException as exc:
+            raise UserError(f"no emulator answering at {self.endpoint.service_url} ({_short(exc)}); "
+                            "start it with `device-sim stub serve`", EXIT_UNREACHABLE) from None
+        if response.status_code not in ok:
+            raise UserError(_error_text(method, path, response), EXIT_SERVICE_ERROR)
+        return response
+
+    def json(self, method: str, path: str, body: dict | None = None, headers: dict | None = None):
+        response = self.call(method, path, body, headers)
+        if response.status_code == 204 or not response.content:
+            return None
+        try:
+            return response.json()
+        except ValueError:
+            raise UserError(f"{method} {path}: the service answered with non-JSON", EXIT_SERVICE_ERROR) from None
+
+    def _etag_headers(self, path: str) -> dict:
+        record = self.json("GET", path)
+        etag = (record or {}).get("etag")
+        return {"If-Match": etag} if etag else {}
+
+    # -- CA certificates
+
+    def ca_upload(self, name: str, pem: str, verified: bool) -> dict:
+        body = {"properties": {"certificate": pem, "isVerified": verified}}
+        return self.json("PUT", f"/certificates/{_seg(name)}", body)
+
+    def ca_code(self, name: str) -> dict:
+        path = f"/certificates/{_seg(name)}"
+        return self.json("POST", f"{path}/generateVerificationCode", None, self._etag_headers(path))
+
+    def ca_verify(self, name: str, pem: str) -> dict:
+        path = f"/certificates/{_seg(name)}"
+        return self.json("POST", f"{path}/verify", {"certificate": pem}, self._etag_headers(path))
+
+    def ca_get(self, name: str) -> dict:
+        return self.json("GET", f"/certificates/{_seg(name)}")
+
+    def ca_list(self) -> list:
+        result = self.json("GET", "/certificates")
+        return result.get("value", []) if isinstance(result, dict) else (result or [])
+
+    def ca_delete(self, name: str) -> None:
+        path = f"/certificates/{_seg(name)}"
+        self.json("DELETE", path, None, self._etag_headers(path))
+
+    # -- enrollment groups and individual enrollments
+
+    def put_record(self, kind: str, record_id: str, record: dict) -> dict:
+        return self.json("PUT", f"/{kind}/{_seg(record_id)}", record)
+
+    def get_record(self, kind: str, record_id: str) -> dict:
+        return self.json("GET", f"/{kind}/{_seg(record_id)}")
+
+    def list_records(self, kind: str) -> list:
+        return self.json("POST", f"/{kind}/query", {"query": "*"}) or []
+
+    def delete_record(self, kind: str, record_id: str) -> None:
+        self.json("DELETE", f"/{kind}/{_seg(record_id)}")
+
+    def set_provisioning_status(self, kind: str, record_id: str, status: str) -> dict:
+        record = self.get_record(kind, record_id)
+        record["provisioningStatus"] = status
+        headers = {"If-Match": record["etag"]} if record.get("etag") else {}
+        return self.json("PUT", f"/{kind}/{_seg(record_id)}", record, headers)
+
+    # -- registration records
+
+    def registration_get(self, registration_id: str) -> dict:
+        return self.json("GET", f"/registrations/{_seg(registration_id)}")
+
+    def registration_delete(self, registration_id: str) -> None:
+        self.json("DELETE", f"/registrations/{_seg(registration_id)}")
+
+
+def group_record(group_id: str, ca_ref: str | None, cert_pem: str | None, disabled: bool,
+                 hubs: list[str]) -> dict:
+    if ca_ref:
+        x509_attestation = {"caReferences": {"primary": ca_ref}}
+    else:
+        x509_attestation = {"signingCertificates": {"primary": {"certificate": cert_pem}}}
+    record = {
+        "enrollmentGroupId": group_id,
+        "attestation": {"type": "x509", "x509": x509_attestation},
+        "provisioningStatus": "disabled" if disabled else "enabled",
+    }
+    if hubs:
+        record["iotHubs"] = hubs
+    return record
+
+
+def enrollment_record(registration_id: str, cert_pem: str, device_id: str | None, disabled: bool,
+                      hubs: list[str]) -> dict:
+    record = {
+        "registrationId": registration_id,
+        "attestation": {"type": "x509", "x509": {"clientCertificates": {"primary": {"certificate": cert_pem}}}},
+        "provisioningStatus": "disabled" if disabled else "enabled",
+    }
+    if device_id:
+        record["deviceId"] = device_id
+    if hubs:
+        record["iotHubs"] = hubs
+    return record
+
+
+def _seg(value: str) -> str:
+    return quote(value, safe="")
+
+
+def _short(exc: Exception) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return text[:160]
+
+
+def _error_text(method: str, path: str, response: requests.Response) -> str:
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    if isinstance(body, dict) and "message" in body:
+        return f"{method} {path.split('?')[0]}: {response.status_code} {body.get('errorCode', '')}: {body['message']}"
+    return f"{method} {path}: HTTP {response.status_code} {response.reason}"

@@ -1,0 +1,295 @@
+"""`device-sim stub ...`: run the local DPS emulator and manage its CA certificates,
+enrollments and registration records through its service API."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import signal
+import threading
+
+from hsm_setup.errors import UserError
+from hsm_setup.home import add_home_argument, ensure_home, resolve_home
+
+# Modules adding another front end to `stub serve`. Each provides
+#   add_serve_arguments(parser)            its options (e.g. --mqtt-port)
+#   listener_factory(args) -> server.ListenerFactory | None
+# and is skipped while it does not exist yet.
+LISTENER_MODULES = ("device_sim.stub.mqtt_server",)
+
+RECORD_KINDS = {"group": "enrollmentGroups", "enroll": "enrollments"}
+
+
+def add_subparser(subparsers) -> None:
+    stub = subparsers.add_parser("stub", help="local DPS emulator: serve it, manage its enrollments",
+                                 description=__doc__)
+    verbs = stub.add_subparsers(dest="stub_command", required=True, metavar="VERB")
+    _add_serve(verbs)
+    _add_ca(verbs)
+    _add_record_commands(verbs, "group", "enrollment groups (X.509 CA or signing certificate)")
+    _add_record_commands(verbs, "enroll", "individual enrollments (a device's leaf certificate)")
+    _add_registration(verbs)
+
+
+# --------------------------------------------------------------------------- serve
+
+
+def _listener_modules():
+    for name in LISTENER_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:
+                raise
+            continue
+        if hasattr(module, "add_serve_arguments") and hasattr(module, "listener_factory"):
+            yield module
+
+
+def _add_serve(verbs) -> None:
+    parser = verbs.add_parser(
+        "serve", help="run the emulator until SIGTERM/SIGINT",
+        description="Run the local DPS emulator. Prints one JSON line on stdout when ready "
+                    "(device_url, service_url, id_scope, ca_cert, service_key_file, pid, ...); "
+                    "state (SQLite, CA, service key) lives in <home>/stub/.",
+    )
+    add_home_argument(parser)
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=0, help="device API (HTTPS) port; 0 picks a free one (default)")
+    parser.add_argument("--service-port", type=int, default=0, help="service API (HTTPS) port; 0 picks a free one")
+    parser.add_argument("--id-scope", help="ID scope (default: the one chosen on first start)")
+    parser.add_argument("--hub", action="append", metavar="NAME[=WEIGHT]",
+                        help="linked IoT hub host name, repeatable (default: the ones chosen before, "
+                             "else stub-hub-1.azure-devices.net)")
+    parser.add_argument("--assignment-delay", type=float, default=0.0, metavar="S",
+                        help="seconds an operation stays 'assigning' (default 0)")
+    parser.add_argument("--retry-after", type=int, default=1, metavar="S", help="Retry-After seconds on 202 (default 1)")
+    parser.add_argument("--throttle", type=int, default=0, metavar="N",
+                        help="answer the first N device requests of each registration ID with 429 (default 0)")
+    parser.add_argument("--server-name", action="append", default=[], metavar="NAME",
+                        help="extra DNS name or IP for the server certificate (localhost and 127.0.0.1 are always in it)")
+    for module in _listener_modules():
+        module.add_serve_arguments(parser)
+    parser.set_defaults(func=run_serve)
+
+
+def _parse_hubs(values):
+    from device_sim.stub.config import Hub
+
+    if not values:
+        return None
+    hubs = []
+    for value in values:
+        name, sep, weight = value.partition("=")
+        if sep and not weight.isdigit():
+            raise UserError(f"--hub {value!r}: weight must be a whole number 1..1000 (NAME=WEIGHT)")
+        hubs.append(Hub(name.strip(), int(weight) if sep else 1))
+    return hubs
+
+
+def run_serve(args) -> int:
+    from device_sim.stub import server, tls
+
+    home = ensure_home(args.home)
+    for name, port in (("--port", args.port), ("--service-port", args.service_port)):
+        if not 0 <= port <= 65535:
+            raise UserError(f"{name} {port} is not a TCP port (0..65535)")
+    options = server.ServeOptions(
+        home=home, host=args.host, port=args.port, service_port=args.service_port,
+        server_names=args.server_name, id_scope=args.id_scope, hubs=_parse_hubs(args.hub),
+        assignment_delay=args.assignment_delay, retry_after=args.retry_after, throttle=args.throttle,
+        limits=tls.Limits(),
+    )
+    factories = [f for f in (m.listener_factory(args) for m in _listener_modules()) if f is not None]
+    stub = server.StubServer(options, factories)
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    try:
+        ready = stub.start()
+    except ValueError as exc:  # the core refuses the configuration
+        stub.close()
+        raise UserError(f"bad emulator settings: {exc}") from None
+    print(json.dumps(ready), flush=True)
+    stub.serve_until(stop)
+    return 0
+
+
+# --------------------------------------------------------------------------- admin commands
+
+
+def _admin_parser(verbs, name: str, help_text: str) -> argparse.ArgumentParser:
+    parser = verbs.add_parser(name, help=help_text, description=help_text)
+    add_home_argument(parser)
+    parser.add_argument("--service-url", help="service API URL (default: from <home>/stub/endpoint.json)")
+    parser.add_argument("--json", action="store_true", help="print the service's JSON answer")
+    return parser
+
+
+def _client(args):
+    from device_sim.stub import admin
+
+    endpoint = admin.find_endpoint(resolve_home(args.home), args.service_url)
+    return admin.ServiceClient(endpoint)
+
+
+def _emit(args, result, text: str) -> int:
+    if args.json:
+        print(json.dumps(result, indent=None if result is None else 2))
+    else:
+        print(text)
+    return 0
+
+
+def _add_ca(verbs) -> None:
+    ca = verbs.add_parser("ca", help="CA certificates: upload, proof of possession, list, delete",
+                          description="Root/intermediate CA certificates an enrollment group can reference.")
+    sub = ca.add_subparsers(dest="ca_command", required=True, metavar="ACTION")
+    p = _admin_parser(sub, "upload", "upload a CA certificate (unverified unless --verified)")
+    p.add_argument("name", help="certificate name (letters, digits, - . _)")
+    p.add_argument("file", help="PEM or DER certificate file (the first certificate is used)")
+    p.add_argument("--verified", action="store_true", help="mark verified on upload (no proof of possession)")
+    p.set_defaults(func=_ca_upload)
+    p = _admin_parser(sub, "code", "print a verification code for the proof of possession")
+    p.add_argument("name")
+    p.set_defaults(func=_ca_code)
+    p = _admin_parser(sub, "verify", "upload the verification certificate (CN = code, signed by the CA key)")
+    p.add_argument("name")
+    p.add_argument("file", help="verification certificate file (PEM or DER)")
+    p.set_defaults(func=_ca_verify)
+    p = _admin_parser(sub, "get", "show one CA certificate")
+    p.add_argument("name")
+    p.set_defaults(func=_ca_get)
+    p = _admin_parser(sub, "list", "list CA certificates")
+    p.set_defaults(func=_ca_list)
+    p = _admin_parser(sub, "delete", "delete a CA certificate")
+    p.add_argument("name")
+    p.set_defaults(func=_ca_delete)
+
+
+def _ca_summary(record: dict) -> str:
+    props = (record or {}).get("properties", {})
+    state = "verified" if props.get("isVerified") else "unverified"
+    return f"{record.get('name', '?')}\t{state}\t{props.get('subject', '')}"
+
+
+def _ca_upload(args) -> int:
+    from device_sim.stub.admin import read_certificate_pem
+
+    pem = read_certificate_pem(args.file)
+    record = _client(args).ca_upload(args.name, pem, args.verified)
+    return _emit(args, record, _ca_summary(record))
+
+
+def _ca_code(args) -> int:
+    record = _client(args).ca_code(args.name)
+    code = (record or {}).get("properties", {}).get("verificationCode")
+    if not code:
+        raise UserError(f"the service returned no verification code for {args.name}", exit_code=3)
+    return _emit(args, record, code)
+
+
+def _ca_verify(args) -> int:
+    from device_sim.stub.admin import read_certificate_pem
+
+    pem = read_certificate_pem(args.file)
+    record = _client(args).ca_verify(args.name, pem)
+    return _emit(args, record, _ca_summary(record))
+
+
+def _ca_get(args) -> int:
+    record = _client(args).ca_get(args.name)
+    return _emit(args, record, _ca_summary(record))
+
+
+def _ca_list(args) -> int:
+    records = _client(args).ca_list()
+    return _emit(args, records, "\n".join(_ca_summary(r) for r in records) or "(no CA certificates)")
+
+
+def _ca_delete(args) -> int:
+    _client(args).ca_delete(args.name)
+    return _emit(args, None, f"deleted {args.name}")
+
+
+def _add_record_commands(verbs, noun: str, help_text: str) -> None:
+    parser = verbs.add_parser(noun, help=help_text, description=help_text)
+    sub = parser.add_subparsers(dest=f"{noun}_command", required=True, metavar="ACTION")
+    id_help = "enrollment group ID" if noun == "group" else "registration ID (the device leaf's CN)"
+    p = _admin_parser(sub, "create", f"create or replace one of the {help_text.split(' (')[0]}")
+    p.add_argument("id", help=id_help)
+    if noun == "group":
+        source = p.add_mutually_exclusive_group(required=True)
+        source.add_argument("--ca-ref", metavar="NAME", help="name of an uploaded CA certificate")
+        source.add_argument("--cert", metavar="FILE", help="signing certificate file (PEM or DER)")
+    else:
+        p.add_argument("--cert", metavar="FILE", required=True, help="the device's leaf certificate (PEM or DER)")
+        p.add_argument("--device-id", help="IoT Hub device ID (default: the registration ID)")
+    p.add_argument("--disabled", action="store_true", help="create it disabled")
+    p.add_argument("--hub", action="append", default=[], metavar="HOST", help="restrict to these linked hubs")
+    p.set_defaults(func=_record_create, noun=noun)
+    for action, text in (("get", "show one"), ("delete", "delete one"), ("enable", "enable one"),
+                         ("disable", "disable one")):
+        p = _admin_parser(sub, action, f"{text} ({id_help})")
+        p.add_argument("id", help=id_help)
+        p.set_defaults(func=_record_action, noun=noun, action=action)
+    p = _admin_parser(sub, "list", "list all")
+    p.set_defaults(func=_record_list, noun=noun)
+
+
+def _record_summary(noun: str, record: dict) -> str:
+    record = record or {}
+    record_id = record.get("enrollmentGroupId") if noun == "group" else record.get("registrationId")
+    return f"{record_id}\t{record.get('provisioningStatus', 'enabled')}"
+
+
+def _record_create(args) -> int:
+    from device_sim.stub import admin
+
+    cert = admin.read_certificate_pem(args.cert) if args.cert else None
+    if args.noun == "group":
+        record = admin.group_record(args.id, args.ca_ref, cert, args.disabled, args.hub)
+    else:
+        record = admin.enrollment_record(args.id, cert, args.device_id, args.disabled, args.hub)
+    result = _client(args).put_record(RECORD_KINDS[args.noun], args.id, record)
+    return _emit(args, result, _record_summary(args.noun, result))
+
+
+def _record_action(args) -> int:
+    client = _client(args)
+    kind = RECORD_KINDS[args.noun]
+    if args.action == "get":
+        result = client.get_record(kind, args.id)
+    elif args.action == "delete":
+        client.delete_record(kind, args.id)
+        return _emit(args, None, f"deleted {args.id}")
+    else:
+        result = client.set_provisioning_status(kind, args.id, args.action + "d")
+    return _emit(args, result, _record_summary(args.noun, result))
+
+
+def _record_list(args) -> int:
+    records = _client(args).list_records(RECORD_KINDS[args.noun])
+    text = "\n".join(_record_summary(args.noun, r) for r in records) or "(none)"
+    return _emit(args, records, text)
+
+
+def _add_registration(verbs) -> None:
+    parser = verbs.add_parser("registration", help="registration records the emulator made",
+                              description="Registration records (created when a device registers).")
+    sub = parser.add_subparsers(dest="registration_command", required=True, metavar="ACTION")
+    for action in ("get", "delete"):
+        p = _admin_parser(sub, action, f"{action} one registration record")
+        p.add_argument("id", help="registration ID")
+        p.set_defaults(func=_registration_action, action=action)
+
+
+def _registration_action(args) -> int:
+    client = _client(args)
+    if args.action == "delete":
+        client.registration_delete(args.id)
+        return _emit(args, None, f"deleted {args.id}")
+    record = client.registration_get(args.id)
+    text = f"{record.get('registrationId')}\t{record.get('status')}\t{record.get('assignedHub', '')}\t{record.get('deviceId', '')}"
+    return _emit(args, record, text)

@@ -1,0 +1,335 @@
+"""HTTP/1.1 front ends of the emulator: device API and service API over `tls.TlsListener`.
+
+The HTTP reader is deliberately small: request line, headers, Content-Length bodies,
+keep-alive. Chunked bodies are refused (411/501): DPS clients send Content-Length, and a
+refusal is safer than a half-done decoder. Parsing (`parse_head`, `body_length`) and
+rendering (`render_response`) are pure functions; `serve_http` is the only I/O loop.
+
+Every failure a client can cause ends in a DPS-style JSON error (`errors.error_reply`)
+with the right status, never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+from dataclasses import dataclass
+from http import HTTPStatus
+from typing import Callable, Mapping, Sequence
+from urllib.parse import parse_qsl, unquote
+
+from cryptography import x509
+from OpenSSL import SSL
+
+from device_sim.stub import errors
+from device_sim.stub.errors import Reply, error_reply
+from device_sim.stub.tls import Limits, TlsClosed, TlsStream
+
+MAX_HEAD = 16 * 1024  # request line + headers
+MAX_HEADERS = 100
+DEFAULT_MAX_BODY = 96 * 1024  # DPS's published maximum message size
+JSON_TYPE = "application/json; charset=utf-8"
+TOKEN = re.compile(rb"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+
+
+# --------------------------------------------------------------------------- values
+
+
+@dataclass(frozen=True)
+class Request:
+    method: str
+    target: str  # as sent, e.g. "/0ne00/registrations/dev1/register?api-version=2021-06-01"
+    path: str  # raw (still percent-encoded) path
+    query: dict[str, str]
+    headers: dict[str, str]  # lower-case names
+    body: bytes
+    keep_alive: bool
+
+
+class HttpError(Exception):
+    """A request this layer refuses; the connection is closed after the reply when `close`.
+
+    `code` is the DPS-style six-digit error code; its first three digits are the status.
+    """
+
+    def __init__(self, code: int, message: str, close: bool = True):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.close = close
+
+    def reply(self) -> Reply:
+        return error_reply(self.code, self.message)
+
+
+# --------------------------------------------------------------------------- parsing (pure)
+
+
+def parse_head(head: bytes) -> tuple[str, str, str, dict[str, str]]:
+    """Request line and headers (without the final blank line) -> method, target, version, headers."""
+    lines = head.split(b"\r\n")
+    parts = lines[0].split(b" ")
+    if len(parts) != 3 or not TOKEN.match(parts[0]) or not parts[1].startswith(b"/"):
+        raise HttpError(400000, "malformed request line; send 'METHOD /path HTTP/1.1'")
+    method, target, version = (p.decode("ascii", "replace") for p in parts)
+    if version not in ("HTTP/1.1", "HTTP/1.0"):
+        raise HttpError(505000, f"unsupported HTTP version {version!r}; use HTTP/1.1")
+    if len(lines) - 1 > MAX_HEADERS:
+        raise HttpError(431000, f"more than {MAX_HEADERS} headers")
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        name, sep, value = line.partition(b":")
+        if not sep or not TOKEN.match(name):
+            raise HttpError(400000, "malformed header line")
+        key = name.decode("ascii").lower()
+        text = value.strip().decode("latin-1")
+        if key in headers:
+            if key == "content-length" and headers[key] != text:
+                raise HttpError(400000, "conflicting Content-Length headers")
+            headers[key] = text if key == "content-length" else f"{headers[key]}, {text}"
+        else:
+            headers[key] = text
+    return method, target, version, headers
+
+
+def body_length(method: str, headers: Mapping[str, str], max_body: int) -> int:
+    """How many body bytes to read; refuses chunked and oversized bodies before reading any."""
+    if "transfer-encoding" in headers:
+        if headers["transfer-encoding"].strip().lower() == "chunked":
+            raise HttpError(411000, "chunked request bodies are not supported; send Content-Length")
+        raise HttpError(501000, f"Transfer-Encoding {headers['transfer-encoding']!r} is not supported")
+    raw = headers.get("content-length")
+    if raw is None:
+        return 0
+    if not raw.isdigit():
+        raise HttpError(400000, "Content-Length is not a number")
+    length = int(raw)
+    if length > max_body:
+        raise HttpError(413000, f"request body of {length} bytes exceeds the {max_body}-byte limit")
+    return length
+
+
+def wants_keep_alive(version: str, headers: Mapping[str, str]) -> bool:
+    tokens = {t.strip().lower() for t in headers.get("connection", "").split(",")}
+    if version == "HTTP/1.0":
+        return "keep-alive" in tokens
+    return "close" not in tokens
+
+
+def split_target(target: str) -> tuple[str, dict[str, str]]:
+    path, _, query = target.partition("?")
+    return path, dict(parse_qsl(query, keep_blank_values=True))
+
+
+def check_json_body(request: Request) -> None:
+    """A body must be declared as JSON (415 otherwise); an empty body needs no type."""
+    if not request.body:
+        return
+    content_type = request.headers.get("content-type", "")
+    media = content_type.split(";")[0].strip().lower()
+    if media != "application/json":
+        shown = content_type or "none"
+        raise HttpError(415000, f"Content-Type {shown!r} is not supported; send application/json", close=False)
+
+
+def render_response(reply, keep_alive: bool) -> bytes:
+    body = b"" if reply.body is None else json.dumps(reply.body, separators=(",", ":")).encode()
+    try:
+        reason = HTTPStatus(reply.status).phrase
+    except ValueError:
+        reason = "Unknown"
+    lines = [f"HTTP/1.1 {reply.status} {reason}"]
+    headers = {k.lower(): v for k, v in (reply.headers or {}).items()}
+    if body:
+        headers["content-type"] = JSON_TYPE
+    headers["content-length"] = str(len(body))
+    headers["connection"] = "keep-alive" if keep_alive else "close"
+    for name, value in headers.items():
+        if "\r" in value or "\n" in value:
+            continue  # never let a value split the header block
+        lines.append(f"{_header_case(name)}: {value}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+def _header_case(name: str) -> str:
+    if name.startswith("x-ms-"):
+        return name
+    return "-".join(part.capitalize() for part in name.split("-"))
+
+
+# --------------------------------------------------------------------------- I/O loop
+
+
+class _Reader:
+    """Buffered reads from a TlsStream with the head/body limits of one request."""
+
+    def __init__(self, stream: TlsStream):
+        self.stream = stream
+        self.buffer = b""
+
+    def read_head(self, limits: Limits) -> bytes | None:
+        """Bytes up to the blank line; None if the client closed or idled out between requests."""
+        timeout = limits.idle_timeout
+        while True:
+            end = self.buffer.find(b"\r\n\r\n")
+            if end >= 0:
+                head, self.buffer = self.buffer[:end], self.buffer[end + 4 :]
+                return head
+            if len(self.buffer) > MAX_HEAD:
+                raise HttpError(431000, f"request head exceeds {MAX_HEAD} bytes")
+            started = bool(self.buffer.strip())
+            if not started:
+                self.buffer = b""  # tolerate stray CRLFs between requests
+            try:
+                chunk = self.stream.recv(MAX_HEAD, timeout if not started else limits.request_timeout)
+            except (TimeoutError, socket.timeout):
+                if started:
+                    raise HttpError(408000, "request not completed in time")
+                return None
+            if not chunk:
+                if started:
+                    raise HttpError(400000, "connection closed in the middle of a request")
+                return None
+            self.buffer += chunk
+
+    def read_body(self, length: int, limits: Limits) -> bytes:
+        while len(self.buffer) < length:
+            try:
+                chunk = self.stream.recv(length - len(self.buffer), limits.request_timeout)
+            except (TimeoutError, socket.timeout):
+                raise HttpError(408000, "request body not completed in time")
+            if not chunk:
+                raise HttpError(400000, "connection closed before the whole body arrived")
+            self.buffer += chunk
+        body, self.buffer = self.buffer[:length], self.buffer[length:]
+        return body
+
+
+def read_request(reader: _Reader, limits: Limits, max_body: int) -> Request | None:
+    head = reader.read_head(limits)
+    if head is None:
+        return None
+    method, target, version, headers = parse_head(head)
+    length = body_length(method, headers, max_body)
+    body = reader.read_body(length, limits)
+    path, query = split_target(target)
+    return Request(method, target, path, query, headers, body, wants_keep_alive(version, headers))
+
+
+RequestHandler = Callable[[Request, Sequence[x509.Certificate]], object]
+
+
+def serve_http(
+    stream: TlsStream,
+    handle: RequestHandler,
+    limits: Limits,
+    max_body: int = DEFAULT_MAX_BODY,
+    log: Callable[[str], None] | None = None,
+) -> None:
+    """Answer requests on one connection until the client closes, idles out, or errs."""
+    chain = stream.presented_chain()
+    reader = _Reader(stream)
+    while True:
+        try:
+            request = read_request(reader, limits, max_body)
+        except HttpError as exc:
+            _send(stream, exc.reply(), keep_alive=False)
+            return
+        except (TlsClosed, SSL.Error, OSError):
+            return
+        if request is None:
+            return
+        try:
+            reply = handle(request, chain)
+        except HttpError as exc:
+            reply = exc.reply()
+            if exc.close:
+                _send(stream, reply, keep_alive=False)
+                return
+        except Exception as exc:  # a bug in a handler: answer 500, keep the server up
+            if log is not None:
+                log(f"internal error on {request.method} {request.path}: {type(exc).__name__}: {exc}")
+            reply = error_reply(errors.INTERNAL_ERROR, "internal error in the emulator")
+        if not _send(stream, reply, request.keep_alive):
+            return
+        if not request.keep_alive:
+            return
+
+
+def _send(stream: TlsStream, reply, keep_alive: bool) -> bool:
+    try:
+        stream.sendall(render_response(reply, keep_alive))
+        return True
+    except (SSL.Error, OSError):
+        return False
+
+
+def plain_http_hint(sock: socket.socket, first_bytes: bytes) -> None:
+    """A client that speaks plain HTTP to a TLS port gets told so (instead of silence)."""
+    if not re.match(rb"^[A-Z]{3,7} /", first_bytes):
+        return
+    reply = error_reply(errors.BAD_REQUEST, "this port speaks HTTPS; use an https:// URL")
+    try:
+        sock.settimeout(2)
+        sock.sendall(render_response(reply, keep_alive=False))
+    except OSError:
+        pass
+
+
+# --------------------------------------------------------------------------- routing
+
+# Device routes: segments are matched on the raw path, then percent-decoded one by one,
+# so an encoded "/" inside a registration ID cannot change which route matches.
+DEVICE_ROUTES = (
+    ("register", "PUT", ("*", "registrations", "*", "register")),
+    ("operation_status", "GET", ("*", "registrations", "*", "operations", "*")),
+    ("registration_status", "POST", ("*", "registrations", "*")),
+)
+
+
+def match_device_route(method: str, path: str) -> tuple[str, list[str]]:
+    """(route name, decoded path parameters); HttpError 404/405 when nothing fits."""
+    segments = path.split("/")[1:]
+    path_matched = False
+    for name, route_method, pattern in DEVICE_ROUTES:
+        if len(segments) != len(pattern):
+            continue
+        if not all(p == "*" and s or p == s for p, s in zip(pattern, segments)):
+            continue
+        path_matched = True
+        if method == route_method:
+            return name, [unquote(s) for p, s in zip(pattern, segments) if p == "*"]
+    if path_matched:
+        raise HttpError(405000, f"method {method} is not allowed on {path}", close=False)
+    raise HttpError(404000, f"no device API route for {method} {path}", close=False)
+
+
+def device_handler(device_api) -> RequestHandler:
+    """Route the three DPS device operations to `DeviceApi` (transport-independent core)."""
+
+    def handle(request: Request, chain: Sequence[x509.Certificate]):
+        name, params = match_device_route(request.method, request.path)
+        api_version = request.query.get("api-version")
+        if name == "register":
+            check_json_body(request)
+            id_scope, registration_id = params
+            return device_api.register(id_scope, registration_id, api_version, chain, request.body)
+        if name == "operation_status":
+            id_scope, registration_id, operation_id = params
+            return device_api.operation_status(id_scope, registration_id, operation_id, api_version, chain)
+        check_json_body(request)
+        id_scope, registration_id = params
+        return device_api.registration_status(id_scope, registration_id, api_version, chain, request.body)
+
+    return handle
+
+
+def service_handler(service_api) -> RequestHandler:
+    """Everything on the service port goes to `ServiceApi`, which authenticates the SAS token."""
+
+    def handle(request: Request, chain: Sequence[x509.Certificate]):
+        check_json_body(request)
+        return service_api.handle(request.method, unquote(request.path), request.query, request.headers, request.body)
+
+    return handle
