@@ -57,6 +57,7 @@ from device_sim.mqtt.codec import (
     encode,
 )
 from device_sim.stub.tls import Limits, TlsListener, device_context
+from hsm_setup.errors import UserError
 
 READ_CHUNK = 64 * 1024
 # MQTT 3.1.1 §3.1.2.10: the server drops a client silent for one and a half keep-alives.
@@ -236,18 +237,59 @@ def _note(log: Callable[[str], None] | None, message: str) -> None:
         log(message)
 
 
-def start_mqtt_listener(api, identity, host: str = "127.0.0.1", port: int = 8883, *,
-                        limits: Limits | None = None, max_packet_size: int = DEFAULT_MAX_PACKET_SIZE,
-                        url_host: str | None = None, log: Callable[[str], None] | None = None) -> TlsListener:
-    """Start the DPS MQTT listener (port 0 picks a free port); `.url` is `mqtts://host:port`,
-    `.close()` stops it. `identity` is the emulator's `tls.ServerIdentity`."""
+def mqtt_listener(api, context, host: str = "127.0.0.1", port: int = 8883, *,
+                  limits: Limits | None = None, max_packet_size: int = DEFAULT_MAX_PACKET_SIZE,
+                  url_host: str | None = None, log: Callable[[str], None] | None = None) -> TlsListener:
+    """The DPS MQTT listener, bound but not started (port 0 picks a free port).
+
+    `context` is the device-port pyOpenSSL context (`tls.device_context`); `.url` is
+    `mqtts://host:port`; `.start()` / `.close()` run and stop it.
+    """
     limits = limits or Limits()
     log = log or (lambda message: print(message, file=sys.stderr, flush=True))
 
     def handler(stream) -> None:
         serve_mqtt(stream, api, limits, max_packet_size, log)
 
-    listener = TlsListener("mqtt", "mqtts", host, port, device_context(identity), handler,
-                           limits=limits, url_host=url_host, log=log)
+    return TlsListener("mqtt", "mqtts", host, port, context, handler, limits=limits, url_host=url_host, log=log)
+
+
+def start_mqtt_listener(api, identity, host: str = "127.0.0.1", port: int = 8883, **kwargs) -> TlsListener:
+    """Bind and start the listener with the emulator's `tls.ServerIdentity`."""
+    listener = mqtt_listener(api, device_context(identity), host, port, **kwargs)
     listener.start()
     return listener
+
+
+# --------------------------------------------------------------------------- `stub serve` hook
+
+DEFAULT_PORT = 8883  # the official SDKs always dial 8883
+
+
+def add_serve_arguments(parser) -> None:
+    """Options `device-sim stub serve` gains from this front end."""
+    parser.add_argument("--mqtt-port", type=int, default=DEFAULT_PORT, metavar="PORT",
+                        help=f"DPS MQTT (TLS) port; 0 picks a free one (default {DEFAULT_PORT}, "
+                             "the port the Azure SDKs use)")
+    parser.add_argument("--no-mqtt", action="store_true", help="do not serve MQTT")
+
+
+def listener_factory(args):
+    """The `server.ListenerFactory` for `stub serve`, or None with --no-mqtt."""
+    if getattr(args, "no_mqtt", False):
+        return None
+    port = getattr(args, "mqtt_port", DEFAULT_PORT)
+    if not 0 <= port <= 65535:
+        raise UserError(f"--mqtt-port {port} is not a TCP port (0..65535)")
+
+    def factory(app):
+        try:
+            listener = mqtt_listener(app.device_api, app.device_context(), app.host, port,
+                                     limits=app.limits, url_host=app.url_host, log=app.log)
+        except OSError as exc:
+            # stub serve turns an OSError into its one-line "cannot listen" error.
+            raise OSError(exc.errno, f"MQTT port {port}: {exc.strerror or exc} "
+                                     "(--mqtt-port 0 picks a free port, --no-mqtt turns MQTT off)") from None
+        return listener  # StubServer starts it with the others
+
+    return factory
