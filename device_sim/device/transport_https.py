@@ -1,0 +1,264 @@
+"""DPS over HTTPS with mutual TLS whose client signature is made inside the PKCS#11 token.
+
+awscrt (s2n + aws-c-io) does the TLS: it logs into the token and asks it to sign the
+handshake; the private key never leaves the token. Facts this module relies on (checked
+against awscrt 0.38 and SoftHSM 2.6, see docs/device.md):
+
+- `cert_file_contents` may hold several PEM certificates: s2n sends all of them, in that
+  order, so passing leaf + intermediates (+ root) presents the whole chain.
+- The key is found by `private_key_label` (no CKA_ID search); the token by `slot_id` or
+  `token_label`. We pass the slot id the identity loader already knows, so creating a
+  context does not enumerate every token's label (~15 ms among 100 tokens).
+- With PKCS#11 awscrt negotiates TLS 1.2 only. DPS speaks TLS 1.2, so that is enough.
+- awscrt's `Pkcs11Lib` DEFAULT behaviour calls C_Initialize and ignores "already
+  initialised", so it can share a module python-pkcs11 opened first in the same process.
+  But python-pkcs11 initialises with no locking arguments, which makes SoftHSM disable its
+  mutexes: then only one thread may use the module at a time. `CrtRuntime` therefore uses
+  one event-loop thread by default (all signing happens on it).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import io as _io
+import threading
+from dataclasses import dataclass
+from urllib.parse import quote
+
+from awscrt import exceptions as crt_exceptions
+from awscrt import http as crt_http
+from awscrt import io as crt_io
+
+from device_sim.device.registration import Response
+from device_sim.device.transport import (
+    ProtocolFailure,
+    TlsFailure,
+    TransportError,
+    TransportTimeout,
+    Unreachable,
+)
+from hsm_setup.errors import UserError
+
+DEFAULT_API_VERSION = "2021-06-01"
+USER_AGENT = "device-sim/0.1"
+MAX_BODY = 1 << 20  # DPS messages are at most 96 KB; anything far larger is not DPS
+
+
+@dataclass(frozen=True)
+class TlsIdentity:
+    """What the TLS client needs to prove the device's identity with the token key."""
+
+    module_path: str
+    key_label: str
+    chain_pem: bytes  # leaf first, then the intermediates (and the root if wanted)
+    pin: str | None
+    slot_id: int | None = None
+    token_label: str | None = None
+
+
+class CrtRuntime:
+    """Event loop, resolver, bootstrap and loaded PKCS#11 modules: one per process.
+
+    A fleet shares one runtime and makes one `ClientTlsContext` per device.
+    """
+
+    def __init__(self, event_loop_threads: int = 1):
+        self.event_loop_group = crt_io.EventLoopGroup(event_loop_threads)
+        self.host_resolver = crt_io.DefaultHostResolver(self.event_loop_group)
+        self.bootstrap = crt_io.ClientBootstrap(self.event_loop_group, self.host_resolver)
+        self._libs: dict[str, crt_io.Pkcs11Lib] = {}
+        self._lock = threading.Lock()
+
+    def pkcs11_lib(self, module_path: str) -> crt_io.Pkcs11Lib:
+        with self._lock:
+            lib = self._libs.get(module_path)
+            if lib is None:
+                try:
+                    lib = crt_io.Pkcs11Lib(file=module_path)
+                except crt_exceptions.AwsCrtError as exc:
+                    raise UserError(f"cannot load PKCS#11 module {module_path}: {exc.name}; "
+                                    "check --module / PKCS11_MODULE") from None
+                self._libs[module_path] = lib
+            return lib
+
+
+_default_runtime: CrtRuntime | None = None
+_default_lock = threading.Lock()
+
+
+def default_runtime() -> CrtRuntime:
+    global _default_runtime
+    with _default_lock:
+        if _default_runtime is None:
+            _default_runtime = CrtRuntime()
+        return _default_runtime
+
+
+def client_tls_context(identity: TlsIdentity, trust_pem: bytes | None = None,
+                       runtime: CrtRuntime | None = None) -> crt_io.ClientTlsContext:
+    """A TLS 1.2 client context that signs with the token key and presents `chain_pem`.
+
+    `trust_pem`: CA certificates that may sign the server certificate (the emulator's);
+    None means the system trust store (real DPS).
+    """
+    runtime = runtime or default_runtime()
+    options = crt_io.TlsContextOptions.create_client_with_mtls_pkcs11(
+        pkcs11_lib=runtime.pkcs11_lib(identity.module_path),
+        user_pin=identity.pin,
+        slot_id=identity.slot_id,
+        token_label=None if identity.slot_id is not None else identity.token_label,
+        private_key_label=identity.key_label,
+        cert_file_contents=identity.chain_pem,
+    )
+    options.min_tls_ver = crt_io.TlsVersion.TLSv1_2
+    if trust_pem is not None:
+        options.override_default_trust_store(trust_pem)
+    try:
+        return crt_io.ClientTlsContext(options)
+    except crt_exceptions.AwsCrtError as exc:
+        raise UserError(_context_error(exc)) from None
+
+
+def _context_error(exc: crt_exceptions.AwsCrtError) -> str:
+    name = exc.name
+    if "PIN" in name:
+        return f"the token refused the PIN ({name}); check --pin-file / PKCS11_PIN"
+    if "KEY_NOT_FOUND" in name or "OBJECT" in name:
+        return f"the private key was not found on the token ({name}); check the URI's object/id"
+    if "PEM" in name or "X509" in name or "CERT" in name:
+        return f"the certificate chain could not be loaded ({name})"
+    return f"cannot set up TLS with the token key: {name}: {exc.message}"
+
+
+def classify(exc: BaseException, what: str) -> TransportError:
+    """Map an awscrt error to the transport error the driver understands."""
+    if isinstance(exc, concurrent.futures.TimeoutError):
+        return TransportTimeout(f"no answer from the server while {what}")
+    if isinstance(exc, TransportError):
+        return exc
+    name = getattr(exc, "name", type(exc).__name__)
+    if "TLS" in name or "S2N" in name:
+        return TlsFailure(f"TLS handshake failed while {what}: {name}")
+    if "TIMEOUT" in name:
+        return TransportTimeout(f"timed out while {what}: {name}")
+    if "CLOSED" in name:
+        return ProtocolFailure(f"the server closed the connection while {what}: {name}")
+    if any(word in name for word in ("DNS", "REFUSED", "NO_ROUTE", "NETWORK", "UNREACHABLE",
+                                     "SOCKET", "ADDRESS")):
+        return Unreachable(f"cannot connect while {what}: {name}")
+    return ProtocolFailure(f"the server broke the exchange while {what}: {name}")
+
+
+class HttpsTransport:
+    """One device's HTTPS connection to DPS (real or emulated); implements `Transport`."""
+
+    def __init__(self, host: str, port: int, id_scope: str, registration_id: str,
+                 tls_context: crt_io.ClientTlsContext, *, api_version: str = DEFAULT_API_VERSION,
+                 server_name: str | None = None, runtime: CrtRuntime | None = None):
+        self.host = host
+        self.port = port
+        self.id_scope = id_scope
+        self.registration_id = registration_id
+        self.api_version = api_version
+        self.tls_context = tls_context
+        self.server_name = server_name or host
+        self.runtime = runtime or default_runtime()
+        self.connection: crt_http.HttpClientConnection | None = None
+        self.connects = 0
+
+    # -- paths (dps-protocol.md section 2.1) ------------------------------------------
+
+    def _base(self) -> str:
+        return f"/{quote(self.id_scope, safe='')}/registrations/{quote(self.registration_id, safe='')}"
+
+    def register_path(self) -> str:
+        return f"{self._base()}/register?api-version={quote(self.api_version)}"
+
+    def poll_path(self, operation_id: str) -> str:
+        return f"{self._base()}/operations/{quote(operation_id, safe='')}?api-version={quote(self.api_version)}"
+
+    # -- Transport ---------------------------------------------------------------------
+
+    def connect(self, timeout: float) -> None:
+        if self.connection is not None and self.connection.is_open():
+            return
+        socket_options = crt_io.SocketOptions()
+        socket_options.domain = crt_io.SocketDomain.IPv4 if _is_ipv4(self.host) else crt_io.SocketDomain.IPv6
+        socket_options.connect_timeout_ms = max(1, int(min(timeout, 30) * 1000))
+        tls_options = self.tls_context.new_connection_options()
+        if not _is_ip(self.server_name):
+            tls_options.set_server_name(self.server_name)
+        future = crt_http.HttpClientConnection.new(
+            host_name=self.host, port=self.port, bootstrap=self.runtime.bootstrap,
+            socket_options=socket_options, tls_connection_options=tls_options)
+        try:
+            self.connection = future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            # A connection that completes after we gave up must not leak.
+            future.add_done_callback(_close_late_connection)
+            raise TransportTimeout(
+                f"no TLS session with {self.host}:{self.port} within {timeout:.3g} s: the server is "
+                "silent, or the handshake failed (s2n reports a server certificate it rejects only "
+                "after a 10-30 s delay; check --trust)") from None
+        except BaseException as exc:
+            raise classify(exc, f"connecting to {self.host}:{self.port}") from None
+        self.connects += 1
+
+    def send_register(self, body: bytes, timeout: float) -> Response:
+        headers = [("content-type", "application/json; charset=utf-8"), ("content-length", str(len(body)))]
+        return self._request("PUT", self.register_path(), headers, body, timeout)
+
+    def send_poll(self, operation_id: str, timeout: float) -> Response:
+        return self._request("GET", self.poll_path(operation_id), [], b"", timeout)
+
+    def close(self) -> None:
+        if self.connection is not None:
+            self.connection.close()
+            self.connection = None
+
+    # -- one round trip -----------------------------------------------------------------
+
+    def _request(self, method, path, extra_headers, body, timeout) -> Response:
+        self.connect(timeout)  # no-op while the connection is open: polls reuse it
+        headers = crt_http.HttpHeaders([
+            ("host", self.server_name if self.port == 443 else f"{self.server_name}:{self.port}"),
+            ("user-agent", USER_AGENT),
+            ("accept", "application/json"),
+            ("connection", "keep-alive"),
+            *extra_headers,
+        ])
+        request = crt_http.HttpRequest(method, path, headers, _io.BytesIO(body) if body else None)
+        answer = {"status": None, "headers": {}}
+        chunks = bytearray()
+
+        def on_response(http_stream, status_code, headers, **kwargs):
+            answer["status"] = status_code
+            answer["headers"] = {name.lower(): value for name, value in headers}
+
+        def on_body(http_stream, chunk, **kwargs):
+            chunks.extend(chunk)
+            if len(chunks) > MAX_BODY:
+                raise ValueError("response body too large")
+
+        try:
+            stream = self.connection.request(request, on_response, on_body)
+            stream.activate()
+            stream.completion_future.result(timeout)
+        except BaseException as exc:
+            self.close()  # a half-read response leaves the connection unusable
+            raise classify(exc, f"waiting for the answer to {method} {path.split('?')[0]}") from None
+        return Response(answer["status"], answer["headers"], bytes(chunks))
+
+
+def _close_late_connection(future) -> None:
+    if future.exception() is None:
+        future.result().close()
+
+
+def _is_ipv4(host: str) -> bool:
+    parts = host.split(".")
+    return len(parts) == 4 and all(p.isdigit() for p in parts)
+
+
+def _is_ip(host: str) -> bool:
+    return _is_ipv4(host) or ":" in host

@@ -1,0 +1,245 @@
+"""Test helpers for the device area: a SoftHSM device key with file CAs, a loopback TLS server.
+
+The device key is generated inside a real SoftHSM token (non-extractable); only the CA
+keys used to issue test certificates live in memory. The server is pyOpenSSL, accepts
+any client chain and records what the client presented.
+"""
+
+from __future__ import annotations
+
+import datetime
+import socket
+import subprocess
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pkcs11
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from OpenSSL import SSL
+from pkcs11 import Attribute, KeyType, ObjectClass
+from pkcs11.util.ec import encode_ec_public_key, encode_named_curve_parameters
+
+from hsm_setup.module import configure_softhsm, load_library
+
+SOFTHSM = "/usr/lib/softhsm/libsofthsm2.so"
+PIN = "1234-test"
+
+
+def now():
+    return datetime.datetime.now(datetime.timezone.utc)
+
+
+def name(cn):
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+
+def issue(subject, public_key, issuer_cert, issuer_key, *, ca, days=30, start=None, eku=True):
+    start = start or now() - datetime.timedelta(hours=1)
+    builder = (x509.CertificateBuilder()
+               .subject_name(name(subject))
+               .issuer_name(issuer_cert.subject if issuer_cert is not None else name(subject))
+               .public_key(public_key)
+               .serial_number(x509.random_serial_number())
+               .not_valid_before(start)
+               .not_valid_after(start + datetime.timedelta(days=days))
+               .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+    if ca:
+        builder = builder.add_extension(x509.KeyUsage(True, False, False, False, False, True, True, False, False), True)
+    else:
+        builder = builder.add_extension(x509.KeyUsage(True, False, True, False, False, False, False, False, False), True)
+        if eku:
+            builder = builder.add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), False)
+    return builder.sign(issuer_key, hashes.SHA256())
+
+
+def pem(*certs):
+    return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs)
+
+
+@dataclass
+class FilePki:
+    root_key: object
+    root: x509.Certificate
+    inter_key: object
+    inter: x509.Certificate
+
+    @classmethod
+    def create(cls, prefix="test"):
+        root_key = ec.generate_private_key(ec.SECP256R1())
+        root = issue(f"{prefix}-root", root_key.public_key(), None, root_key, ca=True)
+        inter_key = ec.generate_private_key(ec.SECP256R1())
+        inter = issue(f"{prefix}-intermediate", inter_key.public_key(), root, root_key, ca=True)
+        return cls(root_key, root, inter_key, inter)
+
+
+@dataclass
+class TokenDevice:
+    home: Path
+    token_label: str
+    key_label: str
+    key_id: bytes
+    public_key: object
+    leaf: x509.Certificate
+    pki: FilePki
+    pin_file: Path
+    slot_id: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+def make_token_device(home: Path, registration_id="dev-1", token_label="device-test",
+                      key_label=None) -> TokenDevice:
+    """Init a SoftHSM token in `home`, generate a non-extractable P-256 key in it, issue a leaf."""
+    conf = configure_softhsm(home)
+    subprocess.run(["softhsm2-util", "--init-token", "--free", "--label", token_label,
+                    "--pin", PIN, "--so-pin", PIN + "-so"], check=True, capture_output=True,
+                   env={"SOFTHSM2_CONF": str(conf), "PATH": "/usr/bin:/bin"})
+    lib = load_library(SOFTHSM)
+    lib.reinitialize()  # SoftHSM lists tokens created by another process only after C_Initialize
+    token = lib.get_token(token_label=token_label)
+    key_label = key_label or registration_id
+    key_id = b"\x01\x02"
+    with token.open(rw=True, user_pin=PIN) as session:
+        params = session.create_domain_parameters(
+            KeyType.EC, {Attribute.EC_PARAMS: encode_named_curve_parameters("secp256r1")}, local=True)
+        public, _private = params.generate_keypair(
+            store=True, label=key_label, id=key_id,
+            private_template={Attribute.EXTRACTABLE: False, Attribute.SENSITIVE: True})
+        public_der = encode_ec_public_key(public)
+        slot_id = token.slot.slot_id
+    public_key = serialization.load_der_public_key(public_der)
+    pki = FilePki.create(registration_id)
+    leaf = issue(registration_id, public_key, pki.inter, pki.inter_key, ca=False)
+    with token.open(rw=True, user_pin=PIN) as session:
+        session.create_object({
+            Attribute.CLASS: ObjectClass.CERTIFICATE,
+            Attribute.CERTIFICATE_TYPE: pkcs11.CertificateType.X_509,
+            Attribute.TOKEN: True,
+            Attribute.LABEL: key_label,
+            Attribute.ID: key_id,
+            Attribute.SUBJECT: leaf.subject.public_bytes(),
+            Attribute.VALUE: leaf.public_bytes(serialization.Encoding.DER),
+        })
+    pin_file = home / "pin"
+    pin_file.write_text(PIN + "\n")
+    pin_file.chmod(0o600)
+    return TokenDevice(home, token_label, key_label, key_id, public_key, leaf, pki, pin_file, slot_id)
+
+
+class LoopbackTlsServer:
+    """A TLS 1.2 server on 127.0.0.1 that accepts any client chain.
+
+    mode "http": answers each request from `responses` (list of raw HTTP bytes; the last
+    repeats); "silent": completes nothing after accept; "garbage": handshakes, then
+    answers any request with non-HTTP bytes; "silent-after-tls": handshakes, never answers.
+    """
+
+    def __init__(self, server_cert, server_key, mode="http", responses=()):
+        self.mode = mode
+        self.responses = list(responses)
+        self.presented: list[list[x509.Certificate]] = []
+        self.requests: list[bytes] = []
+        self.connections = 0
+        self._ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
+        self._ctx.use_certificate(server_cert if not isinstance(server_cert, x509.Certificate)
+                                  else _crypto_cert(server_cert))
+        self._ctx.use_privatekey(_crypto_key(server_key))
+        self._ctx.set_verify(SSL.VERIFY_PEER, lambda *args: True)
+        self._sock = socket.socket()
+        self._sock.bind(("127.0.0.1", 0))
+        self._sock.listen(16)
+        self.port = self._sock.getsockname()[1]
+        self._open: list[socket.socket] = []
+        self._closing = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while not self._closing:
+            try:
+                sock, _ = self._sock.accept()
+            except OSError:
+                return
+            self._open.append(sock)
+            self.connections += 1
+            threading.Thread(target=self._handle, args=(sock,), daemon=True).start()
+
+    def _handle(self, sock):
+        if self.mode == "silent":
+            return  # keep the socket open, say nothing
+        conn = SSL.Connection(self._ctx, sock)
+        conn.set_accept_state()
+        try:
+            conn.do_handshake()
+            peer = conn.get_peer_certificate()
+            chain = [peer.to_cryptography()] if peer else []
+            chain += [c.to_cryptography() for c in (conn.get_peer_cert_chain() or [])]
+            self.presented.append(chain)
+            while True:
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        return
+                    data += chunk
+                head, _, rest = data.partition(b"\r\n\r\n")
+                length = 0
+                for line in head.split(b"\r\n")[1:]:
+                    key, _, value = line.partition(b":")
+                    if key.strip().lower() == b"content-length":
+                        length = int(value)
+                while len(rest) < length:
+                    rest += conn.recv(65536)
+                self.requests.append(head + b"\r\n\r\n" + rest)
+                if self.mode == "silent-after-tls":
+                    continue
+                if self.mode == "garbage":
+                    conn.sendall(b"\x00\x01garbage that is not HTTP\r\n\r\n")
+                    continue
+                answer = self.responses.pop(0) if len(self.responses) > 1 else self.responses[0]
+                conn.sendall(answer)
+        except (SSL.Error, OSError):
+            return
+
+    def close(self):
+        self._closing = True
+        self._sock.close()
+        for sock in self._open:
+            try:
+                sock.close()
+            except OSError:
+                pass
+
+
+def http_response(status, body=b"", **headers):
+    reason = {200: "OK", 202: "Accepted", 401: "Unauthorized", 429: "Too Many Requests"}.get(status, "X")
+    lines = [f"HTTP/1.1 {status} {reason}", f"Content-Length: {len(body)}",
+             "Content-Type: application/json"]
+    lines += [f"{k.replace('_', '-')}: {v}" for k, v in headers.items()]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+def _crypto_cert(cert):
+    from OpenSSL import crypto
+    return crypto.X509.from_cryptography(cert)
+
+
+def _crypto_key(key):
+    from OpenSSL import crypto
+    return crypto.PKey.from_cryptography_key(key)
+
+
+def server_identity(pki: FilePki, host="localhost"):
+    """A server certificate for `host` (and 127.0.0.1) issued by the test root."""
+    import ipaddress
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (x509.CertificateBuilder().subject_name(name(host)).issuer_name(pki.root.subject)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now() - datetime.timedelta(hours=1))
+            .not_valid_after(now() + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([
+                x509.DNSName(host), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+            .sign(pki.root_key, hashes.SHA256()))
+    return cert, key

@@ -1,0 +1,166 @@
+"""awscrt mTLS with the device key inside SoftHSM, against a pyOpenSSL loopback server."""
+
+import json
+import socket
+import time
+
+import pkcs11
+from OpenSSL import SSL
+import pytest
+from pkcs11 import Attribute, ObjectClass
+
+from device_sim.device import registration as reg
+from device_sim.device.driver import run_registration
+from device_sim.device.transport import ProtocolFailure, TlsFailure, TransportTimeout, Unreachable
+from device_sim.device.transport_https import HttpsTransport, TlsIdentity, client_tls_context
+from hsm_setup.module import configure_softhsm, load_library
+
+from .helpers import (PIN, SOFTHSM, FilePki, LoopbackTlsServer, http_response, make_token_device, pem,
+                      server_identity)
+
+
+@pytest.fixture(scope="module")
+def device(tmp_path_factory):
+    return make_token_device(tmp_path_factory.mktemp("device-home"))
+
+
+@pytest.fixture()
+def token_ready(device):
+    # Other tests may have pointed SoftHSM at another state directory meanwhile.
+    configure_softhsm(device.home)
+    load_library(SOFTHSM)
+    return device
+
+
+def tls_context(device, chain=None, trust=None):
+    identity = TlsIdentity(SOFTHSM, device.key_label, chain or pem(device.leaf, device.pki.inter),
+                           PIN, slot_id=device.slot_id)
+    return client_tls_context(identity, trust or pem(device.pki.root))
+
+
+def transport_for(device, port, **kw):
+    return HttpsTransport("localhost", port, "0ne0000TEST", "dev-1", tls_context(device, **kw))
+
+
+def assigned_body(op="op-1"):
+    return json.dumps({"operationId": op, "status": "assigned",
+                       "registrationState": {"assignedHub": "hub.example", "deviceId": "dev-1"}}).encode()
+
+
+@pytest.fixture()
+def server_cert(device):
+    return server_identity(device.pki)
+
+
+def test_register_and_poll_over_one_connection_presenting_the_chain(token_ready, server_cert):
+    device = token_ready
+    server = LoopbackTlsServer(*server_cert, responses=[
+        http_response(202, json.dumps({"operationId": "op-1", "status": "assigning"}).encode(), Retry_After="0"),
+        http_response(200, assigned_body()),
+    ])
+    try:
+        outcome, timings = run_registration(reg.RegistrationFlow("dev-1"), transport_for(device, server.port), 10)
+    finally:
+        server.close()
+    assert outcome.status == reg.ASSIGNED and outcome.assigned_hub == "hub.example"
+    assert server.connections == 1  # the poll reused the register connection
+    assert [c.subject for c in server.presented[0]] == [device.leaf.subject, device.pki.inter.subject]
+    put, get = server.requests
+    assert put.startswith(b"PUT /0ne0000TEST/registrations/dev-1/register?api-version=2021-06-01 HTTP/1.1")
+    assert json.loads(put.split(b"\r\n\r\n", 1)[1]) == {"registrationId": "dev-1"}
+    assert get.startswith(b"GET /0ne0000TEST/registrations/dev-1/operations/op-1?api-version=")
+    assert timings.connect_ms > 0 and timings.total_ms >= timings.register_ms
+
+
+def test_private_key_never_leaves_the_token_yet_the_handshake_succeeds(token_ready, server_cert):
+    device = token_ready
+    token = load_library(SOFTHSM).get_token(token_label=device.token_label)
+    with token.open(user_pin=PIN) as session:
+        key = session.get_key(object_class=ObjectClass.PRIVATE_KEY, label=device.key_label)
+        assert key[Attribute.EXTRACTABLE] is False and key[Attribute.SENSITIVE] is True
+        with pytest.raises(pkcs11.PKCS11Error):
+            key[Attribute.VALUE]  # the private scalar cannot be read
+    server = LoopbackTlsServer(*server_cert, responses=[http_response(200, assigned_body())])
+    try:
+        outcome, _ = run_registration(reg.RegistrationFlow("dev-1"), transport_for(device, server.port), 10)
+    finally:
+        server.close()
+    assert outcome.status == reg.ASSIGNED
+    # The server verified a TLS 1.2 CertificateVerify made with that key: the presented
+    # leaf carries the token's public key.
+    assert server.presented[0][0].public_key().public_numbers() == device.public_key.public_numbers()
+
+
+def test_full_chain_with_root_is_sent_in_order(token_ready, server_cert):
+    device = token_ready
+    server = LoopbackTlsServer(*server_cert, responses=[http_response(200, assigned_body())])
+    try:
+        chain = pem(device.leaf, device.pki.inter, device.pki.root)
+        run_registration(reg.RegistrationFlow("dev-1"), transport_for(device, server.port, chain=chain), 10)
+    finally:
+        server.close()
+    assert [c.subject for c in server.presented[0]] == [
+        device.leaf.subject, device.pki.inter.subject, device.pki.root.subject]
+
+
+def test_silent_server_times_out_within_the_deadline(token_ready, server_cert):
+    server = LoopbackTlsServer(*server_cert, mode="silent")
+    started = time.monotonic()
+    try:
+        outcome, _ = run_registration(reg.RegistrationFlow("dev-1"), transport_for(token_ready, server.port), 1.5)
+    finally:
+        server.close()
+    assert outcome.status == reg.TIMEOUT
+    assert time.monotonic() - started < 3
+
+
+def test_server_that_never_answers_the_request_times_out(token_ready, server_cert):
+    server = LoopbackTlsServer(*server_cert, mode="silent-after-tls")
+    try:
+        outcome, _ = run_registration(reg.RegistrationFlow("dev-1"), transport_for(token_ready, server.port), 1.5)
+    finally:
+        server.close()
+    assert outcome.status == reg.TIMEOUT and "answer" in outcome.error_message
+
+
+def test_garbage_answer_is_a_protocol_error(token_ready, server_cert):
+    server = LoopbackTlsServer(*server_cert, mode="garbage")
+    try:
+        outcome, _ = run_registration(reg.RegistrationFlow("dev-1"), transport_for(token_ready, server.port), 5)
+    finally:
+        server.close()
+    assert outcome.status == reg.PROTOCOL_ERROR
+
+
+def test_handshake_refused_by_the_server_is_a_tls_failure(token_ready, server_cert):
+    server = LoopbackTlsServer(*server_cert, responses=[http_response(200, assigned_body())])
+    server._ctx.set_min_proto_version(SSL.TLS1_3_VERSION)  # awscrt+PKCS#11 offers TLS 1.2 only
+    try:
+        with pytest.raises(TlsFailure):
+            transport_for(token_ready, server.port).connect(5)
+    finally:
+        server.close()
+
+
+def test_untrusted_server_is_reported_within_the_deadline(token_ready, server_cert):
+    # s2n delays reporting a server certificate it rejects by 10-30 s (blinding): within a
+    # short deadline the device must still give up on time and say what to check.
+    server = LoopbackTlsServer(*server_cert, responses=[http_response(200, assigned_body())])
+    other_root = FilePki.create("other").root
+    started = time.monotonic()
+    try:
+        with pytest.raises((TransportTimeout, TlsFailure)) as info:
+            transport_for(token_ready, server.port, trust=pem(other_root)).connect(1.0)
+    finally:
+        server.close()
+    assert time.monotonic() - started < 2.5
+    assert "--trust" in str(info.value) or isinstance(info.value, TlsFailure)
+
+
+def test_closed_port_is_unreachable(token_ready):
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    with pytest.raises(Unreachable):
+        transport_for(token_ready, port).connect(5)
