@@ -1,0 +1,199 @@
+"""The device registry: which token holds which device identity, and its certificates.
+
+<home>/pki/devices.sqlite holds one row per device (registration ID unique,
+case-insensitively); <home>/pki/devices/<id>.pem is the leaf certificate and
+<id>.chain.pem the leaf followed by its CA chain up to the root. Readers (device
+side, fleet runs) get the key's CKA_ID and certificates without any label search
+on a token; `list_devices` reads 10,000 rows in well under a second.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sqlite3
+from pathlib import Path
+
+from cryptography import x509
+
+from hsm_setup.errors import UserError
+from hsm_setup.registration_id import normalize_registration_id
+from hsm_setup.uri import Pkcs11Uri
+
+DB_NAME = "devices.sqlite"
+PEM_DIR = "devices"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS devices (
+    registration_id TEXT NOT NULL PRIMARY KEY COLLATE NOCASE,
+    token_label     TEXT NOT NULL,
+    token_serial    TEXT NOT NULL,
+    slot_id         INTEGER,
+    key_id          BLOB NOT NULL,
+    label           TEXT NOT NULL,
+    key_type        TEXT NOT NULL,
+    ca_name         TEXT NOT NULL,
+    uri             TEXT NOT NULL,
+    certificate     BLOB NOT NULL,
+    cert_path       TEXT NOT NULL,
+    chain_path      TEXT NOT NULL,
+    created         TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%SZ', 'now'))
+);
+CREATE INDEX IF NOT EXISTS devices_by_token ON devices (token_label);
+"""
+_COLUMNS = ("registration_id", "token_label", "token_serial", "slot_id", "key_id", "label",
+            "key_type", "ca_name", "uri", "certificate", "cert_path", "chain_path", "created")
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceRecord:
+    registration_id: str
+    token_label: str
+    token_serial: str
+    slot_id: int | None
+    key_id: bytes           # CKA_ID shared by private key, public key and certificate
+    label: str              # CKA_LABEL (= registration ID)
+    key_type: str           # ec-p256, ...
+    ca_name: str            # issuing CA
+    uri: str                # RFC 7512 URI of the identity (no PIN)
+    certificate: bytes      # leaf, DER
+    chain: tuple[bytes, ...]  # issuing CA first, root last, DER
+    cert_path: Path         # leaf PEM
+    chain_path: Path        # leaf + chain PEM
+    created: str
+
+    def certificate_x509(self) -> x509.Certificate:
+        return x509.load_der_x509_certificate(self.certificate)
+
+    def chain_x509(self) -> list[x509.Certificate]:
+        return [x509.load_der_x509_certificate(c) for c in self.chain]
+
+    def pkcs11_uri(self) -> Pkcs11Uri:
+        return Pkcs11Uri.parse(self.uri)
+
+    def as_dict(self) -> dict:
+        return {
+            "registration_id": self.registration_id, "token": self.token_label,
+            "token_serial": self.token_serial, "slot_id": self.slot_id,
+            "key_id": self.key_id.hex(), "label": self.label, "key_type": self.key_type,
+            "ca": self.ca_name, "uri": self.uri, "certificate": str(self.cert_path),
+            "chain": str(self.chain_path), "created": self.created,
+        }
+
+
+def db_path(home: Path) -> Path:
+    return Path(home) / "pki" / DB_NAME
+
+
+def pem_dir(home: Path) -> Path:
+    return Path(home) / "pki" / PEM_DIR
+
+
+def pem_paths(home: Path, registration_id: str) -> tuple[Path, Path]:
+    """(leaf PEM, chain PEM) file names for a device (lower-case: IDs compare case-insensitively)."""
+    stem = normalize_registration_id(registration_id)
+    folder = pem_dir(home)
+    return folder / f"{stem}.pem", folder / f"{stem}.chain.pem"
+
+
+def connect(home: Path, *, create: bool = False) -> sqlite3.Connection | None:
+    """The registry database; None when it does not exist and `create` is false."""
+    path = db_path(home)
+    if not path.exists():
+        if not create:
+            return None
+        path.parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(path, timeout=30)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.executescript(_SCHEMA)
+    return conn
+
+
+def find_device(home: Path, registration_id: str) -> DeviceRecord | None:
+    conn = connect(home)
+    if conn is None:
+        return None
+    with conn:
+        row = conn.execute(f"SELECT {', '.join(_COLUMNS)} FROM devices WHERE registration_id = ?",
+                           (registration_id,)).fetchone()
+    conn.close()
+    return _record(home, row, {}) if row else None
+
+
+def lookup_device(home: Path, registration_id: str) -> DeviceRecord:
+    """The device `registration_id` (case-insensitive); UserError if unknown."""
+    record = find_device(home, registration_id)
+    if record is None:
+        raise UserError(f"unknown device {registration_id!r}: create it with "
+                        f"'hsm-setup device create {registration_id} --ca NAME'")
+    return record
+
+
+def list_devices(home: Path, *, token_label: str | None = None,
+                 prefix: str | None = None) -> list[DeviceRecord]:
+    """All registered devices (optionally of one token / with an ID prefix), by ID."""
+    conn = connect(home)
+    if conn is None:
+        return []
+    query = f"SELECT {', '.join(_COLUMNS)} FROM devices"
+    where, params = [], []
+    if token_label is not None:
+        where.append("token_label = ?")
+        params.append(token_label)
+    if prefix:
+        where.append("registration_id LIKE ? ESCAPE '\\'")
+        params.append(prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%")
+    if where:
+        query += " WHERE " + " AND ".join(where)
+    with conn:
+        rows = conn.execute(query + " ORDER BY registration_id", params).fetchall()
+    conn.close()
+    chains: dict[str, tuple[bytes, ...]] = {}
+    return [_record(home, row, chains) for row in rows]
+
+
+def count_by_token(home: Path) -> dict[str, int]:
+    conn = connect(home)
+    if conn is None:
+        return {}
+    with conn:
+        rows = conn.execute("SELECT token_label, COUNT(*) FROM devices GROUP BY token_label").fetchall()
+    conn.close()
+    return dict(rows)
+
+
+def existing_ids(home: Path, registration_ids: list[str]) -> list[str]:
+    """Which of `registration_ids` are registered already (case-insensitively)."""
+    conn = connect(home)
+    if conn is None:
+        return []
+    with conn:
+        conn.execute("CREATE TEMP TABLE wanted (id TEXT COLLATE NOCASE)")
+        conn.executemany("INSERT INTO wanted VALUES (?)", [(i,) for i in registration_ids])
+        rows = conn.execute("SELECT d.registration_id FROM devices d JOIN wanted w "
+                            "ON d.registration_id = w.id").fetchall()
+    conn.close()
+    return [r[0] for r in rows]
+
+
+def insert(conn: sqlite3.Connection, row: dict) -> None:
+    """Add one device row (caller commits); UserError on a duplicate ID."""
+    try:
+        conn.execute(
+            f"INSERT INTO devices ({', '.join(_COLUMNS[:-1])}) VALUES ({', '.join('?' * (len(_COLUMNS) - 1))})",
+            tuple(row[c] for c in _COLUMNS[:-1]))
+    except sqlite3.IntegrityError:
+        raise UserError(f"registration ID {row['registration_id']!r} exists already "
+                        "(IDs compare case-insensitively)") from None
+
+
+def _record(home: Path, row, chains: dict) -> DeviceRecord:
+    values = dict(zip(_COLUMNS, row))
+    ca_name = values["ca_name"]
+    if ca_name not in chains:
+        from hsm_setup import ca  # registry of CAs; imported late to keep the import graph flat
+        chains[ca_name] = tuple(c.certificate for c in ca.chain_of(home, ca.load_ca(home, ca_name)))
+    values["key_id"] = bytes(values["key_id"])
+    values["certificate"] = bytes(values["certificate"])
+    values["cert_path"] = Path(values["cert_path"])
+    values["chain_path"] = Path(values["chain_path"])
+    return DeviceRecord(chain=chains[ca_name], **values)
