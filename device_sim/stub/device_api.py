@@ -1,0 +1,267 @@
+"""The device-facing DPS API, independent of transport: HTTPS and MQTT front ends call it.
+
+Each method takes what the device sent (path IDs already URL-decoded, the TLS chain as
+presented, leaf first, the raw body) and returns a `Reply`; nothing raises out of it.
+
+Decisions where the public documentation is silent (dps-protocol.md section 11):
+- The register call always answers `202` with `status: assigning`, an `operationId`,
+  `Retry-After` (config.retry_after) and a relative `Location`
+  (`/{idScope}/registrations/{id}/register`; a front end may make it absolute). The
+  outcome is decided and committed during that call; polls answer `202 assigning` until
+  `config.assignment_delay` has passed, then `200` with the stored terminal status.
+- A disabled entry: terminal poll `200` with `status: disabled` (not a 401), and the
+  registration record shows `disabled`.
+- No hub available: terminal poll `200` with `status: failed`, errorCode 400208.
+- The device `payload` is stored with the registration (visible as `devicePayload` in
+  the service API) but not echoed to the device: real DPS only returns a payload produced
+  by a custom-allocation webhook, which the emulator does not run.
+- `csr` (certificate issuance, preview API) is refused with 400.
+- Polls are authenticated cheaply: the leaf CN must match the path and the leaf must be
+  the certificate that started the operation (the TLS handshake proved its key).
+- The status lookup (POST) runs the full walk: an unauthenticated chain gets 401002,
+  an unknown registration 404202.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import threading
+import time
+import uuid
+from collections.abc import Sequence
+from datetime import datetime, timezone
+
+from cryptography import x509
+
+from . import errors
+from .allocation import allocate
+from .cert_input import common_name, sha256_thumbprint
+from .config import StubConfig
+from .enrollment_walk import DISABLED, GROUP, UNAUTHORIZED, decide
+from .errors import DpsError, Reply, error_reply, utc_text
+from .store import OperationRow, RegistrationRow, Store
+
+__all__ = ["DeviceApi", "Reply", "validate_registration_id", "new_etag"]
+
+log = logging.getLogger(__name__)
+
+try:  # helper A owns the registration ID rule; until it exists, check the spec rule here
+    from hsm_setup.registration_id import validate_registration_id as _shared_rule  # type: ignore
+except ImportError:  # pragma: no cover - replaced once hsm_setup.registration_id lands
+    _shared_rule = None
+
+_ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._:")
+
+
+def validate_registration_id(registration_id: str) -> str | None:
+    """None when valid, else why not (dps-protocol.md 5.2)."""
+    if _shared_rule is not None:
+        try:
+            result = _shared_rule(registration_id)
+        except ValueError as exc:
+            return str(exc)
+        return result if isinstance(result, str) and result != registration_id else None
+    if not registration_id:
+        return "the registration ID is empty"
+    if len(registration_id) > 128:
+        return "the registration ID is longer than 128 characters"
+    if not set(registration_id) <= _ID_CHARS:
+        return "the registration ID may contain only letters, digits and - . _ :"
+    if not (registration_id[-1].isalnum() or registration_id[-1] == "-"):
+        return "the registration ID must end with a letter, digit or -"
+    return None
+
+
+def new_etag() -> str:
+    """Opaque entity tag (base64-looking like the service's)."""
+    return secrets.token_urlsafe(12)
+
+
+def new_operation_id() -> str:
+    return f"5.{secrets.token_hex(8)}.{uuid.uuid4()}"
+
+
+class DeviceApi:
+    def __init__(self, store: Store, config: StubConfig, clock=time.time):
+        self.store = store
+        self.config = config
+        self.clock = clock
+        self._throttled: dict[str, int] = {}
+        self._throttle_lock = threading.Lock()
+
+    # -- the three operations -----------------------------------------------------------
+
+    def register(self, id_scope: str, registration_id: str, api_version: str | None,
+                 chain: Sequence[x509.Certificate], body: bytes) -> Reply:
+        return self._guarded(self._register, id_scope, registration_id, api_version, chain, body)
+
+    def operation_status(self, id_scope: str, registration_id: str, operation_id: str,
+                         api_version: str | None, chain: Sequence[x509.Certificate]) -> Reply:
+        return self._guarded(self._operation_status, id_scope, registration_id, operation_id,
+                             api_version, chain)
+
+    def registration_status(self, id_scope: str, registration_id: str, api_version: str | None,
+                            chain: Sequence[x509.Certificate], body: bytes) -> Reply:
+        return self._guarded(self._registration_status, id_scope, registration_id,
+                             api_version, chain, body)
+
+    # -- plumbing -----------------------------------------------------------------------
+
+    def _guarded(self, method, *args) -> Reply:
+        try:
+            return method(*args)
+        except DpsError as exc:
+            return exc.reply(self._now()[1])
+        except Exception as exc:  # never let a front end see a traceback
+            log.exception("device API failure")
+            return error_reply(errors.INTERNAL_ERROR,
+                               f"internal error in the emulator ({type(exc).__name__})")
+
+    def _now(self) -> tuple[float, datetime]:
+        stamp = self.clock()
+        return stamp, datetime.fromtimestamp(stamp, timezone.utc)
+
+    def _check_request(self, id_scope: str, registration_id: str, api_version: str | None) -> None:
+        if not api_version:
+            raise DpsError(errors.MISSING_API_VERSION,
+                           "the api-version query parameter is required (e.g. 2021-06-01)")
+        if id_scope.lower() != self.config.id_scope.lower():
+            raise DpsError(errors.NOT_FOUND, f"unknown ID scope {id_scope!r}")
+        problem = validate_registration_id(registration_id)
+        if problem:
+            raise DpsError(errors.INVALID_REGISTRATION_ID, f"Invalid RegistrationId: {problem}")
+        self._throttle(registration_id)
+
+    def _throttle(self, registration_id: str) -> None:
+        if not self.config.throttle:
+            return
+        key = registration_id.lower()
+        with self._throttle_lock:
+            seen = self._throttled.get(key, 0)
+            if seen >= self.config.throttle:
+                return
+            self._throttled[key] = seen + 1
+        raise DpsError(errors.THROTTLED, "Too many requests (emulator throttle setting)",
+                       {"Retry-After": "1"})
+
+    def _parse_body(self, body: bytes, registration_id: str) -> dict:
+        if len(body) > self.config.max_body:
+            raise DpsError(errors.PAYLOAD_TOO_LARGE,
+                           f"the request body is larger than {self.config.max_body} bytes")
+        if not body.strip():
+            return {}
+        try:
+            data = json.loads(body)
+        except (ValueError, UnicodeDecodeError):
+            raise DpsError(errors.BAD_REQUEST, "the request body is not valid JSON") from None
+        if not isinstance(data, dict):
+            raise DpsError(errors.BAD_REQUEST, "the request body must be a JSON object")
+        claimed = data.get("registrationId")
+        if claimed is not None and (not isinstance(claimed, str)
+                                    or claimed.lower() != registration_id.lower()):
+            raise DpsError(errors.INVALID_REGISTRATION_ID,
+                           "Invalid RegistrationId: the body's registrationId differs from the path")
+        if data.get("payload") is not None and not isinstance(data["payload"], dict):
+            raise DpsError(errors.BAD_REQUEST, "payload must be a JSON object")
+        if data.get("csr") is not None:
+            raise DpsError(errors.BAD_REQUEST,
+                           "certificate issuance (csr) is not supported by the emulator")
+        return data
+
+    @staticmethod
+    def _leaf_matches(chain: Sequence[x509.Certificate], registration_id: str) -> None:
+        if not chain:
+            raise DpsError(errors.INVALID_CERTIFICATE,
+                           "Invalid certificate: no client certificate was presented")
+        cn = common_name(chain[0])
+        if cn is None or cn.lower() != registration_id.lower():
+            raise DpsError(errors.INVALID_CERTIFICATE, "Invalid certificate: the registration "
+                           "ID does not match the certificate's subject CN")
+
+    # -- register -----------------------------------------------------------------------
+
+    def _register(self, id_scope, registration_id, api_version, chain, body) -> Reply:
+        self._check_request(id_scope, registration_id, api_version)
+        data = self._parse_body(body, registration_id)
+        self._leaf_matches(chain, registration_id)
+        stamp, now = self._now()
+        decision = decide(chain, self.store.walk_view(), now)
+        if decision.outcome == UNAUTHORIZED:
+            raise DpsError(errors.INVALID_CERTIFICATE, f"Invalid certificate: {decision.reason}")
+        previous = self.store.get_registration(registration_id)
+        row = self._outcome(decision, previous, data.get("payload"), api_version, now)
+        operation_id = new_operation_id()
+        terminal = {"operationId": operation_id, "status": row.doc["status"],
+                    "registrationState": {"x509": {}, **row.doc}}
+        self.store.save_registration(row, OperationRow(
+            operation_id, registration_id, decision.leaf_thumbprint,
+            stamp + self.config.assignment_delay, terminal))
+        headers = {"Retry-After": str(self.config.retry_after),
+                   "Location": f"/{id_scope}/registrations/{registration_id}/register"}
+        return Reply(202, {"operationId": operation_id, "status": "assigning"}, headers)
+
+    def _outcome(self, decision, previous: RegistrationRow | None, payload,
+                 api_version, now: datetime) -> RegistrationRow:
+        """The new registration record for this decision (not yet stored)."""
+        entry = decision.entry
+        cn = decision.registration_id
+        before = previous.internal if previous else {}
+        now_text = utc_text(now)
+        doc = {"registrationId": cn,
+               "createdDateTimeUtc": (previous.doc.get("createdDateTimeUtc") if previous
+                                      else None) or now_text}
+        internal = {key: before.get(key) for key in
+                    ("assignedHub", "deviceId", "substatus", "initialHub")}
+        if decision.outcome == DISABLED:
+            doc["status"] = "disabled"
+        else:
+            result = allocate(cn, decision.device_id, entry.doc, self.config,
+                              before, api_version)
+            if result.hub is None:
+                doc.update(status="failed", errorCode=errors.NO_HUB_ASSIGNED,
+                           errorMessage=result.error)
+            else:
+                doc.update(assignedHub=result.hub, deviceId=result.device_id,
+                           status="assigned", substatus=result.substatus)
+                internal.update(assignedHub=result.hub, deviceId=result.device_id,
+                                substatus=result.substatus, initialHub=result.initial_hub)
+        doc.update(lastUpdatedDateTimeUtc=now_text, etag=new_etag())
+        internal.update(devicePayload=payload, entryKind=entry.kind, entryId=entry.id,
+                        leafThumbprint=decision.leaf_thumbprint, apiVersion=api_version)
+        group_id = entry.id if entry.kind == GROUP else None
+        return RegistrationRow(cn, group_id, doc, internal)
+
+    # -- polling ------------------------------------------------------------------------
+
+    def _operation_status(self, id_scope, registration_id, operation_id, api_version,
+                          chain) -> Reply:
+        self._check_request(id_scope, registration_id, api_version)
+        self._leaf_matches(chain, registration_id)
+        operation = self.store.get_operation(operation_id)
+        if operation is None or operation.registration_id != registration_id.lower():
+            raise DpsError(errors.OPERATION_NOT_FOUND,
+                           f"operation {operation_id!r} not found for this registration")
+        if operation.leaf_thumbprint != sha256_thumbprint(chain[0]):
+            raise DpsError(errors.INVALID_CERTIFICATE, "Invalid certificate: the operation was "
+                           "started with a different device certificate")
+        if self.clock() < operation.ready_at:
+            return Reply(202, {"operationId": operation_id, "status": "assigning"},
+                         {"Retry-After": str(self.config.retry_after)})
+        return Reply(200, operation.body, {})
+
+    # -- status lookup ------------------------------------------------------------------
+
+    def _registration_status(self, id_scope, registration_id, api_version, chain, body) -> Reply:
+        self._check_request(id_scope, registration_id, api_version)
+        self._parse_body(body, registration_id)
+        self._leaf_matches(chain, registration_id)
+        decision = decide(chain, self.store.walk_view(), self._now()[1])
+        if decision.outcome == UNAUTHORIZED:
+            raise DpsError(errors.INVALID_CERTIFICATE, f"Invalid certificate: {decision.reason}")
+        record = self.store.get_registration(registration_id)
+        if record is None:
+            raise DpsError(errors.REGISTRATION_NOT_FOUND,
+                           f"no registration record for {registration_id!r}")
+        return Reply(200, {"x509": {}, **record.doc}, {})

@@ -1,0 +1,391 @@
+"""The emulator's state in one SQLite file: CA certificates, enrollments, registrations,
+operations.
+
+Durability: WAL mode, and every acknowledged change is committed before the caller
+replies. With `synchronous=NORMAL` (the default here) a commit survives a `kill -9` of
+the process (it is in the WAL file, which the next open replays) but not a power cut or
+kernel crash of the machine; `Store(path, durable=True)` uses `synchronous=FULL` for that,
+at the cost of an fsync per registration.
+
+Threads: one connection guarded by a lock; SQLite itself is fast enough that callers
+never wait long, and a single connection avoids SQLITE_BUSY between our own threads.
+Another process may use the same file (busy timeout 5 s); its changes are noticed via
+`PRAGMA data_version` and invalidate the in-memory caches.
+
+Caches (rebuilt on any change): enrollment groups by certificate thumbprint (at most a
+hundred groups, with `caReferences` resolved through the CA table), verified CA
+certificates parsed once. Individual enrollments (up to a million) stay in SQL, found
+through an index of certificate thumbprints that also enforces "one certificate, one
+entry".
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+
+from .enrollment_walk import GROUP, INDIVIDUAL, Entry
+from .errors import CONFLICT, DpsError
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS ca_certificates (
+    name_key TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    der BLOB NOT NULL,
+    thumbprint TEXT NOT NULL,
+    is_verified INTEGER NOT NULL,
+    verification_code TEXT,
+    etag TEXT NOT NULL,
+    created TEXT NOT NULL,
+    updated TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS entries (
+    kind TEXT NOT NULL,
+    id_key TEXT NOT NULL,
+    doc TEXT NOT NULL,
+    etag TEXT NOT NULL,
+    enabled INTEGER NOT NULL,
+    PRIMARY KEY (kind, id_key)
+);
+CREATE TABLE IF NOT EXISTS cert_index (
+    thumbprint TEXT PRIMARY KEY,
+    kind TEXT NOT NULL,
+    id_key TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS cert_index_owner ON cert_index (kind, id_key);
+CREATE TABLE IF NOT EXISTS registrations (
+    id_key TEXT PRIMARY KEY,
+    group_key TEXT,
+    doc TEXT NOT NULL,
+    internal TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS registrations_group ON registrations (group_key);
+CREATE TABLE IF NOT EXISTS operations (
+    operation_id TEXT PRIMARY KEY,
+    id_key TEXT NOT NULL,
+    leaf_thumbprint TEXT NOT NULL,
+    ready_at REAL NOT NULL,
+    body TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS operations_registration ON operations (id_key);
+"""
+
+
+@dataclass(frozen=True)
+class CaRecord:
+    name: str
+    der: bytes
+    thumbprint: str
+    is_verified: bool
+    verification_code: str | None
+    etag: str
+    created: str
+    updated: str
+
+    def certificate(self) -> x509.Certificate:
+        return x509.load_der_x509_certificate(self.der)
+
+
+@dataclass(frozen=True)
+class RegistrationRow:
+    registration_id: str
+    group_id: str | None       # enrollment group that admitted it, None for individual
+    doc: dict                  # DeviceRegistrationState fields
+    internal: dict             # emulator-only: initialHub, devicePayload, entry, leaf
+
+
+@dataclass(frozen=True)
+class OperationRow:
+    operation_id: str
+    registration_id: str
+    leaf_thumbprint: str
+    ready_at: float
+    body: dict                 # the terminal RegistrationOperationStatus
+
+
+class WalkView:
+    """A consistent snapshot for one decision (implements enrollment_walk.StoreView)."""
+
+    def __init__(self, store: "Store", groups: dict[str, Entry],
+                 verified: dict[str, x509.Certificate],
+                 by_subject: dict[x509.Name, list[x509.Certificate]]):
+        self._store = store
+        self._groups = groups
+        self._verified = verified
+        self._by_subject = by_subject
+
+    def individual_for(self, thumbprint: str) -> Entry | None:
+        return self._store.individual_for(thumbprint)
+
+    def group_for(self, thumbprint: str) -> Entry | None:
+        return self._groups.get(thumbprint)
+
+    def is_verified_ca(self, thumbprint: str) -> bool:
+        return thumbprint in self._verified
+
+    def verified_cas_named(self, subject: x509.Name) -> Sequence[x509.Certificate]:
+        return self._by_subject.get(subject, ())
+
+
+def _entry(kind: str, doc_text: str, etag: str, enabled: int) -> Entry:
+    doc = json.loads(doc_text)
+    entry_id = doc.get("registrationId") if kind == INDIVIDUAL else doc.get("enrollmentGroupId")
+    return Entry(kind, entry_id, bool(enabled), doc, etag)
+
+
+def group_thumbprints(doc: dict, ca_thumbprints: dict[str, str]) -> list[str]:
+    """SHA-256 thumbprints a group stands for: its signing certificates, or the CA
+    certificates its caReferences name (by name, resolved now)."""
+    x509_part = (doc.get("attestation") or {}).get("x509") or {}
+    found = []
+    signing = x509_part.get("signingCertificates") or {}
+    for slot in ("primary", "secondary"):
+        info = (signing.get(slot) or {}).get("info") or {}
+        if info.get("sha256Thumbprint"):
+            found.append(info["sha256Thumbprint"])
+    refs = x509_part.get("caReferences") or {}
+    for slot in ("primary", "secondary"):
+        name = refs.get(slot)
+        if name and name.lower() in ca_thumbprints:
+            found.append(ca_thumbprints[name.lower()])
+    return found
+
+
+class Store:
+    def __init__(self, path: Path, durable: bool = False):
+        self.path = Path(path)
+        self._lock = threading.RLock()
+        self._depth = 0
+        self._conn = sqlite3.connect(str(self.path), check_same_thread=False,
+                                     isolation_level=None, timeout=5.0)
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
+        self._conn.execute("PRAGMA foreign_keys=ON")
+        self._cache_key: tuple[int, int] | None = None
+        self._generation = 0
+        self._view: WalkView | None = None
+        self._ca_by_name_cache: dict[str, str] = {}
+        self._create_schema()
+
+    def _create_schema(self) -> None:
+        with self.transaction() as db:
+            for statement in SCHEMA.split(";"):
+                if statement.strip():
+                    db.execute(statement)
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    # -- transactions -------------------------------------------------------------------
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """Hold the lock and one write transaction; nested uses join the outer one.
+        Commits on success (before the caller replies), rolls back on any exception."""
+        with self._lock:
+            if self._depth:
+                self._depth += 1
+                try:
+                    yield self._conn
+                finally:
+                    self._depth -= 1
+                return
+            self._conn.execute("BEGIN IMMEDIATE")
+            self._depth = 1
+            try:
+                yield self._conn
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            else:
+                self._conn.execute("COMMIT")
+            finally:
+                self._depth = 0
+                self._generation += 1
+
+    def _query(self, sql: str, args: tuple = ()) -> list[tuple]:
+        with self._lock:
+            return self._conn.execute(sql, args).fetchall()
+
+    # -- walk view and caches -----------------------------------------------------------
+
+    def walk_view(self) -> WalkView:
+        """The snapshot `enrollment_walk.decide` reads; rebuilt only after a change."""
+        with self._lock:
+            key = (self._conn.execute("PRAGMA data_version").fetchone()[0], self._generation)
+            if key != self._cache_key or self._view is None:
+                self._view = self._build_view()
+                self._cache_key = key
+            return self._view
+
+    def _build_view(self) -> WalkView:
+        verified: dict[str, x509.Certificate] = {}
+        by_subject: dict[x509.Name, list[x509.Certificate]] = {}
+        ca_thumbprints = {}
+        for name_key, der, thumbprint, is_verified in self._conn.execute(
+                "SELECT name_key, der, thumbprint, is_verified FROM ca_certificates"):
+            ca_thumbprints[name_key] = thumbprint
+            if is_verified:
+                cert = x509.load_der_x509_certificate(der)
+                verified[thumbprint] = cert
+                by_subject.setdefault(cert.subject, []).append(cert)
+        groups: dict[str, Entry] = {}
+        for doc, etag, enabled in self._conn.execute(
+                "SELECT doc, etag, enabled FROM entries WHERE kind = ?", (GROUP,)):
+            entry = _entry(GROUP, doc, etag, enabled)
+            for thumbprint in group_thumbprints(entry.doc, ca_thumbprints):
+                groups.setdefault(thumbprint, entry)
+        self._ca_by_name_cache = ca_thumbprints
+        return WalkView(self, groups, verified, by_subject)
+
+    def individual_for(self, thumbprint: str) -> Entry | None:
+        rows = self._query(
+            "SELECT e.doc, e.etag, e.enabled FROM cert_index c JOIN entries e"
+            " ON e.kind = c.kind AND e.id_key = c.id_key"
+            " WHERE c.thumbprint = ? AND c.kind = ?", (thumbprint, INDIVIDUAL))
+        return _entry(INDIVIDUAL, *rows[0]) if rows else None
+
+    def owner_of(self, thumbprint: str) -> tuple[str, str] | None:
+        """(kind, entry id) of the entry using this certificate, directly or by caReference."""
+        rows = self._query("SELECT e.kind, e.doc FROM cert_index c JOIN entries e"
+                           " ON e.kind = c.kind AND e.id_key = c.id_key"
+                           " WHERE c.thumbprint = ?", (thumbprint,))
+        if rows:
+            entry = _entry(rows[0][0], rows[0][1], "", 1)
+            return entry.kind, entry.id
+        group = self.walk_view().group_for(thumbprint)
+        return (GROUP, group.id) if group else None
+
+    # -- CA certificates ----------------------------------------------------------------
+
+    def get_ca(self, name: str) -> CaRecord | None:
+        rows = self._query("SELECT name, der, thumbprint, is_verified, verification_code,"
+                           " etag, created, updated FROM ca_certificates WHERE name_key = ?",
+                           (name.lower(),))
+        return self._ca(rows[0]) if rows else None
+
+    def list_cas(self) -> list[CaRecord]:
+        rows = self._query("SELECT name, der, thumbprint, is_verified, verification_code,"
+                           " etag, created, updated FROM ca_certificates ORDER BY name_key")
+        return [self._ca(row) for row in rows]
+
+    @staticmethod
+    def _ca(row: tuple) -> CaRecord:
+        name, der, thumbprint, verified, code, etag, created, updated = row
+        return CaRecord(name, bytes(der), thumbprint, bool(verified), code, etag, created, updated)
+
+    def put_ca(self, record: CaRecord) -> None:
+        with self.transaction() as db:
+            db.execute("INSERT OR REPLACE INTO ca_certificates VALUES (?,?,?,?,?,?,?,?,?)",
+                       (record.name.lower(), record.name, record.der, record.thumbprint,
+                        int(record.is_verified), record.verification_code, record.etag,
+                        record.created, record.updated))
+
+    def delete_ca(self, name: str) -> bool:
+        with self.transaction() as db:
+            return db.execute("DELETE FROM ca_certificates WHERE name_key = ?",
+                              (name.lower(),)).rowcount > 0
+
+    # -- enrollment entries -------------------------------------------------------------
+
+    def get_entry(self, kind: str, entry_id: str) -> Entry | None:
+        rows = self._query("SELECT doc, etag, enabled FROM entries WHERE kind = ? AND id_key = ?",
+                           (kind, entry_id.lower()))
+        return _entry(kind, *rows[0]) if rows else None
+
+    def put_entry(self, kind: str, entry_id: str, doc: dict, etag: str,
+                  thumbprints: Sequence[str], enabled: bool) -> None:
+        """Insert or replace an entry; 409 when one of its certificates (SHA-256 thumbprints,
+        caReferences resolved) already belongs to another entry."""
+        key = entry_id.lower()
+        with self.transaction() as db:
+            for thumbprint in thumbprints:
+                owner = self.owner_of(thumbprint)
+                if owner and (owner[0], owner[1].lower()) != (kind, key):
+                    raise DpsError(CONFLICT, f"certificate {thumbprint} is already used by "
+                                   f"{'enrollment group' if owner[0] == GROUP else 'individual enrollment'}"
+                                   f" {owner[1]!r}: a certificate may appear in one entry only")
+            db.execute("DELETE FROM cert_index WHERE kind = ? AND id_key = ?", (kind, key))
+            db.executemany("INSERT OR IGNORE INTO cert_index VALUES (?,?,?)",
+                           [(t, kind, key) for t in thumbprints])
+            db.execute("INSERT OR REPLACE INTO entries VALUES (?,?,?,?,?)",
+                       (kind, key, json.dumps(doc), etag, int(enabled)))
+
+    def delete_entry(self, kind: str, entry_id: str) -> bool:
+        key = entry_id.lower()
+        with self.transaction() as db:
+            db.execute("DELETE FROM cert_index WHERE kind = ? AND id_key = ?", (kind, key))
+            return db.execute("DELETE FROM entries WHERE kind = ? AND id_key = ?",
+                              (kind, key)).rowcount > 0
+
+    def list_entries(self, kind: str, after: str = "", limit: int = 100) -> list[Entry]:
+        """Entries in ID order, starting after the (lower-cased) ID `after`."""
+        rows = self._query("SELECT doc, etag, enabled FROM entries WHERE kind = ? AND id_key > ?"
+                           " ORDER BY id_key LIMIT ?", (kind, after.lower(), limit))
+        return [_entry(kind, *row) for row in rows]
+
+    def groups_referencing(self, ca_name: str) -> list[str]:
+        found = []
+        for entry in self.list_entries(GROUP, "", 10_000):
+            refs = ((entry.doc.get("attestation") or {}).get("x509") or {}).get("caReferences") or {}
+            if any((refs.get(s) or "").lower() == ca_name.lower() for s in ("primary", "secondary")):
+                found.append(entry.id)
+        return found
+
+    # -- registrations and operations ---------------------------------------------------
+
+    def get_registration(self, registration_id: str) -> RegistrationRow | None:
+        rows = self._query("SELECT group_key, doc, internal FROM registrations WHERE id_key = ?",
+                           (registration_id.lower(),))
+        if not rows:
+            return None
+        group_key, doc, internal = rows[0]
+        doc = json.loads(doc)
+        return RegistrationRow(doc.get("registrationId", registration_id), group_key,
+                               doc, json.loads(internal))
+
+    def list_registrations(self, group_id: str, after: str = "", limit: int = 100) -> list[RegistrationRow]:
+        rows = self._query("SELECT id_key, group_key, doc, internal FROM registrations"
+                           " WHERE group_key = ? AND id_key > ? ORDER BY id_key LIMIT ?",
+                           (group_id.lower(), after.lower(), limit))
+        result = []
+        for id_key, group_key, doc, internal in rows:
+            doc = json.loads(doc)
+            result.append(RegistrationRow(doc.get("registrationId", id_key), group_key,
+                                          doc, json.loads(internal)))
+        return result
+
+    def delete_registration(self, registration_id: str) -> bool:
+        key = registration_id.lower()
+        with self.transaction() as db:
+            db.execute("DELETE FROM operations WHERE id_key = ?", (key,))
+            return db.execute("DELETE FROM registrations WHERE id_key = ?", (key,)).rowcount > 0
+
+    def save_registration(self, row: RegistrationRow, operation: OperationRow) -> None:
+        """Record the outcome and its operation in one commit; earlier operations of the
+        same registration are dropped (keeps the table as small as the registrations)."""
+        key = row.registration_id.lower()
+        with self.transaction() as db:
+            db.execute("INSERT OR REPLACE INTO registrations VALUES (?,?,?,?)",
+                       (key, row.group_id.lower() if row.group_id else None,
+                        json.dumps(row.doc), json.dumps(row.internal)))
+            db.execute("DELETE FROM operations WHERE id_key = ?", (key,))
+            db.execute("INSERT INTO operations VALUES (?,?,?,?,?)",
+                       (operation.operation_id, key, operation.leaf_thumbprint,
+                        operation.ready_at, json.dumps(operation.body)))
+
+    def get_operation(self, operation_id: str) -> OperationRow | None:
+        rows = self._query("SELECT id_key, leaf_thumbprint, ready_at, body FROM operations"
+                           " WHERE operation_id = ?", (operation_id,))
+        if not rows:
+            return None
+        id_key, leaf, ready_at, body = rows[0]
+        return OperationRow(operation_id, id_key, leaf, ready_at, json.loads(body))
