@@ -256,10 +256,11 @@ def presented_chain(conn: SSL.Connection) -> list[x509.Certificate]:
 # --------------------------------------------------------------------------- sockets
 
 
-def tune_socket(sock: socket.socket) -> None:
+def tune_socket(sock: socket.socket, quickack: bool = True) -> None:
     """Answer small writes at once: no Nagle delay on our flights, no delayed ACK on theirs."""
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    _quickack(sock)
+    if quickack:
+        _quickack(sock)
 
 
 def _quickack(sock: socket.socket) -> None:
@@ -403,8 +404,10 @@ class TlsListener:
         on_not_tls: PlainHandler | None = None,
         url_host: str | None = None,
         log: Callable[[str], None] | None = None,
+        quickack: bool = True,
     ):
         self.name = name
+        self.quickack = quickack  # off only to measure what it buys (bench/bench_stub.py)
         self.scheme = scheme
         self.context = context
         self.handler = handler
@@ -468,8 +471,8 @@ class TlsListener:
     def _run(self, sock: socket.socket) -> None:
         stream = None
         try:
-            tune_socket(sock)
-            stream = TlsStream(sock, self.context)
+            tune_socket(sock, self.quickack)
+            stream = TlsStream(sock, self.context, self.quickack)
             try:
                 stream.handshake(self.limits.handshake_timeout)
             except NotTls as exc:
