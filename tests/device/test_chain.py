@@ -1,0 +1,109 @@
+"""Chain builder and chain lint on certificates made with `cryptography` (no token needed)."""
+
+import datetime
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from device_sim.device.chain_builder import NamedCert, build_chain, gather_candidates, load_pem_file
+from device_sim.device.chain_lint import ERROR, has_errors, lint_chain
+from hsm_setup.errors import UserError
+
+from .helpers import FilePki, issue, now, pem
+
+
+@pytest.fixture(scope="module")
+def pki3():
+    """root -> intermediate1 -> intermediate2 -> leaf, plus an unrelated root."""
+    pki = FilePki.create("t")
+    k2 = ec.generate_private_key(ec.SECP256R1())
+    inter2 = issue("t-intermediate2", k2.public_key(), pki.inter, pki.inter_key, ca=True)
+    leaf_key = ec.generate_private_key(ec.SECP256R1())
+    leaf = issue("device-7", leaf_key.public_key(), inter2, k2, ca=False)
+    return pki, inter2, k2, leaf
+
+
+def rules(findings, level=ERROR):
+    return sorted({f.rule for f in findings if f.level == level})
+
+
+def test_builds_leaf_first_up_to_the_root_from_an_unordered_pool(pki3):
+    pki, inter2, _, leaf = pki3
+    other = FilePki.create("other")
+    chain = build_chain(leaf, [pki.root, other.root, inter2, other.inter, pki.inter])
+    assert chain == [leaf, inter2, pki.inter, pki.root]
+    assert not has_errors(lint_chain(chain))
+
+
+def test_chain_to_stops_at_a_named_ca_or_the_leaf(pki3):
+    pki, inter2, _, leaf = pki3
+    pool = [NamedCert(pki.root, ("my-root",)), NamedCert(inter2, ("int2",)), NamedCert(pki.inter, ("int1",))]
+    assert build_chain(leaf, pool, "int2") == [leaf, inter2]
+    assert build_chain(leaf, pool, "t-intermediate") == [leaf, inter2, pki.inter]  # by subject CN
+    assert build_chain(leaf, pool, "leaf") == [leaf]
+    with pytest.raises(UserError, match="not on the issuing path"):
+        build_chain(leaf, pool, "nonexistent")
+
+
+def test_same_name_different_key_is_not_taken_as_issuer(pki3):
+    pki, inter2, _, leaf = pki3
+    impostor_key = ec.generate_private_key(ec.SECP256R1())
+    impostor = issue("t-intermediate2", impostor_key.public_key(), pki.inter, pki.inter_key, ca=True)
+    assert build_chain(leaf, [impostor, pki.root], "root") == [leaf]
+    findings = lint_chain([leaf, impostor])
+    assert "links" in rules(findings)
+    assert any("different key" in f.message for f in findings)
+
+
+def test_missing_intermediate_is_a_link_error_and_misses_the_verified_root(pki3):
+    pki, inter2, _, leaf = pki3
+    findings = lint_chain([leaf, inter2, pki.root], verified=[pki.root])
+    assert "links" in rules(findings)
+    assert any("intermediate is missing" in f.message for f in findings)
+    # leaf + intermediate2 alone: ends below intermediate1, which is not the verified root
+    assert "verified" in rules(lint_chain([leaf, inter2], verified=[pki.root]))
+    assert "verified" not in rules(lint_chain([leaf, inter2, pki.inter, pki.root], verified=[pki.root]))
+
+
+def test_order_and_duplicates(pki3):
+    pki, inter2, _, leaf = pki3
+    assert "order" in rules(lint_chain([leaf, pki.inter, inter2, pki.root]))
+    assert "duplicates" in rules(lint_chain([leaf, inter2, inter2, pki.inter]))
+
+
+def test_ca_flags_key_usage_and_cn(pki3):
+    pki, _, _, _ = pki3
+    key = ec.generate_private_key(ec.SECP256R1())
+    not_a_ca = issue("t-fake-ca", key.public_key(), pki.inter, pki.inter_key, ca=False)
+    leaf = issue("device-8", ec.generate_private_key(ec.SECP256R1()).public_key(), not_a_ca, key, ca=False)
+    assert "ca-flags" in rules(lint_chain([leaf, not_a_ca, pki.inter, pki.root]))
+    ca_leaf = issue("device-9", key.public_key(), pki.inter, pki.inter_key, ca=True)
+    assert "ca-flags" in rules(lint_chain([ca_leaf, pki.inter, pki.root]))
+    bad_cn = issue("bad id!", key.public_key(), pki.inter, pki.inter_key, ca=False)
+    assert "cn" in rules(lint_chain([bad_cn, pki.inter, pki.root]))
+    ends_with_dot = issue("device.", key.public_key(), pki.inter, pki.inter_key, ca=False)
+    assert "cn" in rules(lint_chain([ends_with_dot, pki.inter, pki.root]))
+
+
+def test_expired_and_not_yet_valid(pki3):
+    pki, _, _, _ = pki3
+    key = ec.generate_private_key(ec.SECP256R1())
+    expired = issue("old-device", key.public_key(), pki.inter, pki.inter_key, ca=False,
+                    start=now() - datetime.timedelta(days=40), days=30)
+    future = issue("new-device", key.public_key(), pki.inter, pki.inter_key, ca=False,
+                   start=now() + datetime.timedelta(days=1))
+    assert "validity" in rules(lint_chain([expired, pki.inter, pki.root]))
+    assert "validity" in rules(lint_chain([future, pki.inter, pki.root]))
+
+
+def test_gather_candidates_reads_files_and_merges_names(tmp_path, pki3):
+    pki, inter2, _, leaf = pki3
+    (tmp_path / "bundle.pem").write_bytes(pem(inter2, pki.inter))
+    (tmp_path / "root.pem").write_bytes(pem(pki.root))
+    pool = gather_candidates(None, files=[tmp_path / "bundle.pem", tmp_path / "root.pem"], extra=[pki.root])
+    assert len(pool) == 3
+    assert build_chain(leaf, pool, "root")[-1] == pki.root
+    assert build_chain(leaf, pool, "root.pem".removesuffix(".pem")) == [leaf, inter2, pki.inter, pki.root]
+    (tmp_path / "junk.pem").write_text("not a certificate")
+    with pytest.raises(UserError, match="no readable X.509"):
+        load_pem_file(tmp_path / "junk.pem")
