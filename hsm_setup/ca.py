@@ -204,7 +204,7 @@ def _load_ca_or_explain(home: Path, name: str, *, what: str) -> CaRecord:
         # A common mistake: naming a device identity where a CA is expected.
         from hsm_setup import devices
         if devices.find_device(home, name) is not None:
-            raise UserError(f"{name!r} is a device identity, not a CA: name a CA as {what} "
+            raise UserError(f"{what} {name!r} is a device identity, not a CA "
                             "(see 'hsm-setup ca list')") from None
         raise
 
