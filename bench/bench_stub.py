@@ -1,0 +1,194 @@
+"""Benchmark of the local DPS emulator's HTTPS device front end.
+
+Prints, from one run against one `device-sim stub serve` process:
+  1. raw mTLS handshakes/s the server sustains with C concurrent clients (the limit);
+  2. full X.509 registrations/s (mTLS handshake + PUT register + GET poll until assigned,
+     through an enrollment group on a verified root) with the same C clients;
+  3. their ratio (how much of the handshake budget the HTTP layer and the core leave);
+  4. what TCP_QUICKACK buys: sequential awscrt TLS 1.2 mTLS handshakes with it on and off.
+
+Clients are Python threads with `ssl` + `http.client` and file keys (TLS 1.2, as DPS).
+Both ends share this machine's cores, so the figures are a floor, not a server ceiling.
+
+    .venv/bin/python bench/bench_stub.py [--clients 64] [--seconds 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+from stub_server.stubpki import Pki, write_identity  # noqa: E402
+
+from device_sim.stub import admin, tls  # noqa: E402
+
+API_VERSION = "2021-06-01"
+
+
+def start_emulator(home: Path) -> tuple[subprocess.Popen, dict]:
+    command = [sys.executable, "-m", "device_sim.cli", "stub", "serve", "--home", str(home),
+               "--retry-after", "0", "--assignment-delay", "0", "--no-mqtt"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    line = process.stdout.readline()
+    if not line:
+        raise SystemExit(f"emulator did not start (exit {process.wait()})")
+    return process, json.loads(line)
+
+
+def client_context(ca_cert: str, chain: Path, key: Path) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=ca_cert)
+    context.load_cert_chain(str(chain), str(key))
+    context.maximum_version = ssl.TLSVersion.TLSv1_2  # DPS speaks TLS 1.2
+    return context
+
+
+def run_clients(count: int, seconds: float, work) -> tuple[int, int, float]:
+    """Run `work(index)` in `count` threads until `seconds` passed; (ok, failed, elapsed)."""
+    stop = time.monotonic() + seconds
+    ok = [0] * count
+    failed = [0] * count
+    errors: list[str] = []
+
+    def loop(index: int) -> None:
+        while time.monotonic() < stop:
+            try:
+                work(index)
+                ok[index] += 1
+            except Exception as exc:
+                failed[index] += 1
+                if len(errors) < 3:
+                    errors.append(f"{type(exc).__name__}: {exc}")
+
+    started = time.monotonic()
+    threads = [threading.Thread(target=loop, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    elapsed = time.monotonic() - started
+    for error in errors:
+        print(f"  sample error: {error}", file=sys.stderr)
+    return sum(ok), sum(failed), elapsed
+
+
+def handshake_once(port: int, context: ssl.SSLContext) -> None:
+    raw = socket.create_connection(("127.0.0.1", port), timeout=30)
+    with context.wrap_socket(raw, server_hostname="localhost") as sock:
+        sock.do_handshake()
+
+
+def register_once(port: int, context: ssl.SSLContext, id_scope: str, registration_id: str) -> None:
+    connection = http.client.HTTPSConnection("localhost", port, context=context, timeout=30)
+    try:
+        headers = {"Content-Type": "application/json; charset=utf-8", "Accept": "application/json"}
+        body = json.dumps({"registrationId": registration_id})
+        connection.request("PUT", f"/{id_scope}/registrations/{registration_id}/register?api-version={API_VERSION}",
+                           body=body, headers=headers)
+        response = connection.getresponse()
+        reply = json.loads(response.read())
+        if response.status not in (200, 202):
+            raise RuntimeError(f"register: HTTP {response.status} {reply}")
+        for _ in range(100):
+            if reply.get("status") != "assigning":
+                break
+            connection.request("GET", f"/{id_scope}/registrations/{registration_id}/operations/"
+                                      f"{reply['operationId']}?api-version={API_VERSION}", headers=headers)
+            response = connection.getresponse()
+            reply = json.loads(response.read())
+        if reply.get("status") != "assigned":
+            raise RuntimeError(f"registration ended {reply.get('status')}: {reply}")
+    finally:
+        connection.close()
+
+
+def quickack_effect(ca_dir: Path, chain: Path, key: Path, rounds: int = 30) -> dict[bool, float]:
+    """Sequential awscrt TLS 1.2 mTLS handshakes against a bare TlsListener, QUICKACK on/off."""
+    from awscrt import http as crt_http
+    from awscrt import io as crt_io
+    from OpenSSL import SSL
+
+    identity = tls.ensure_server_identity(ca_dir)
+    options = crt_io.TlsContextOptions.create_client_with_mtls_from_path(str(chain), str(key))
+    options.override_default_trust_store_from_path(None, str(identity.ca_cert))
+    client = crt_io.ClientTlsContext(options)
+    rates = {}
+    for quickack in (True, False):
+        context = tls.device_context(identity)
+        context.set_max_proto_version(SSL.TLS1_2_VERSION)  # awscrt with PKCS#11 keys is TLS 1.2 only
+        listener = tls.TlsListener("bench", "https", "127.0.0.1", 0, context,
+                                   lambda stream: stream.recv(1, 5), quickack=quickack)
+        listener.start()
+        try:
+            started = time.monotonic()
+            for _ in range(rounds):
+                connection_options = client.new_connection_options()
+                connection_options.set_server_name("localhost")
+                connection = crt_http.HttpClientConnection.new(
+                    "127.0.0.1", listener.port, tls_connection_options=connection_options).result(10)
+                connection.close().result(10)
+            rates[quickack] = rounds / (time.monotonic() - started)
+        finally:
+            listener.close()
+    return rates
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", type=int, default=64)
+    parser.add_argument("--seconds", type=float, default=8.0)
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="bench-stub-") as tmp:
+        tmp_path = Path(tmp)
+        pki = Pki.create()
+        identities = [write_identity(tmp_path / "devices", f"bench-dev-{i}", pki.device(f"bench-dev-{i}"),
+                                     pki.inter2, pki.inter1, pki.root) for i in range(args.clients)]
+        process, ready = start_emulator(tmp_path / "home")
+        try:
+            port = int(ready["device_url"].rsplit(":", 1)[1])
+            client = admin.ServiceClient(admin.find_endpoint(tmp_path / "home"))
+            root_file = tmp_path / "root.pem"
+            root_file.write_bytes(pki.root.pem)
+            client.ca_upload("bench-root", admin.read_certificate_pem(root_file), verified=True)
+            client.put_record("enrollmentGroups", "bench-group",
+                              admin.group_record("bench-group", "bench-root", None, False, []))
+            contexts = [client_context(ready["ca_cert"], chain, key) for chain, key in identities]
+
+            register_once(port, contexts[0], ready["id_scope"], "bench-dev-0")  # warm-up + sanity check
+            print(f"stub bench: {args.clients} concurrent mTLS clients, {args.seconds:.0f} s per phase, "
+                  "TLS 1.2, EC P-256 file keys, client and server on this machine", flush=True)
+            ok, failed, elapsed = run_clients(args.clients, args.seconds,
+                                              lambda i: handshake_once(port, contexts[i]))
+            handshakes = ok / elapsed
+            print(f"  raw mTLS handshakes:   {handshakes:8.1f} /s  ({ok} ok, {failed} failed)", flush=True)
+            ok, failed, elapsed = run_clients(
+                args.clients, args.seconds,
+                lambda i: register_once(port, contexts[i], ready["id_scope"], f"bench-dev-{i}"))
+            registrations = ok / elapsed
+            print(f"  X.509 registrations:   {registrations:8.1f} /s  ({ok} ok, {failed} failed)", flush=True)
+            print(f"  ratio registrations/handshakes: {registrations / handshakes:.2f}", flush=True)
+        finally:
+            process.terminate()
+            process.wait(timeout=10)
+        chain, key = identities[0]
+        rates = quickack_effect(tmp_path / "qa-tls", chain, key)
+        print(f"  awscrt sequential TLS 1.2 mTLS handshakes: {rates[True]:.1f} /s with TCP_QUICKACK, "
+              f"{rates[False]:.1f} /s without (x{rates[True] / rates[False]:.1f})", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
