@@ -86,7 +86,6 @@ class ServiceClient:
         self.key = server.read_service_key(endpoint.service_key_file)
         self.timeout = timeout
         self.session = requests.Session()
-        self.session.verify = str(endpoint.ca_cert)
 
     def close(self) -> None:
         self.session.close()
@@ -102,6 +101,9 @@ class ServiceClient:
             response = self.session.request(
                 method, self.endpoint.service_url + path, params={"api-version": API_VERSION},
                 json=body, headers=all_headers, timeout=self.timeout,
+                # Per request, not on the session: requests lets $REQUESTS_CA_BUNDLE /
+                # $CURL_CA_BUNDLE override a session's `verify`, but not an explicit one.
+                verify=str(self.endpoint.ca_cert),
             )
         except requests.exceptions.SSLError as exc:
             raise UserError(f"TLS to {self.endpoint.service_url} failed ({_short(exc)}); is "
@@ -130,8 +132,14 @@ class ServiceClient:
     # -- CA certificates
 
     def ca_upload(self, name: str, pem: str, verified: bool) -> dict:
+        """Upload, or replace the certificate already stored under `name` (ARM needs its etag)."""
+        path = f"/certificates/{_seg(name)}"
         body = {"properties": {"certificate": pem, "isVerified": verified}}
-        return self.json("PUT", f"/certificates/{_seg(name)}", body)
+        existing = self.call("GET", path, ok=(200, 404))
+        headers = {}
+        if existing.status_code == 200 and existing.json().get("etag"):
+            headers["If-Match"] = existing.json()["etag"]
+        return self.json("PUT", path, body, headers)
 
     def ca_code(self, name: str) -> dict:
         path = f"/certificates/{_seg(name)}"
@@ -216,8 +224,13 @@ def _seg(value: str) -> str:
 
 
 def _short(exc: Exception) -> str:
+    """The innermost reason of a requests error, without the connection-pool wrapping."""
     text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    return text[:160]
+    for marker in ("certificate verify failed: ", "] ", "Caused by "):
+        if marker in text:
+            text = text.split(marker, 1)[1]
+            break
+    return text.rstrip(")'\"")[:160]
 
 
 def _error_text(method: str, path: str, response: requests.Response) -> str:

@@ -326,10 +326,12 @@ def device_handler(device_api) -> RequestHandler:
 
 
 def service_handler(service_api) -> RequestHandler:
-    """Everything on the service port goes to `ServiceApi`, which authenticates the SAS token."""
+    """Everything on the service port goes to `ServiceApi`, which authenticates the SAS token.
+
+    The path stays percent-encoded: ServiceApi splits it into segments before decoding."""
 
     def handle(request: Request, chain: Sequence[x509.Certificate]):
         check_json_body(request)
-        return service_api.handle(request.method, unquote(request.path), request.query, request.headers, request.body)
+        return service_api.handle(request.method, request.path, request.query, request.headers, request.body)
 
     return handle
