@@ -189,10 +189,8 @@ class DpsMqttSession:
     def _call_api(self, request, payload: bytes):
         user = self.username
         if isinstance(request, topics.RegisterRequest):
-            # C# sends an empty register payload and Python a single space for polls: a blank
-            # payload carries no DeviceRegistration, which the core treats like `{}`.
-            body = payload if payload.strip() else b"{}"
-            return self.api.register(user.id_scope, user.registration_id, user.api_version, self.chain, body)
+            # C# sends an empty register payload; the core reads a blank body as `{}`.
+            return self.api.register(user.id_scope, user.registration_id, user.api_version, self.chain, payload)
         return self.api.operation_status(
             user.id_scope, user.registration_id, request.operation_id, user.api_version, self.chain
         )
