@@ -35,6 +35,8 @@ from datetime import datetime, timezone
 
 from cryptography import x509
 
+from hsm_setup.registration_id import MAX_LENGTH, registration_id_problem
+
 from . import errors
 from .allocation import allocate
 from .cert_input import common_name, sha256_thumbprint
@@ -47,31 +49,10 @@ __all__ = ["DeviceApi", "Reply", "validate_registration_id", "new_etag"]
 
 log = logging.getLogger(__name__)
 
-try:  # helper A owns the registration ID rule; until it exists, check the spec rule here
-    from hsm_setup.registration_id import validate_registration_id as _shared_rule  # type: ignore
-except ImportError:  # pragma: no cover - replaced once hsm_setup.registration_id lands
-    _shared_rule = None
-
-_ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._:")
-
-
 def validate_registration_id(registration_id: str) -> str | None:
-    """None when valid, else why not (dps-protocol.md 5.2)."""
-    if _shared_rule is not None:
-        try:
-            result = _shared_rule(registration_id)
-        except ValueError as exc:
-            return str(exc)
-        return result if isinstance(result, str) and result != registration_id else None
-    if not registration_id:
-        return "the registration ID is empty"
-    if len(registration_id) > 128:
-        return "the registration ID is longer than 128 characters"
-    if not set(registration_id) <= _ID_CHARS:
-        return "the registration ID may contain only letters, digits and - . _ :"
-    if not (registration_id[-1].isalnum() or registration_id[-1] == "-"):
-        return "the registration ID must end with a letter, digit or -"
-    return None
+    """None when valid, else why not: the shared rule of hsm_setup (128 characters at most
+    here; a leaf CN is shorter anyway, and a longer path ID simply fails the CN match)."""
+    return registration_id_problem(registration_id, max_length=MAX_LENGTH)
 
 
 def new_etag() -> str:

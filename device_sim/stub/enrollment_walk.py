@@ -186,16 +186,14 @@ def _store_signer_verified(top: x509.Certificate, top_thumbprint: str, view: Sto
     return False
 
 
-def trust_position(chain: Sequence[x509.Certificate], thumbprints: Sequence[str],
-                   view: StoreView, now: datetime) -> int | None:
-    """Lowest chain index (>= 1) of a verified CA, len(chain) for a verified signer above
-    the top, or None when the chain reaches no verified CA certificate."""
-    for index in range(1, len(chain)):
+def reaches_verified_ca(chain: Sequence[x509.Certificate], thumbprints: Sequence[str],
+                        view: StoreView, now: datetime, position: int) -> bool:
+    """True when a verified CA sits in the chain at index >= max(position, 1), or a
+    verified CA certificate of the store issued the last certificate sent."""
+    for index in range(max(position, 1), len(chain)):
         if view.is_verified_ca(thumbprints[index]):
-            return index
-    if _store_signer_verified(chain[-1], thumbprints[-1], view, len(chain) - 1, now):
-        return len(chain)
-    return None
+            return True
+    return _store_signer_verified(chain[-1], thumbprints[-1], view, len(chain) - 1, now)
 
 
 def decide(presented_chain: Sequence[x509.Certificate], store_view: StoreView,
@@ -226,8 +224,7 @@ def decide(presented_chain: Sequence[x509.Certificate], store_view: StoreView,
 
     self_signed_leaf = position == 0 and len(chain) == 1 and _self_issued(leaf)
     if not self_signed_leaf:
-        trusted = trust_position(chain, thumbprints, store_view, now)
-        if trusted is None or trusted < position:
+        if not reaches_verified_ca(chain, thumbprints, store_view, now, position):
             return Decision(UNAUTHORIZED, "the presented chain does not reach a verified CA "
                             "certificate at or above the enrollment's certificate",
                             entry=found, **base)
