@@ -62,7 +62,11 @@ class IdentityFactory:
     def label_taken(self, label: str, registration_id: str) -> bool:
         """An object labelled `registration_id` on the token (exact match: PKCS#11 compares bytes)."""
         session = self.prepare_token(label).session
-        return next(iter(session.get_objects({Attribute.LABEL: registration_id})), None) is not None
+        found = session.get_objects({Attribute.LABEL: registration_id})
+        try:
+            return next(found, None) is not None
+        finally:
+            found.close()  # ends the C_FindObjects operation now, not at garbage collection
 
     def create(self, registration_id: str, token_label: str) -> dict:
         """Create one identity; returns the registry row (not yet inserted)."""

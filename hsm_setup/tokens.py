@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import hmac
 
 import pkcs11
 from pkcs11 import TokenFlag
@@ -34,7 +35,8 @@ class TokenInfo:
         return dataclasses.asdict(self)
 
 
-_sessions: dict[tuple, pkcs11.Session] = {}
+# (lib, library generation, slot) -> (session, PIN it logged in with)
+_sessions: dict[tuple, tuple] = {}
 
 
 def list_tokens(lib) -> list[TokenInfo]:
@@ -68,9 +70,14 @@ def session(lib, label: str, pin: str):
     """A read-write session logged in as user on token `label`, shared per process."""
     token = find_token(lib, label)
     key = (id(lib), module.generation(), token.slot.slot_id)
-    cached = _sessions.get(key)
+    cached = _sessions.pop(key, None)
     if cached is not None:
-        return cached
+        if hmac.compare_digest(cached[1].encode(), pin.encode()):
+            _sessions[key] = cached
+            return cached[0]
+        # Another PIN: log out first, or C_Login would answer "already logged in"
+        # without checking the new PIN at all.
+        _close_quietly(cached[0])
     try:
         opened = token.open(rw=True, user_pin=pin)
     except pkcs11.PinIncorrect:
@@ -84,13 +91,22 @@ def session(lib, label: str, pin: str):
     except pkcs11.UserAlreadyLoggedIn:
         # Someone else in this process logged in already: a plain session shares that login.
         opened = token.open(rw=True)
-    _sessions[key] = opened
+    _sessions[key] = (opened, pin)
     return opened
 
 
 def forget_sessions() -> None:
-    """Drop cached sessions (after the library was finalised elsewhere)."""
+    """Log out and drop cached sessions."""
+    for opened, _ in _sessions.values():
+        _close_quietly(opened)
     _sessions.clear()
+
+
+def _close_quietly(opened) -> None:
+    try:
+        opened.close()
+    except pkcs11.PKCS11Error:
+        pass  # stale after a re-initialisation: nothing left to close
 
 
 def check_mechanisms(token, *mechanisms, what: str) -> None:
