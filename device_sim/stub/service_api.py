@@ -152,6 +152,16 @@ def _query_body(body: bytes) -> None:
                        "supported by the emulator")
 
 
+def _kept_info(value, stored: dict | None, field_name: str, slot: str) -> dict | None:
+    """The stored info of this slot when the body echoes it back without a certificate."""
+    if not isinstance(value, dict) or not isinstance(value.get("info"), dict) or not stored:
+        return None
+    old = (((stored.get("x509") or {}).get(field_name) or {}).get(slot) or {}).get("info")
+    if old and old.get("sha256Thumbprint") == value["info"].get("sha256Thumbprint"):
+        return old
+    return None
+
+
 class ServiceApi:
     def __init__(self, store: Store, config: StubConfig, service_key: bytes, clock=time.time):
         self.store = store
@@ -386,8 +396,11 @@ class ServiceApi:
             entry = self._save_entry(kind, entry_id, data, existing)
         return Reply(200, self._entry_view(entry), {})
 
+    # A GET answer carries certificate `info` only; sending it back unchanged (the SDKs'
+    # get-modify-put pattern) keeps the stored certificate of that slot.
+
     def _save_entry(self, kind: str, entry_id: str, data: dict, existing: Entry | None) -> Entry:
-        doc, thumbprints = self._validated_entry(kind, entry_id, data)
+        doc, thumbprints = self._validated_entry(kind, entry_id, data, existing)
         if existing is None and kind == GROUP and \
                 len(self.store.list_entries(GROUP, "", MAX_GROUPS + 1)) >= MAX_GROUPS:
             raise DpsError(errors.CONFLICT, f"at most {MAX_GROUPS} enrollment groups per instance")
@@ -401,7 +414,8 @@ class ServiceApi:
         return Entry(kind, doc["registrationId" if kind == INDIVIDUAL else "enrollmentGroupId"],
                      enabled, doc, etag)
 
-    def _validated_entry(self, kind: str, entry_id: str, data: dict) -> tuple[dict, list[str]]:
+    def _validated_entry(self, kind: str, entry_id: str, data: dict,
+                         existing: Entry | None = None) -> tuple[dict, list[str]]:
         """The stored form of an enrollment body and the certificate thumbprints it uses."""
         id_field = "registrationId" if kind == INDIVIDUAL else "enrollmentGroupId"
         problem = validate_registration_id(entry_id)
@@ -415,12 +429,14 @@ class ServiceApi:
                if k not in ("registrationState", "etag", "createdDateTimeUtc",
                             "lastUpdatedDateTimeUtc")}
         doc[id_field] = claimed
-        attestation, thumbprints = self._validated_attestation(kind, data.get("attestation"))
+        attestation, thumbprints = self._validated_attestation(
+            kind, data.get("attestation"), existing.doc.get("attestation") if existing else None)
         doc["attestation"] = attestation
         self._validate_common(kind, doc)
         return doc, thumbprints
 
-    def _validated_attestation(self, kind: str, attestation) -> tuple[dict, list[str]]:
+    def _validated_attestation(self, kind: str, attestation,
+                               stored: dict | None) -> tuple[dict, list[str]]:
         if not isinstance(attestation, dict) or attestation.get("type") != "x509":
             raise DpsError(errors.BAD_REQUEST, 'attestation must be {"type": "x509", "x509": '
                            '{...}}: the emulator supports X.509 attestation only')
@@ -452,22 +468,28 @@ class ServiceApi:
                 refs[slot] = record.name
                 thumbprints.append(record.thumbprint)
             return {"type": "x509", "x509": {"caReferences": refs}}, thumbprints
-        stored, thumbprints = {}, []
+        stored_slots, thumbprints = {}, []
         for slot in ("primary", "secondary"):
             value = slots.get(slot)
             if value is None:
                 continue
             text = value.get("certificate") if isinstance(value, dict) else None
+            kept = _kept_info(value, stored, field_name, slot) if text is None else None
+            if kept is not None:
+                stored_slots[slot] = {"info": kept}
+                if kept["sha256Thumbprint"] not in thumbprints:
+                    thumbprints.append(kept["sha256Thumbprint"])
+                continue
             cert = parse_certificate(text, f"attestation.x509.{field_name}.{slot}.certificate")
             if field_name == "signingCertificates":
                 problem = ca_problem(cert, 0)
                 if problem:
                     raise DpsError(errors.BAD_REQUEST, f"signingCertificates.{slot} {problem}")
-            stored[slot] = {"info": certificate_info(cert)}
+            stored_slots[slot] = {"info": certificate_info(cert)}
             thumbprint = sha256_thumbprint(cert)
             if thumbprint not in thumbprints:
                 thumbprints.append(thumbprint)
-        return {"type": "x509", "x509": {field_name: stored}}, thumbprints
+        return {"type": "x509", "x509": {field_name: stored_slots}}, thumbprints
 
     def _validate_common(self, kind: str, doc: dict) -> None:
         status = doc.setdefault("provisioningStatus", "enabled")

@@ -1,0 +1,83 @@
+"""Acknowledged registrations survive kill -9; many threads share one store safely."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+from pathlib import Path
+
+from cryptography.hazmat.primitives import serialization
+
+from .env import Env
+from .pki import Issuer, pem
+
+
+CHILD = textwrap.dedent("""
+    import sys
+    from pathlib import Path
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+    sys.path.insert(0, sys.argv[1])
+    from stub_core.env import Env
+    from stub_core.pki import Issuer
+    env = Env(Path(sys.argv[2]))
+    root = Issuer(x509.load_pem_x509_certificate(sys.argv[3].encode()),
+                  load_pem_private_key(sys.argv[4].encode(), None))
+    i = 0
+    while True:  # register until killed; print each ID once its 202 came back
+        assert env.register(root.leaf(f"dev-{i}")).status == 202
+        print(f"dev-{i}", flush=True)
+        i += 1
+""")
+
+
+def test_acknowledged_registrations_survive_kill_9(tmp_path):
+    env = Env(tmp_path)
+    root = Issuer.root()
+    env.upload_ca("root", root.cert)
+    env.group("g", ca_name="root")
+    env.store.close()
+    key_pem = root.key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                     serialization.NoEncryption()).decode()
+    child = subprocess.Popen([sys.executable, "-c", CHILD, str(Path(__file__).parent.parent),
+                              str(tmp_path), pem(root.cert), key_pem],
+                             stdout=subprocess.PIPE, text=True)
+    acked = []
+    for line in child.stdout:
+        acked.append(line.strip())
+        if len(acked) == 30:
+            os.kill(child.pid, signal.SIGKILL)
+            break
+    child.wait()
+    assert child.returncode == -signal.SIGKILL and len(acked) == 30
+    env = Env(tmp_path)
+    for registration_id in acked:
+        record = env.call("GET", f"/registrations/{registration_id}")
+        assert record.status == 200 and record.body["status"] == "assigned", registration_id
+
+
+def test_many_threads_one_store(tmp_path):
+    env = Env(tmp_path)
+    root = Issuer.root()
+    inter = root.intermediate("I")
+    env.upload_ca("root", root.cert)
+    env.group("g", ca_name="root")
+    devices = [inter.leaf(f"t-{i}") for i in range(200)]
+    failures = []
+
+    def work(chunk):
+        for device in chunk:
+            reply = env.provision(device)
+            if reply.status != 200 or reply.body["status"] != "assigned":
+                failures.append(reply)
+
+    threads = [threading.Thread(target=work, args=(devices[i::8],)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not failures
+    listed = env.call("POST", "/registrations/g/query", headers={"x-ms-max-item-count": "1000"})
+    assert len(listed.body) == 200
