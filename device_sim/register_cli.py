@@ -51,6 +51,8 @@ def add_subparser(subparsers) -> None:
     parser.add_argument("--emulator", action="store_true",
                         help="use the local emulator of the state directory (endpoint, ID scope and "
                              "--trust from <home>/stub/endpoint.json)")
+    parser.add_argument("--transport", choices=("https", "mqtt"), default="https",
+                        help="DPS device protocol: https (port 443) or mqtt (MQTT 3.1.1 over TLS, port 8883)")
     parser.add_argument("--endpoint", metavar="HOST[:PORT]|URL",
                         help=f"DPS device endpoint (default {GLOBAL_ENDPOINT})")
     parser.add_argument("--id-scope", metavar="SCOPE", help="the DPS instance's ID scope (0ne...)")
@@ -59,6 +61,9 @@ def add_subparser(subparsers) -> None:
     parser.add_argument("--api-version", default=DEFAULT_API_VERSION,
                         help=f"device API version (default {DEFAULT_API_VERSION})")
     parser.add_argument("--payload", metavar="JSON", help="custom payload (a JSON object) sent with the registration")
+    parser.add_argument("--registration-id", metavar="ID",
+                        help="send this registration ID instead of the certificate's CN (only to see DPS "
+                             "refuse a mismatch)")
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="S",
                         help=f"total deadline in seconds, retries and polls included (default {DEFAULT_TIMEOUT:g})")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the summary")
@@ -111,12 +116,19 @@ def cmd_register(args) -> int:
     payload = parse_payload(args.payload)
     home = ensure_home(args.home)
     endpoint, id_scope, trust_file = args.endpoint, args.id_scope, args.trust
+    if args.transport == "mqtt":
+        from device_sim.device import transport_mqtt  # helper D's MQTT edge on the same seam
+
+        transport_class, endpoint_parser = transport_mqtt.MqttTransport, transport_mqtt.parse_endpoint
+    else:
+        transport_class, endpoint_parser = HttpsTransport, parse_endpoint
     if args.emulator:
         ready = emulator_endpoint(home)
-        endpoint = endpoint or ready["device_url"]
+        if not endpoint:
+            endpoint = transport_mqtt.emulator_url(ready) if args.transport == "mqtt" else ready["device_url"]
         id_scope = id_scope or ready["id_scope"]
         trust_file = trust_file or ready["ca_cert"]
-    host, port = parse_endpoint(endpoint or GLOBAL_ENDPOINT)
+    host, port = endpoint_parser(endpoint or GLOBAL_ENDPOINT)
     if not id_scope:
         raise UserError("no ID scope: pass --id-scope (shown on the DPS instance's overview page) or --emulator")
     trust = read_trust(trust_file)
@@ -128,14 +140,14 @@ def cmd_register(args) -> int:
     tls_context = client_tls_context(TlsIdentity(
         identity.module_path, identity.key_label, chain_builder.to_pem(chain), identity.pin,
         slot_id=identity.slot_id), trust)
-    transport = HttpsTransport(host, port, id_scope, identity.registration_id, tls_context,
-                               api_version=args.api_version)
-    outcome, timings = run_registration(RegistrationFlow(identity.registration_id, payload), transport, args.timeout)
+    registration_id = args.registration_id or identity.registration_id
+    transport = transport_class(host, port, id_scope, registration_id, tls_context, api_version=args.api_version)
+    outcome, timings = run_registration(RegistrationFlow(registration_id, payload), transport, args.timeout)
     if args.json:
-        print(json.dumps(as_json(identity.registration_id, outcome, timings,
-                                 endpoint=f"{host}:{port}", id_scope=id_scope, chain_length=len(chain))))
+        print(json.dumps(as_json(registration_id, outcome, timings,
+                                 endpoint=f"{host}:{port}", transport=args.transport, id_scope=id_scope, chain_length=len(chain))))
     else:
-        print(human_summary(identity.registration_id, outcome, timings))
+        print(human_summary(registration_id, outcome, timings))
     code = exit_code(outcome)
     if code and not args.json:
         print(f"device-sim: {outcome.status}: {outcome.error_message or 'see above'}", file=sys.stderr)

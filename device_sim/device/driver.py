@@ -23,6 +23,8 @@ class Timings:
     connect_ms: float | None = None
     register_ms: float | None = None
     total_ms: float | None = None
+    requests: int = 0  # register + polls + retries sent
+    retries: int = 0  # of those, repeats after 429 / 5xx
 
 
 def _failure_outcome(flow: reg.RegistrationFlow, exc: TransportError) -> reg.Outcome:
@@ -78,4 +80,5 @@ def run_registration(
     finally:
         transport.close()
     timings.total_ms = (clock() - started) * 1000
+    timings.requests, timings.retries = flow.requests, flow.total_retries
     return outcome, timings

@@ -68,6 +68,8 @@ def as_json(registration_id: str, outcome: reg.Outcome, timings: Timings, **extr
             "register": _ms(timings.register_ms),
             "total": _ms(timings.total_ms),
         },
+        "requests": timings.requests,
+        "retries": timings.retries,
     }
     document.update(extra)
     return document

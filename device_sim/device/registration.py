@@ -173,6 +173,7 @@ class RegistrationFlow:
         self.rng = rng or random.Random()
         self.operation_id: str | None = None
         self.retries = 0  # consecutive 429/5xx answers
+        self.total_retries = 0
         self.requests = 0
         self._last: Send | None = None
         self._done: Done | None = None
@@ -226,6 +227,7 @@ class RegistrationFlow:
     def _retry(self, response: Response) -> Send:
         """429 / 5xx: repeat the same request later (the deadline is the driver's job)."""
         self.retries += 1
+        self.total_retries += 1
         retry_after = parse_retry_after(response.headers, self.policy.retry_after_cap)
         if retry_after is None:
             wait = min(self.policy.backoff_base * 2 ** (self.retries - 1), self.policy.backoff_cap)
