@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import os
 import socket
 import ssl
 import subprocess
@@ -82,6 +83,12 @@ def run_clients(count: int, seconds: float, work) -> tuple[int, int, float]:
     for error in errors:
         print(f"  sample error: {error}", file=sys.stderr)
     return sum(ok), sum(failed), elapsed
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def handshake_once(port: int, context: ssl.SSLContext) -> None:
@@ -170,15 +177,20 @@ def main() -> int:
             register_once(port, contexts[0], ready["id_scope"], "bench-dev-0")  # warm-up + sanity check
             print(f"stub bench: {args.clients} concurrent mTLS clients, {args.seconds:.0f} s per phase, "
                   "TLS 1.2, EC P-256 file keys, client and server on this machine", flush=True)
+            cpu = cpu_seconds(process.pid)
             ok, failed, elapsed = run_clients(args.clients, args.seconds,
                                               lambda i: handshake_once(port, contexts[i]))
             handshakes = ok / elapsed
-            print(f"  raw mTLS handshakes:   {handshakes:8.1f} /s  ({ok} ok, {failed} failed)", flush=True)
+            cpu, used = cpu_seconds(process.pid), cpu_seconds(process.pid) - cpu
+            print(f"  raw mTLS handshakes:   {handshakes:8.1f} /s  ({ok} ok, {failed} failed; "
+                  f"server CPU {1000 * used / max(ok, 1):.2f} ms each)", flush=True)
             ok, failed, elapsed = run_clients(
                 args.clients, args.seconds,
                 lambda i: register_once(port, contexts[i], ready["id_scope"], f"bench-dev-{i}"))
             registrations = ok / elapsed
-            print(f"  X.509 registrations:   {registrations:8.1f} /s  ({ok} ok, {failed} failed)", flush=True)
+            used = cpu_seconds(process.pid) - cpu
+            print(f"  X.509 registrations:   {registrations:8.1f} /s  ({ok} ok, {failed} failed; "
+                  f"server CPU {1000 * used / max(ok, 1):.2f} ms each)", flush=True)
             print(f"  ratio registrations/handshakes: {registrations / handshakes:.2f}", flush=True)
         finally:
             process.terminate()
