@@ -30,6 +30,7 @@ import concurrent.futures
 import itertools
 import json
 import threading
+from urllib.parse import urlparse
 
 from awscrt import io as crt_io
 from awscrt import mqtt as crt_mqtt
@@ -44,6 +45,7 @@ from device_sim.device.transport_https import (
     default_runtime,
 )
 from device_sim.mqtt import topics
+from hsm_setup.errors import UserError
 
 DEFAULT_PORT = 8883
 KEEP_ALIVE_SECONDS = 60
@@ -52,6 +54,26 @@ PING_TIMEOUT_MS = 10_000
 REFUSAL_MESSAGE = ("the server refused the MQTT CONNECT (or answered it with something that is not "
                    "a CONNACK); awscrt does not report the CONNACK code: for DPS this means the "
                    "certificate, client id or username was not accepted")
+
+
+def parse_endpoint(text: str) -> tuple[str, int]:
+    """`host`, `host:port` or `mqtts://host[:port]` -> (host, port); the port defaults to 8883."""
+    parsed = urlparse(text if "://" in text else f"mqtts://{text}")
+    if parsed.scheme != "mqtts" or not parsed.hostname:
+        raise UserError(f"--endpoint {text!r}: expected HOST[:PORT] or mqtts://HOST[:PORT] with --transport mqtt")
+    try:
+        return parsed.hostname, parsed.port or DEFAULT_PORT
+    except ValueError:
+        raise UserError(f"--endpoint {text!r}: the port is not a number") from None
+
+
+def emulator_url(ready: dict) -> str:
+    """The MQTT URL from the emulator's ready line / endpoint.json."""
+    url = ready.get("mqtt_url")
+    if not url:
+        raise UserError("--transport mqtt: the running emulator serves no MQTT (started with --no-mqtt?); "
+                        "restart 'device-sim stub serve' without --no-mqtt")
+    return url
 
 
 class MqttTransport:

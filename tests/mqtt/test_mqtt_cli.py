@@ -1,0 +1,74 @@
+"""As users run it: `device-sim stub serve` (ready line with mqtt_url) and
+`device-sim register --transport mqtt`, both as subprocesses, with the token PKI's keys."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def cli(*argv, env=None, check=True, timeout=60):
+    result = subprocess.run([sys.executable, "-m", "device_sim.cli", *map(str, argv)], env=env,
+                            capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{argv}: exit {result.returncode}: {result.stderr}")
+    return result
+
+
+@pytest.fixture(scope="module")
+def emulator(tmp_path_factory, token_pki):
+    home = tmp_path_factory.mktemp("mqtt-cli-stub")
+    process = subprocess.Popen([sys.executable, "-m", "device_sim.cli", "stub", "serve", "--home", str(home),
+                                "--retry-after", "0", "--port", "0", "--mqtt-port", "0"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = process.stdout.readline()
+        if not line:
+            raise AssertionError(f"serve did not start: {process.stderr.read()}")
+        ready = json.loads(line)
+        cli("stub", "ca", "upload", "--home", home, "--verified", "root", token_pki.root.pem_path)
+        cli("stub", "group", "create", "--home", home, "--ca-ref", "root", "all-devices")
+        yield ready
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+def register(token_pki, ready, *extra):
+    return cli("register", "--home", token_pki.home, "device-ec-p256", "--transport", "mqtt",
+               "--endpoint", ready["mqtt_url"], "--id-scope", ready["id_scope"], "--trust", ready["ca_cert"],
+               "--json", *extra, env=token_pki.env(), check=False)
+
+
+def test_ready_line_names_the_mqtt_url(emulator):
+    assert emulator["mqtt_url"].startswith("mqtts://")
+    assert int(emulator["mqtt_url"].rsplit(":", 1)[1]) > 0
+
+
+def test_register_over_mqtt_assigns_with_the_same_output_as_https(emulator, token_pki):
+    result = register(token_pki, emulator)
+    assert result.returncode == 0, result.stderr
+    document = json.loads(result.stdout)
+    assert document["status"] == "assigned"
+    assert document["transport"] == "mqtt"
+    assert document["device_id"] == "device-ec-p256"
+    assert document["exit_code"] == 0
+    assert set(document["timings_ms"]) == {"connect_tls", "register", "total"}
+
+
+def test_register_over_mqtt_with_the_leaf_alone_is_unauthorized_exit_4(emulator, token_pki):
+    result = register(token_pki, emulator, "--chain-to", "leaf")
+    assert result.returncode == 4, result.stderr
+    document = json.loads(result.stdout)
+    assert (document["status"], document["http_status"]) == ("unauthorized", 401)
+    assert document["error"]["code"] == 401002
+
+
+def test_mqtt_endpoint_must_be_mqtts(token_pki, tmp_path):
+    result = cli("register", "--home", token_pki.home, "device-ec-p256", "--transport", "mqtt",
+                 "--endpoint", "https://localhost:8883", "--id-scope", "0ne00000000", env=token_pki.env(), check=False)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "mqtts://" in result.stderr
