@@ -204,18 +204,23 @@ class Store:
                 yield self._conn
             except BaseException:
                 self._conn.execute("ROLLBACK")
+                self._generation += 1  # a rolled-back change may have reached the cache
                 raise
             else:
                 self._conn.execute("COMMIT")
             finally:
                 self._depth = 0
-                self._generation += 1
 
     def _query(self, sql: str, args: tuple = ()) -> list[tuple]:
         with self._lock:
             return self._conn.execute(sql, args).fetchall()
 
     # -- walk view and caches -----------------------------------------------------------
+
+    def _changed(self) -> None:
+        """Entries or CA certificates changed through this connection: rebuild the view.
+        (Registrations and operations do not touch it, so the hot path keeps its cache.)"""
+        self._generation += 1
 
     def walk_view(self) -> WalkView:
         """The snapshot `enrollment_walk.decide` reads; rebuilt only after a change."""
@@ -288,9 +293,11 @@ class Store:
                        (record.name.lower(), record.name, record.der, record.thumbprint,
                         int(record.is_verified), record.verification_code, record.etag,
                         record.created, record.updated))
+            self._changed()
 
     def delete_ca(self, name: str) -> bool:
         with self.transaction() as db:
+            self._changed()
             return db.execute("DELETE FROM ca_certificates WHERE name_key = ?",
                               (name.lower(),)).rowcount > 0
 
@@ -318,10 +325,12 @@ class Store:
                            [(t, kind, key) for t in thumbprints])
             db.execute("INSERT OR REPLACE INTO entries VALUES (?,?,?,?,?)",
                        (kind, key, json.dumps(doc), etag, int(enabled)))
+            self._changed()
 
     def delete_entry(self, kind: str, entry_id: str) -> bool:
         key = entry_id.lower()
         with self.transaction() as db:
+            self._changed()
             db.execute("DELETE FROM cert_index WHERE kind = ? AND id_key = ?", (kind, key))
             return db.execute("DELETE FROM entries WHERE kind = ? AND id_key = ?",
                               (kind, key)).rowcount > 0

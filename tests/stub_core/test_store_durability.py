@@ -81,3 +81,22 @@ def test_many_threads_one_store(tmp_path):
     assert not failures
     listed = env.call("POST", "/registrations/g/query", headers={"x-ms-max-item-count": "1000"})
     assert len(listed.body) == 200
+
+
+def test_changes_from_another_connection_reach_the_walk_cache(tmp_path):
+    serving = Env(tmp_path)
+    admin = Env(tmp_path)   # a second Store on the same file, as another process would have
+    root = Issuer.root()
+    dev = root.intermediate("I").leaf("dev")
+    assert serving.provision(dev).status == 401          # cache built: nothing enrolled
+    admin.upload_ca("root", root.cert)
+    admin.group("g", ca_name="root")
+    assert serving.provision(dev).status == 200
+    admin.group("g", ca_name="root", status="disabled")
+    assert serving.provision(dev).body["status"] == "disabled"
+    other_root = Issuer.root("Other")
+    etag = admin.call("GET", "/certificates/root").body["etag"]
+    replaced = admin.call("PUT", "/certificates/root", {"properties": {
+        "certificate": pem(other_root.cert), "isVerified": True}}, headers={"If-Match": etag})
+    assert replaced.status == 200
+    assert serving.provision(dev).status == 401          # caReferences resolve by name, live
