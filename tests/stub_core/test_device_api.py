@@ -208,3 +208,34 @@ def test_unexpected_failure_is_a_500_reply(env, pki):
     dev = pki[1].leaf("dev")
     reply = api.register(SCOPE, "dev", API, dev.chain(), b"")
     assert reply.status == 500 and reply.body["errorCode"] == 500000
+
+
+def test_five_device_example_through_the_apis(env):
+    root = Issuer.root()
+    a, b = root.intermediate("A"), root.intermediate("B")
+    devices = [a.leaf(f"device-{i}") for i in (1, 2, 3)] + [b.leaf(f"device-{i}") for i in (4, 5)]
+    env.upload_ca("root", root.cert)
+    env.group("root-group", ca_name="root")
+
+    def outcomes():
+        return [env.provision(d, chain=d.chain()).body["status"] for d in devices]
+
+    assert outcomes() == ["assigned"] * 5
+    env.group("b-group", ca_cert=b.cert, status="disabled")
+    assert outcomes() == ["assigned"] * 3 + ["disabled"] * 2
+    env.enroll(devices[2], status="disabled")
+    assert outcomes() == ["assigned", "assigned", "disabled", "disabled", "disabled"]
+    env.call("DELETE", "/enrollmentGroups/b-group")
+    assert outcomes() == ["assigned", "assigned", "disabled", "assigned", "assigned"]
+
+
+def test_missing_intermediate_fails_full_chain_passes(env):
+    root = Issuer.root()
+    int1 = root.intermediate("Int1")
+    int2 = int1.intermediate("Int2")
+    dev = int2.leaf("dev")
+    env.upload_ca("root", root.cert)
+    env.group("g2", ca_cert=int2.cert)
+    assert_error(env.provision(dev, chain=[dev.cert, int2.cert]), 401002)
+    assert env.provision(dev, chain=[dev.cert, int2.cert, int1.cert]).body["status"] == "assigned"
+    assert env.provision(dev, chain=[dev.cert, int2.cert, int1.cert, root.cert]).status == 200
