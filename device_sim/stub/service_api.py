@@ -49,7 +49,6 @@ from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
 from urllib.parse import unquote
 
-from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.serialization import Encoding
 

@@ -171,7 +171,6 @@ class Store:
         self._cache_key: tuple[int, int] | None = None
         self._generation = 0
         self._view: WalkView | None = None
-        self._ca_by_name_cache: dict[str, str] = {}
         self._create_schema()
 
     def _create_schema(self) -> None:
@@ -248,7 +247,6 @@ class Store:
             entry = _entry(GROUP, doc, etag, enabled)
             for thumbprint in group_thumbprints(entry.doc, ca_thumbprints):
                 groups.setdefault(thumbprint, entry)
-        self._ca_by_name_cache = ca_thumbprints
         return WalkView(self, groups, verified, by_subject)
 
     def individual_for(self, thumbprint: str) -> Entry | None:
