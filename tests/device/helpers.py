@@ -1,32 +1,22 @@
-"""Test helpers for the device area: a SoftHSM device key with file CAs, a loopback TLS server.
+"""Test helpers for the device area: certificates from in-memory CAs, a loopback TLS server.
 
-The device key is generated inside a real SoftHSM token (non-extractable); only the CA
-keys used to issue test certificates live in memory. The server is pyOpenSSL, accepts
-any client chain and records what the client presented.
+Device keys come from the shared SoftHSM fixture (`token_pki` in tests/conftest.py); the
+in-memory CAs here only make server certificates and certificates for pure chain tests.
+The server is pyOpenSSL, accepts any client chain and records what the client presented.
 """
 
 from __future__ import annotations
 
 import datetime
 import socket
-import subprocess
 import threading
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 
-import pkcs11
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from OpenSSL import SSL
-from pkcs11 import Attribute, KeyType, ObjectClass
-from pkcs11.util.ec import encode_ec_public_key, encode_named_curve_parameters
-
-from hsm_setup.module import configure_softhsm, load_library
-
-SOFTHSM = "/usr/lib/softhsm/libsofthsm2.so"
-PIN = "1234-test"
 
 
 def now():
@@ -74,59 +64,6 @@ class FilePki:
         inter_key = ec.generate_private_key(ec.SECP256R1())
         inter = issue(f"{prefix}-intermediate", inter_key.public_key(), root, root_key, ca=True)
         return cls(root_key, root, inter_key, inter)
-
-
-@dataclass
-class TokenDevice:
-    home: Path
-    token_label: str
-    key_label: str
-    key_id: bytes
-    public_key: object
-    leaf: x509.Certificate
-    pki: FilePki
-    pin_file: Path
-    slot_id: int = 0
-    extra: dict = field(default_factory=dict)
-
-
-def make_token_device(home: Path, registration_id="dev-1", token_label="device-test",
-                      key_label=None) -> TokenDevice:
-    """Init a SoftHSM token in `home`, generate a non-extractable P-256 key in it, issue a leaf."""
-    conf = configure_softhsm(home)
-    subprocess.run(["softhsm2-util", "--init-token", "--free", "--label", token_label,
-                    "--pin", PIN, "--so-pin", PIN + "-so"], check=True, capture_output=True,
-                   env={"SOFTHSM2_CONF": str(conf), "PATH": "/usr/bin:/bin"})
-    lib = load_library(SOFTHSM)
-    lib.reinitialize()  # SoftHSM lists tokens created by another process only after C_Initialize
-    token = lib.get_token(token_label=token_label)
-    key_label = key_label or registration_id
-    key_id = b"\x01\x02"
-    with token.open(rw=True, user_pin=PIN) as session:
-        params = session.create_domain_parameters(
-            KeyType.EC, {Attribute.EC_PARAMS: encode_named_curve_parameters("secp256r1")}, local=True)
-        public, _private = params.generate_keypair(
-            store=True, label=key_label, id=key_id,
-            private_template={Attribute.EXTRACTABLE: False, Attribute.SENSITIVE: True})
-        public_der = encode_ec_public_key(public)
-        slot_id = token.slot.slot_id
-    public_key = serialization.load_der_public_key(public_der)
-    pki = FilePki.create(registration_id)
-    leaf = issue(registration_id, public_key, pki.inter, pki.inter_key, ca=False)
-    with token.open(rw=True, user_pin=PIN) as session:
-        session.create_object({
-            Attribute.CLASS: ObjectClass.CERTIFICATE,
-            Attribute.CERTIFICATE_TYPE: pkcs11.CertificateType.X_509,
-            Attribute.TOKEN: True,
-            Attribute.LABEL: key_label,
-            Attribute.ID: key_id,
-            Attribute.SUBJECT: leaf.subject.public_bytes(),
-            Attribute.VALUE: leaf.public_bytes(serialization.Encoding.DER),
-        })
-    pin_file = home / "pin"
-    pin_file.write_text(PIN + "\n")
-    pin_file.chmod(0o600)
-    return TokenDevice(home, token_label, key_label, key_id, public_key, leaf, pki, pin_file, slot_id)
 
 
 class LoopbackTlsServer:

@@ -11,35 +11,47 @@ from pkcs11 import Attribute, ObjectClass
 
 from device_sim.device import registration as reg
 from device_sim.device.driver import run_registration
-from device_sim.device.transport import ProtocolFailure, TlsFailure, TransportTimeout, Unreachable
+from device_sim.device.transport import TlsFailure, TransportTimeout, Unreachable
 from device_sim.device.transport_https import HttpsTransport, TlsIdentity, client_tls_context
-from hsm_setup.module import configure_softhsm, load_library
-
-from .helpers import (PIN, SOFTHSM, FilePki, LoopbackTlsServer, http_response, make_token_device, pem,
-                      server_identity)
+from .helpers import FilePki, LoopbackTlsServer, http_response, pem, server_identity
 
 
-@pytest.fixture(scope="module")
-def device(tmp_path_factory):
-    return make_token_device(tmp_path_factory.mktemp("device-home"))
+class Device:
+    """The bits of token_pki's device-ec-p256 these tests need."""
+
+    def __init__(self, pki):
+        record = pki.device("device-ec-p256")
+        self.pki_fixture = pki
+        self.token_label = record.token_label
+        self.key_label = record.label
+        self.slot_id = record.slot_id
+        self.leaf = record.certificate_x509()
+        self.inter, self.root = record.chain_x509()[0], record.chain_x509()[-1]
+        self.public_key = self.leaf.public_key()
+        self.module_path = pki.module_path
+        self.pin = pki.pin
 
 
 @pytest.fixture()
-def token_ready(device):
-    # Other tests may have pointed SoftHSM at another state directory meanwhile.
-    configure_softhsm(device.home)
-    load_library(SOFTHSM)
-    return device
+def device(token_pki):
+    token_pki.lib()  # other tests may have pointed SoftHSM at another state directory meanwhile
+    return Device(token_pki)
 
 
-def tls_context(device, chain=None, trust=None):
-    identity = TlsIdentity(SOFTHSM, device.key_label, chain or pem(device.leaf, device.pki.inter),
-                           PIN, slot_id=device.slot_id)
-    return client_tls_context(identity, trust or pem(device.pki.root))
+@pytest.fixture(scope="module")
+def server_pki():
+    return FilePki.create("loopback-server")
 
 
-def transport_for(device, port, **kw):
-    return HttpsTransport("localhost", port, "0ne0000TEST", "dev-1", tls_context(device, **kw))
+def tls_context(device, chain=None, trust=None, server_root=None):
+    identity = TlsIdentity(device.module_path, device.key_label, chain or pem(device.leaf, device.inter),
+                           device.pin, slot_id=device.slot_id)
+    return client_tls_context(identity, trust or pem(server_root))
+
+
+def transport_for(device, port, server_pki, **kw):
+    return HttpsTransport("localhost", port, "0ne0000TEST", "dev-1",
+                          tls_context(device, server_root=server_pki.root, **kw))
 
 
 def assigned_body(op="op-1"):
@@ -48,23 +60,22 @@ def assigned_body(op="op-1"):
 
 
 @pytest.fixture()
-def server_cert(device):
-    return server_identity(device.pki)
+def server_cert(server_pki):
+    return server_identity(server_pki)
 
 
-def test_register_and_poll_over_one_connection_presenting_the_chain(token_ready, server_cert):
-    device = token_ready
+def test_register_and_poll_over_one_connection_presenting_the_chain(device, server_cert, server_pki):
     server = LoopbackTlsServer(*server_cert, responses=[
         http_response(202, json.dumps({"operationId": "op-1", "status": "assigning"}).encode(), Retry_After="0"),
         http_response(200, assigned_body()),
     ])
     try:
-        outcome, timings = run_registration(reg.RegistrationFlow("dev-1"), transport_for(device, server.port), 10)
+        outcome, timings = run_registration(reg.RegistrationFlow("dev-1"), transport_for(device, server.port, server_pki), 10)
     finally:
         server.close()
     assert outcome.status == reg.ASSIGNED and outcome.assigned_hub == "hub.example"
     assert server.connections == 1  # the poll reused the register connection
-    assert [c.subject for c in server.presented[0]] == [device.leaf.subject, device.pki.inter.subject]
+    assert [c.subject for c in server.presented[0]] == [device.leaf.subject, device.inter.subject]
     put, get = server.requests
     assert put.startswith(b"PUT /0ne0000TEST/registrations/dev-1/register?api-version=2021-06-01 HTTP/1.1")
     assert json.loads(put.split(b"\r\n\r\n", 1)[1]) == {"registrationId": "dev-1"}
@@ -72,17 +83,15 @@ def test_register_and_poll_over_one_connection_presenting_the_chain(token_ready,
     assert timings.connect_ms > 0 and timings.total_ms >= timings.register_ms
 
 
-def test_private_key_never_leaves_the_token_yet_the_handshake_succeeds(token_ready, server_cert):
-    device = token_ready
-    token = load_library(SOFTHSM).get_token(token_label=device.token_label)
-    with token.open(user_pin=PIN) as session:
-        key = session.get_key(object_class=ObjectClass.PRIVATE_KEY, label=device.key_label)
-        assert key[Attribute.EXTRACTABLE] is False and key[Attribute.SENSITIVE] is True
-        with pytest.raises(pkcs11.PKCS11Error):
-            key[Attribute.VALUE]  # the private scalar cannot be read
+def test_private_key_never_leaves_the_token_yet_the_handshake_succeeds(device, server_cert, server_pki):
+    session = device.pki_fixture.session(device.token_label)
+    key = session.get_key(object_class=ObjectClass.PRIVATE_KEY, label=device.key_label)
+    assert key[Attribute.EXTRACTABLE] is False and key[Attribute.SENSITIVE] is True
+    with pytest.raises(pkcs11.PKCS11Error):
+        key[Attribute.VALUE]  # the private scalar cannot be read
     server = LoopbackTlsServer(*server_cert, responses=[http_response(200, assigned_body())])
     try:
-        outcome, _ = run_registration(reg.RegistrationFlow("dev-1"), transport_for(device, server.port), 10)
+        outcome, _ = run_registration(reg.RegistrationFlow("dev-1"), transport_for(device, server.port, server_pki), 10)
     finally:
         server.close()
     assert outcome.status == reg.ASSIGNED
@@ -91,58 +100,57 @@ def test_private_key_never_leaves_the_token_yet_the_handshake_succeeds(token_rea
     assert server.presented[0][0].public_key().public_numbers() == device.public_key.public_numbers()
 
 
-def test_full_chain_with_root_is_sent_in_order(token_ready, server_cert):
-    device = token_ready
+def test_full_chain_with_root_is_sent_in_order(device, server_cert, server_pki):
     server = LoopbackTlsServer(*server_cert, responses=[http_response(200, assigned_body())])
     try:
-        chain = pem(device.leaf, device.pki.inter, device.pki.root)
-        run_registration(reg.RegistrationFlow("dev-1"), transport_for(device, server.port, chain=chain), 10)
+        chain = pem(device.leaf, device.inter, device.root)
+        run_registration(reg.RegistrationFlow("dev-1"), transport_for(device, server.port, server_pki, chain=chain), 10)
     finally:
         server.close()
     assert [c.subject for c in server.presented[0]] == [
-        device.leaf.subject, device.pki.inter.subject, device.pki.root.subject]
+        device.leaf.subject, device.inter.subject, device.root.subject]
 
 
-def test_silent_server_times_out_within_the_deadline(token_ready, server_cert):
+def test_silent_server_times_out_within_the_deadline(device, server_cert, server_pki):
     server = LoopbackTlsServer(*server_cert, mode="silent")
     started = time.monotonic()
     try:
-        outcome, _ = run_registration(reg.RegistrationFlow("dev-1"), transport_for(token_ready, server.port), 1.5)
+        outcome, _ = run_registration(reg.RegistrationFlow("dev-1"), transport_for(device, server.port, server_pki), 1.5)
     finally:
         server.close()
     assert outcome.status == reg.TIMEOUT
     assert time.monotonic() - started < 3
 
 
-def test_server_that_never_answers_the_request_times_out(token_ready, server_cert):
+def test_server_that_never_answers_the_request_times_out(device, server_cert, server_pki):
     server = LoopbackTlsServer(*server_cert, mode="silent-after-tls")
     try:
-        outcome, _ = run_registration(reg.RegistrationFlow("dev-1"), transport_for(token_ready, server.port), 1.5)
+        outcome, _ = run_registration(reg.RegistrationFlow("dev-1"), transport_for(device, server.port, server_pki), 1.5)
     finally:
         server.close()
     assert outcome.status == reg.TIMEOUT and "answer" in outcome.error_message
 
 
-def test_garbage_answer_is_a_protocol_error(token_ready, server_cert):
+def test_garbage_answer_is_a_protocol_error(device, server_cert, server_pki):
     server = LoopbackTlsServer(*server_cert, mode="garbage")
     try:
-        outcome, _ = run_registration(reg.RegistrationFlow("dev-1"), transport_for(token_ready, server.port), 5)
+        outcome, _ = run_registration(reg.RegistrationFlow("dev-1"), transport_for(device, server.port, server_pki), 5)
     finally:
         server.close()
     assert outcome.status == reg.PROTOCOL_ERROR
 
 
-def test_handshake_refused_by_the_server_is_a_tls_failure(token_ready, server_cert):
+def test_handshake_refused_by_the_server_is_a_tls_failure(device, server_cert, server_pki):
     server = LoopbackTlsServer(*server_cert, responses=[http_response(200, assigned_body())])
     server._ctx.set_min_proto_version(SSL.TLS1_3_VERSION)  # awscrt+PKCS#11 offers TLS 1.2 only
     try:
         with pytest.raises(TlsFailure):
-            transport_for(token_ready, server.port).connect(5)
+            transport_for(device, server.port, server_pki).connect(5)
     finally:
         server.close()
 
 
-def test_untrusted_server_is_reported_within_the_deadline(token_ready, server_cert):
+def test_untrusted_server_is_reported_within_the_deadline(device, server_cert, server_pki):
     # s2n delays reporting a server certificate it rejects by 10-30 s (blinding): within a
     # short deadline the device must still give up on time and say what to check.
     server = LoopbackTlsServer(*server_cert, responses=[http_response(200, assigned_body())])
@@ -150,17 +158,17 @@ def test_untrusted_server_is_reported_within_the_deadline(token_ready, server_ce
     started = time.monotonic()
     try:
         with pytest.raises((TransportTimeout, TlsFailure)) as info:
-            transport_for(token_ready, server.port, trust=pem(other_root)).connect(1.0)
+            transport_for(device, server.port, server_pki, trust=pem(other_root)).connect(1.0)
     finally:
         server.close()
     assert time.monotonic() - started < 2.5
     assert "--trust" in str(info.value) or isinstance(info.value, TlsFailure)
 
 
-def test_closed_port_is_unreachable(token_ready):
+def test_closed_port_is_unreachable(device, server_pki):
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     sock.close()
     with pytest.raises(Unreachable):
-        transport_for(token_ready, port).connect(5)
+        transport_for(device, port, server_pki).connect(5)
