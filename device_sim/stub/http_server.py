@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import re
 import socket
+import time
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Callable, Mapping, Sequence
@@ -234,7 +235,8 @@ def serve_http(
         try:
             request = read_request(reader, limits, max_body)
         except HttpError as exc:
-            _send(stream, exc.reply(), keep_alive=False)
+            if _send(stream, exc.reply(), keep_alive=False):
+                _linger(stream)
             return
         except (TlsClosed, SSL.Error, OSError):
             return
@@ -263,6 +265,30 @@ def _send(stream: TlsStream, reply, keep_alive: bool) -> bool:
         return True
     except (SSL.Error, OSError):
         return False
+
+
+# After refusing a body we did not read (413, 411), the client may still be sending it.
+# Closing now would make the kernel answer its next segment with a reset, and many clients
+# then report the reset instead of our answer. So the rest is read and thrown away, briefly
+# and within a bound (what nginx calls a lingering close); nothing of it is kept.
+LINGER_BYTES = 1024 * 1024
+LINGER_SECONDS = 1.0
+
+
+def _linger(stream: TlsStream) -> None:
+    deadline = time.monotonic() + LINGER_SECONDS
+    drained = 0
+    try:
+        while drained < LINGER_BYTES:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            chunk = stream.recv(64 * 1024, remaining)
+            if not chunk:
+                return
+            drained += len(chunk)
+    except (TimeoutError, socket.timeout, TlsClosed, SSL.Error, OSError):
+        return
 
 
 def plain_http_hint(sock: socket.socket, first_bytes: bytes) -> None:

@@ -3,61 +3,17 @@ commands, devices registering over mTLS with `requests`, restarts and `kill -9`.
 
 from __future__ import annotations
 
-import datetime
 import json
-import os
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import requests
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes
 from cryptography.x509.oid import NameOID
 
 from .stubpki import Issued, write_identity
 
-API = "2021-06-01"
-REPO = Path(__file__).resolve().parents[2]
-
-
-def cli(*args, check: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, "-m", "device_sim.cli", *map(str, args)],
-                            capture_output=True, text=True, cwd=REPO, timeout=60)
-    if check and result.returncode != 0:
-        raise AssertionError(f"device-sim {' '.join(map(str, args))} failed: {result.stderr}")
-    return result
-
-
-class Emulator:
-    def __init__(self, home: Path, *extra: str):
-        self.home = home
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "device_sim.cli", "stub", "serve", "--home", str(home),
-             "--retry-after", "0", "--mqtt-port", "0", *extra],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
-        )
-        line = self.process.stdout.readline()
-        if not line:
-            raise AssertionError(f"serve did not start: {self.process.stderr.read()}")
-        self.ready = json.loads(line)
-
-    @property
-    def device_url(self) -> str:
-        return self.ready["device_url"]
-
-    def admin(self, *args, check: bool = True):
-        return cli("stub", *args, "--home", self.home, check=check)
-
-    def stop(self, sig=signal.SIGTERM) -> int:
-        self.process.send_signal(sig)
-        code = self.process.wait(timeout=15)
-        self.process.stdout.close()
-        self.process.stderr.close()
-        return code
+from .emulator_proc import API, Emulator, cli
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,51 @@
+"""The `make demo` flow against the emulator with identities made by hsm_setup: the CA key
+stays in the token, so the proof of possession is signed inside it, and a device whose key
+is in the token registers over mTLS through this server."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from .emulator_proc import Emulator, cli
+
+
+@pytest.fixture(scope="module")
+def token_emulator(tmp_path_factory):
+    running = Emulator(tmp_path_factory.mktemp("emulator-tokens"))
+    yield running
+    running.stop()
+
+
+def test_token_ca_proof_of_possession_then_a_token_device_registers(token_emulator, token_pki, tmp_path):
+    emulator = token_emulator
+    emulator.admin("ca", "upload", "token-root", token_pki.root.pem_path)
+    assert not json.loads(emulator.admin("ca", "get", "token-root", "--json").stdout)["properties"]["isVerified"]
+    code = emulator.admin("ca", "code", "token-root").stdout.strip()
+
+    verification = tmp_path / "verification.pem"
+    made = cli("ca", "verification-cert", "root", "--code", code, "--out", verification,
+               env=token_pki.env(), program="hsm_setup.cli")
+    assert made.returncode == 0 and verification.exists()
+
+    # A certificate with the right CN but from another key must not pass.
+    wrong = tmp_path / "wrong.pem"
+    cli("ca", "verification-cert", "intermediate", "--code", code, "--out", wrong,
+        env=token_pki.env(), program="hsm_setup.cli")
+    refused = emulator.admin("ca", "verify", "token-root", wrong, check=False)
+    assert refused.returncode == 3 and "Traceback" not in refused.stderr
+
+    emulator.admin("ca", "verify", "token-root", verification)
+    assert json.loads(emulator.admin("ca", "get", "token-root", "--json").stdout)["properties"]["isVerified"]
+    emulator.admin("group", "create", "token-devices", "--ca-ref", "token-root")
+
+    ready = emulator.ready
+    result = cli("register", "device-ec-p256", "--json", "--endpoint", ready["device_url"],
+                 "--id-scope", ready["id_scope"], "--trust", ready["ca_cert"], "--timeout", "20",
+                 env=token_pki.env(), check=False)
+    assert result.returncode == 0, result.stderr
+    outcome = json.loads(result.stdout)
+    assert outcome["status"] == "assigned" and outcome["device_id"] == "device-ec-p256"
+    record = json.loads(emulator.admin("registration", "get", "device-ec-p256", "--json").stdout)
+    assert record["status"] == "assigned"
