@@ -174,28 +174,14 @@ class ServiceClient:
     def delete_record(self, kind: str, record_id: str) -> None:
         self.json("DELETE", f"/{kind}/{_seg(record_id)}")
 
-    def set_provisioning_status(self, kind: str, record_id: str, status: str,
-                                cert_pem: str | None = None) -> dict:
-        """GET, change provisioningStatus, PUT back with the etag (the SDKs' update flow).
-
-        The service answers certificates as `info` only; if it wants the certificate text
-        back on update, `cert_pem` supplies it (`--cert FILE` on the command line)."""
+    def set_provisioning_status(self, kind: str, record_id: str, status: str) -> dict:
+        """GET, change provisioningStatus, PUT back with the etag (the SDKs' update flow;
+        the service keeps the stored certificate when its `info` comes back unchanged)."""
         record = self.get_record(kind, record_id)
         record.pop("registrationState", None)
         record["provisioningStatus"] = status
-        if cert_pem:
-            x509_part = record.get("attestation", {}).get("x509", {})
-            for field_name in ("clientCertificates", "signingCertificates"):
-                if x509_part.get(field_name):
-                    x509_part[field_name] = {"primary": {"certificate": cert_pem}}
         headers = {"If-Match": record["etag"]} if record.get("etag") else {}
-        try:
-            return self.json("PUT", f"/{kind}/{_seg(record_id)}", record, headers)
-        except UserError as exc:
-            if cert_pem is None and "certificate" in str(exc):
-                raise UserError(f"{exc}; pass the entry's certificate again with --cert FILE",
-                                exc.exit_code) from None
-            raise
+        return self.json("PUT", f"/{kind}/{_seg(record_id)}", record, headers)
 
     # -- registration records
 

@@ -233,9 +233,6 @@ def _add_record_commands(verbs, noun: str, help_text: str) -> None:
                          ("disable", "disable one")):
         p = _admin_parser(sub, action, f"{text} ({id_help})")
         p.add_argument("id", help=id_help)
-        if action in ("enable", "disable"):
-            p.add_argument("--cert", metavar="FILE",
-                           help="the entry's certificate again, for services that return only its info")
         p.set_defaults(func=_record_action, noun=noun, action=action)
     p = _admin_parser(sub, "list", "list all")
     p.set_defaults(func=_record_list, noun=noun)
@@ -268,10 +265,7 @@ def _record_action(args) -> int:
         client.delete_record(kind, args.id)
         return _emit(args, None, f"deleted {args.id}")
     else:
-        from device_sim.stub.admin import read_certificate_pem
-
-        cert = read_certificate_pem(args.cert) if args.cert else None
-        result = client.set_provisioning_status(kind, args.id, args.action + "d", cert)
+        result = client.set_provisioning_status(kind, args.id, args.action + "d")
     return _emit(args, result, _record_summary(args.noun, result))
 
 
