@@ -69,6 +69,8 @@ def _add_serve(verbs) -> None:
                         help="answer the first N device requests of each registration ID with 429 (default 0)")
     parser.add_argument("--server-name", action="append", default=[], metavar="NAME",
                         help="extra DNS name or IP for the server certificate (localhost and 127.0.0.1 are always in it)")
+    parser.add_argument("--max-connections", type=int, default=512, metavar="N",
+                        help="connections served at once per port; more wait in the backlog (default 512)")
     for module in _listener_modules():
         module.add_serve_arguments(parser)
     parser.set_defaults(func=run_serve)
@@ -95,11 +97,13 @@ def run_serve(args) -> int:
     for name, port in (("--port", args.port), ("--service-port", args.service_port)):
         if not 0 <= port <= 65535:
             raise UserError(f"{name} {port} is not a TCP port (0..65535)")
+    if args.max_connections < 1:
+        raise UserError("--max-connections must be at least 1")
     options = server.ServeOptions(
         home=home, host=args.host, port=args.port, service_port=args.service_port,
         server_names=args.server_name, id_scope=args.id_scope, hubs=_parse_hubs(args.hub),
         assignment_delay=args.assignment_delay, retry_after=args.retry_after, throttle=args.throttle,
-        limits=tls.Limits(),
+        limits=tls.Limits(max_connections=args.max_connections),
     )
     factories = [f for f in (m.listener_factory(args) for m in _listener_modules()) if f is not None]
     stub = server.StubServer(options, factories)

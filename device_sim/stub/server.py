@@ -118,18 +118,23 @@ def resolve_config(directory: Path, options: ServeOptions) -> StubConfig:
     if options.hubs:
         hubs = list(options.hubs)
     elif settings.get("hubs"):
-        hubs = [Hub(**hub) for hub in settings["hubs"]]
+        try:
+            hubs = [Hub(**hub) for hub in settings["hubs"]]
+        except TypeError:
+            raise UserError(f"{directory / SETTINGS_FILE} has malformed hubs; fix it, delete it, "
+                            "or pass --hub") from None
     else:
         hubs = [Hub(DEFAULT_HUB)]
-    settings = {"id_scope": id_scope, "hubs": [asdict(hub) for hub in hubs]}
-    _write_atomic(directory / SETTINGS_FILE, json.dumps(settings, indent=2) + "\n")
-    return StubConfig(
+    config = StubConfig(
         id_scope=id_scope,
         hubs=hubs,
         assignment_delay=options.assignment_delay,
         retry_after=options.retry_after,
         throttle=options.throttle,
-    )
+    )  # validates: a bad value raises ValueError before anything is remembered
+    settings = {"id_scope": id_scope, "hubs": [asdict(hub) for hub in hubs]}
+    _write_atomic(directory / SETTINGS_FILE, json.dumps(settings, indent=2) + "\n")
+    return config
 
 
 def ensure_service_key(directory: Path) -> Path:
