@@ -186,8 +186,8 @@ def cmd_fleet_create(args) -> int:
     so_pin = _lazy(lambda: resolve_pin(args.so_pin_file, env=ENV_SO_PIN, what="SO PIN"))
     result = fleet.create_fleet(
         lib, home, path, ids=ids, issuer=issuer, spec=key_spec(args.key), pin=pins.user(),
-        so_pin=so_pin, days=args.days, per_token=args.per_token, token_prefix=args.token_prefix,
-        progress=not args.no_progress)
+        ca_pin=pins.ca(), so_pin=so_pin, days=args.days, per_token=args.per_token,
+        token_prefix=args.token_prefix, jobs=args.jobs, progress=not args.no_progress)
     summary = {"count": len(result.created), "tokens": result.tokens,
                "seconds": round(result.seconds, 3), "per_second": round(result.rate, 2),
                "first": result.created[0], "last": result.created[-1]}
@@ -333,6 +333,8 @@ def _add_fleet(sub) -> None:
                    help=f"devices per shard token (default {fleet.DEFAULT_PER_TOKEN})")
     p.add_argument("--token-prefix", default=fleet.DEFAULT_TOKEN_PREFIX,
                    help=f"shard token labels: PREFIX-001, ... (default {fleet.DEFAULT_TOKEN_PREFIX!r})")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="worker processes, each working on its own shard tokens (default 1)")
     p.add_argument("--days", type=int, default=identities.DEFAULT_DEVICE_DAYS, help="validity in days")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_key_argument(p, help_what="device key")
@@ -360,6 +362,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("hsm-setup: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into `head` and the like
+        sys.stderr.close()
+        return 1
 
 
 if __name__ == "__main__":

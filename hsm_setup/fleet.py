@@ -11,6 +11,7 @@ registry rows are committed in batches.
 from __future__ import annotations
 
 import dataclasses
+import multiprocessing
 import sys
 import time
 from pathlib import Path
@@ -18,11 +19,11 @@ from typing import Callable
 
 from tqdm import tqdm
 
-from hsm_setup import devices, tokens
-from hsm_setup.ca import Issuer
+from hsm_setup import devices, module, tokens
+from hsm_setup.ca import Issuer, open_issuer
 from hsm_setup.errors import UserError
 from hsm_setup.identities import IdentityFactory, register
-from hsm_setup.key_types import KeySpec
+from hsm_setup.key_types import KeySpec, key_spec
 from hsm_setup.registration_id import validate_registration_id
 
 DEFAULT_PER_TOKEN = 500
@@ -78,10 +79,29 @@ def shard_label(token_prefix: str, n: int) -> str:
     return label
 
 
+@dataclasses.dataclass(frozen=True)
+class FleetJob:
+    """What one process creates: picklable, so a worker process can receive it."""
+
+    home: str
+    module_path: str
+    ca_name: str
+    key_type: str
+    days: int
+    shards: tuple[tuple[str, tuple[str, ...]], ...]
+
+
 def create_fleet(lib, home: Path, module_path: str, *, ids: list[str], issuer: Issuer,
-                 spec: KeySpec, pin: str, so_pin: Callable[[], str], days: int,
+                 spec: KeySpec, pin: str, ca_pin: str, so_pin: Callable[[], str], days: int,
                  per_token: int = DEFAULT_PER_TOKEN, token_prefix: str = DEFAULT_TOKEN_PREFIX,
-                 progress: bool = True) -> FleetResult:
+                 jobs: int = 1, progress: bool = True) -> FleetResult:
+    """Check everything, initialise and prepare the shard tokens, then create the identities.
+
+    With jobs > 1 the shards are split over that many worker processes (one process
+    per token at a time: SoftHSM is not used from two threads of one process here).
+    """
+    if jobs < 1:
+        raise UserError("--jobs must be at least 1")
     taken = devices.existing_ids(home, ids)
     if taken:
         raise UserError(f"{len(taken)} of these registration IDs exist already (e.g. {taken[0]!r}): "
@@ -93,24 +113,92 @@ def create_fleet(lib, home: Path, module_path: str, *, ids: list[str], issuer: I
         if tokens.find_token(lib, label, required=False) is None:
             tokens.init_token(lib, module_path, label, so_pin=so_pin(), user_pin=pin)
         factory.prepare_token(label)
+    jobs = min(jobs, len(plan))
+    job_list = [
+        FleetJob(str(home), module_path, issuer.record.name, spec.name, days,
+                 tuple((label, tuple(shard_ids)) for label, shard_ids in plan[n::jobs]))
+        for n in range(jobs)
+    ]
     created: list[dict] = []
-    conn = devices.connect(home, create=True)
     bar = tqdm(total=len(ids), unit="dev", file=sys.stderr, disable=not progress,
                desc="fleet create", smoothing=0.1)
+
+    def report(item: dict) -> None:
+        created.append(item)
+        bar.update(1)
+
     started = time.perf_counter()
     try:
-        for label, shard_ids in plan:
+        if jobs == 1:
+            run_job(job_list[0], pin=pin, ca_pin=ca_pin, report=report)
+        else:
+            _run_workers(job_list, pin=pin, ca_pin=ca_pin, report=report)
+    finally:
+        bar.close()
+    return FleetResult(created=sorted(created, key=lambda c: c["registration_id"]),
+                       tokens=[label for label, _ in plan], seconds=time.perf_counter() - started)
+
+
+def run_job(job: FleetJob, *, pin: str, ca_pin: str, report: Callable[[dict], None]) -> None:
+    """Create the identities of one job in this process, committing rows in batches."""
+    home = Path(job.home)
+    if module.is_softhsm(job.module_path):
+        module.configure_softhsm(home)
+    lib = module.load_library(job.module_path)
+    issuer = open_issuer(lib, home, job.ca_name, ca_pin)
+    factory = IdentityFactory(lib, home, issuer, key_spec(job.key_type), days=job.days, pin=pin)
+    conn = devices.connect(home, create=True)
+    done = 0
+    try:
+        for label, shard_ids in job.shards:
             for registration_id in shard_ids:
                 row = factory.create(registration_id, label)
                 register(conn, factory, row)
-                created.append({"registration_id": registration_id, "token": label, "uri": row["uri"]})
-                if len(created) % COMMIT_EVERY == 0:
+                done += 1
+                if done % COMMIT_EVERY == 0:
                     conn.commit()
-                bar.update(1)
+                report({"registration_id": registration_id, "token": label, "uri": row["uri"]})
     finally:
         # Identities completed so far are whole (key, public key, certificate): keep them.
         conn.commit()
         conn.close()
-        bar.close()
-    return FleetResult(created=created, tokens=[label for label, _ in plan],
-                       seconds=time.perf_counter() - started)
+
+
+def _run_workers(job_list: list[FleetJob], *, pin: str, ca_pin: str,
+                 report: Callable[[dict], None]) -> None:
+    # "spawn": a forked child would inherit the parent's initialised PKCS#11 library,
+    # which PKCS#11 forbids using; a spawned one loads and initialises its own.
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    workers = [ctx.Process(target=_worker_main, args=(job, pin, ca_pin, queue), daemon=True)
+               for job in job_list]
+    for worker in workers:
+        worker.start()
+    running, errors = len(workers), []
+    try:
+        while running:
+            kind, value = queue.get()
+            if kind == "device":
+                report(value)
+            else:
+                running -= 1
+                if kind == "error":
+                    errors.append(value)
+    finally:
+        for worker in workers:
+            worker.join(timeout=60)
+    if errors:
+        raise UserError(errors[0])
+
+
+def _worker_main(job: FleetJob, pin: str, ca_pin: str, queue) -> None:
+    try:
+        run_job(job, pin=pin, ca_pin=ca_pin, report=lambda item: queue.put(("device", item)))
+    except UserError as exc:
+        queue.put(("error", str(exc)))
+    except KeyboardInterrupt:
+        queue.put(("error", "interrupted"))
+    except Exception as exc:  # report, do not hang the parent waiting for "exit"
+        queue.put(("error", f"worker failed: {type(exc).__name__}: {exc}"))
+    else:
+        queue.put(("exit", None))
