@@ -36,6 +36,7 @@ from typing import Callable, Mapping, Sequence
 
 from cryptography import x509
 from cryptography.x509.oid import NameOID
+from OpenSSL import SSL
 
 from device_sim.mqtt import topics
 from device_sim.mqtt.codec import (
@@ -203,14 +204,19 @@ class DpsMqttSession:
 def serve_mqtt(stream, api, limits: Limits, max_packet_size: int = DEFAULT_MAX_PACKET_SIZE,
                log: Callable[[str], None] | None = None) -> None:
     """Run one device connection to its end; the caller closes the stream afterwards."""
-    session = DpsMqttSession(api, stream.presented_chain())
-    decoder = Decoder(max_packet_size)
+    try:
+        _serve(stream, DpsMqttSession(api, stream.presented_chain()), Decoder(max_packet_size), limits, log)
+    except (OSError, SSL.Error):
+        return  # the peer vanished mid-answer (reset, broken pipe): nothing left to tell it
+
+
+def _serve(stream, session: DpsMqttSession, decoder: Decoder, limits: Limits, log) -> None:
     timeout = limits.request_timeout  # until CONNECT has arrived
     while True:
         try:
             data = stream.recv(READ_CHUNK, timeout)
-        except (TimeoutError, OSError):
-            return  # keep-alive expired, or the peer vanished
+        except TimeoutError:
+            return  # keep-alive expired, or no CONNECT in time
         if not data:
             return
         decoder.receive_data(data)
