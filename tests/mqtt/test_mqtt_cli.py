@@ -72,3 +72,26 @@ def test_mqtt_endpoint_must_be_mqtts(token_pki, tmp_path):
                  "--endpoint", "https://localhost:8883", "--id-scope", "0ne00000000", env=token_pki.env(), check=False)
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and "mqtts://" in result.stderr
+
+
+def test_busy_mqtt_port_is_a_one_line_error(tmp_path):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        result = cli("stub", "serve", "--home", tmp_path, "--port", "0", "--service-port", "0",
+                     "--mqtt-port", port, check=False)
+    assert result.returncode != 0
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert f"MQTT port {port}" in result.stderr and "--mqtt-port 0" in result.stderr
+
+
+def test_emulator_without_mqtt_is_named_when_mqtt_is_asked_for():
+    from device_sim.device.transport_mqtt import emulator_url
+    from hsm_setup.errors import UserError
+
+    assert emulator_url({"mqtt_url": "mqtts://localhost:8883"}) == "mqtts://localhost:8883"
+    with pytest.raises(UserError, match="--no-mqtt"):
+        emulator_url({"device_url": "https://localhost:1"})
