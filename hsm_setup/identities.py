@@ -34,6 +34,7 @@ class _TokenState:
     token: object
     session: object
     info: tokens.TokenInfo
+    chain_stored: bool = False
 
 
 class IdentityFactory:
@@ -46,22 +47,29 @@ class IdentityFactory:
         self._chain_pem = certificates.to_pem(*issuer.chain_der())
         devices.pem_dir(self.home).mkdir(parents=True, exist_ok=True)
 
-    def prepare_token(self, label: str) -> _TokenState:
-        """Log in, check the key type, and put the CA chain on the token (once per token)."""
+    def open_token(self, label: str) -> _TokenState:
+        """Log in and check the key type (once per token); writes nothing."""
         state = self._tokens.get(label)
         if state is None:
             token = tokens.find_token(self.lib, label)
             keys.check_key_support(token, self.spec)
             session = tokens.session(self.lib, label, self._pin)
-            for ca_record in self.issuer.chain:
-                certificates.ensure_on_token(session, ca_record.asn1(), key_id=ca_record.key_id,
-                                             label=ca_record.label)
             state = self._tokens[label] = _TokenState(token, session, tokens.token_info(token))
+        return state
+
+    def prepare_token(self, label: str) -> _TokenState:
+        """open_token, and put the CA chain on the token (once per token)."""
+        state = self.open_token(label)
+        if not state.chain_stored:
+            for ca_record in self.issuer.chain:
+                certificates.ensure_on_token(state.session, ca_record.asn1(), key_id=ca_record.key_id,
+                                             label=ca_record.label)
+            state.chain_stored = True
         return state
 
     def label_taken(self, label: str, registration_id: str) -> bool:
         """An object labelled `registration_id` on the token (exact match: PKCS#11 compares bytes)."""
-        session = self.prepare_token(label).session
+        session = self.open_token(label).session
         found = session.get_objects({Attribute.LABEL: registration_id})
         try:
             return next(found, None) is not None
@@ -137,7 +145,7 @@ def create_device(lib, home: Path, registration_id: str, *, issuer: Issuer, spec
         raise UserError(f"registration ID {registration_id!r} exists already "
                         "(IDs compare case-insensitively)")
     factory = IdentityFactory(lib, home, issuer, spec, days=days, pin=pin)
-    factory.prepare_token(token_label)
+    factory.open_token(token_label)
     if factory.label_taken(token_label, registration_id):
         raise UserError(f"token {token_label!r} already holds objects labelled {registration_id!r}")
     conn = devices.connect(home, create=True)

@@ -88,11 +88,15 @@ def test_duplicate_registration_id_is_case_insensitive(small):
 
 
 def test_duplicate_label_on_token_outside_registry(small):
-    # An object created by another tool with the same label: refused, nothing added.
-    session = small.session("devices")
-    session.create_object({Attribute.CLASS: ObjectClass.DATA, Attribute.TOKEN: True,
-                           Attribute.LABEL: "dev-9", Attribute.VALUE: b"x"})
-    check_refused(small, ["device", "create", "dev-9", "--ca", "root"], "already holds objects")
+    # An object created by another tool with the same label, on a token we never used:
+    # refused before anything (not even the CA chain) is written to it.
+    small.init_token("fresh")
+    small.session("fresh").create_object({Attribute.CLASS: ObjectClass.DATA, Attribute.TOKEN: True,
+                                          Attribute.LABEL: "dev-9", Attribute.VALUE: b"x"})
+    before = token_objects(small, "fresh")
+    check_refused(small, ["device", "create", "dev-9", "--ca", "root", "--token", "fresh"],
+                  "already holds objects")
+    assert token_objects(small, "fresh") == before
 
 
 def test_device_named_as_ca(small):
