@@ -142,6 +142,25 @@ def test_throttling_is_retried_after_retry_after(token_pki, tmp_path):
     assert out["timings_ms"]["register"] >= 2000  # two 429s with Retry-After: 1
 
 
+def test_failed_assignment(token_pki, tmp_path):
+    # An enrollment pinned to a hub that is no longer linked: DPS accepts the device, then the
+    # operation ends 'failed' with errorCode 400208 (no hub could be assigned).
+    home = tmp_path / "unlinked"
+    proc, _ = start_emulator(home, "--hub", "old-hub.azure-devices.net")
+    try:
+        admin(home, "ca", "upload", "root", token_pki.root.pem_path, "--verified")
+        admin(home, "enroll", "create", "device-ec-p256", "--cert", token_pki.device("device-ec-p256").cert_path,
+              "--hub", "old-hub.azure-devices.net")
+    finally:
+        stop(proc)
+    proc, ready = start_emulator(home, "--hub", "new-hub.azure-devices.net", "--retry-after", "0")
+    try:
+        code, out, _ = register(token_pki, "device-ec-p256", ready)
+    finally:
+        stop(proc)
+    assert (code, out["status"], out["error"]["code"]) == (5, "failed", 400208)
+
+
 # -- endpoints that misbehave -----------------------------------------------------------------
 
 
