@@ -19,7 +19,7 @@ from device_sim.device.driver import run_registration
 from device_sim.device.transport_https import TlsIdentity, client_tls_context
 from device_sim.device.transport_mqtt import MqttTransport
 from device_sim.stub.server import DEFAULT_HUB
-from stub_setup import start_stub
+from mqtt_stub import start_stub
 
 
 def _cert(der: bytes) -> x509.Certificate:

@@ -16,7 +16,7 @@ import pytest
 
 from device_sim.mqtt import topics
 from mqtt_helpers import write_identity
-from stub_setup import start_stub
+from mqtt_stub import start_stub
 
 
 @pytest.fixture(scope="module")
