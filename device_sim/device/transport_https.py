@@ -145,7 +145,7 @@ def classify(exc: BaseException, what: str) -> TransportError:
         return ProtocolFailure(f"the server closed the connection while {what}: {name}")
     if any(word in name for word in ("DNS", "REFUSED", "NO_ROUTE", "NETWORK", "UNREACHABLE",
                                      "SOCKET", "ADDRESS")):
-        return Unreachable(f"cannot connect while {what}: {name}")
+        return Unreachable(f"{what} failed: {name} (check --endpoint and the network)")
     return ProtocolFailure(f"the server broke the exchange while {what}: {name}")
 
 
@@ -219,6 +219,18 @@ class HttpsTransport:
     # -- one round trip -----------------------------------------------------------------
 
     def _request(self, method, path, extra_headers, body, timeout) -> Response:
+        reused = self.connection is not None and self.connection.is_open()
+        try:
+            return self._round_trip(method, path, extra_headers, body, timeout)
+        except _StaleConnection:
+            # The server closed a kept-alive connection while we waited (its idle timeout can
+            # be shorter than Retry-After): nothing was answered, so one fresh try is safe.
+            if not reused:
+                raise ProtocolFailure(f"the server closed the connection before answering {method} "
+                                      f"{path.split('?')[0]}") from None
+            return self._round_trip(method, path, extra_headers, body, timeout)
+
+    def _round_trip(self, method, path, extra_headers, body, timeout) -> Response:
         self.connect(timeout)  # no-op while the connection is open: polls reuse it
         headers = crt_http.HttpHeaders([
             ("host", self.server_name if self.port == 443 else f"{self.server_name}:{self.port}"),
@@ -246,8 +258,14 @@ class HttpsTransport:
             stream.completion_future.result(timeout)
         except BaseException as exc:
             self.close()  # a half-read response leaves the connection unusable
+            if answer["status"] is None and "CLOSED" in getattr(exc, "name", ""):
+                raise _StaleConnection() from None
             raise classify(exc, f"waiting for the answer to {method} {path.split('?')[0]}") from None
         return Response(answer["status"], answer["headers"], bytes(chunks))
+
+
+class _StaleConnection(Exception):
+    """The connection closed before any part of the answer arrived."""
 
 
 def _close_late_connection(future) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import socket
 import threading
+import time
 from dataclasses import dataclass
 
 from cryptography import x509
@@ -74,8 +75,9 @@ class LoopbackTlsServer:
     answers any request with non-HTTP bytes; "silent-after-tls": handshakes, never answers.
     """
 
-    def __init__(self, server_cert, server_key, mode="http", responses=()):
+    def __init__(self, server_cert, server_key, mode="http", responses=(), close_after_answer=False):
         self.mode = mode
+        self.close_after_answer = close_after_answer  # like a server whose keep-alive idle timeout hit
         self.responses = list(responses)
         self.presented: list[list[x509.Certificate]] = []
         self.requests: list[bytes] = []
@@ -137,6 +139,10 @@ class LoopbackTlsServer:
                     continue
                 answer = self.responses.pop(0) if len(self.responses) > 1 else self.responses[0]
                 conn.sendall(answer)
+                if self.close_after_answer:
+                    time.sleep(0.05)
+                    sock.close()
+                    return
         except (SSL.Error, OSError):
             return
 

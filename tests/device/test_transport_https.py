@@ -83,6 +83,19 @@ def test_register_and_poll_over_one_connection_presenting_the_chain(device, serv
     assert timings.connect_ms > 0 and timings.total_ms >= timings.register_ms
 
 
+def test_poll_after_the_server_closed_the_kept_alive_connection(device, server_cert, server_pki):
+    server = LoopbackTlsServer(*server_cert, close_after_answer=True, responses=[
+        http_response(202, json.dumps({"operationId": "op-1", "status": "assigning"}).encode(), Retry_After="0"),
+        http_response(200, assigned_body()),
+    ])
+    try:
+        outcome, _ = run_registration(reg.RegistrationFlow("dev-1"), transport_for(device, server.port, server_pki), 10)
+    finally:
+        server.close()
+    assert outcome.status == reg.ASSIGNED
+    assert server.connections == 2
+
+
 def test_private_key_never_leaves_the_token_yet_the_handshake_succeeds(device, server_cert, server_pki):
     session = device.pki_fixture.session(device.token_label)
     key = session.get_key(object_class=ObjectClass.PRIVATE_KEY, label=device.key_label)
