@@ -144,12 +144,14 @@ class MqttTransport:
 
     def close(self) -> None:
         connection, self.connection = self.connection, None
-        self._interrupted = False
+        interrupted, self._interrupted = self._interrupted, False
         if connection is not None:
-            try:
-                connection.disconnect().result(5)
-            except Exception:
-                pass  # the server may have closed first; nothing is left to release
+            closing = connection.disconnect()  # also stops awscrt's own reconnect attempts
+            if not interrupted:  # after a drop awscrt completes this only when it gives up: don't wait
+                try:
+                    closing.result(5)  # DISCONNECT sent before a CLI exits
+                except Exception:
+                    pass  # the server closed first; nothing is left to release
         self._fail_pending(ProtocolFailure("the connection was closed"))
 
     # -- internals ----------------------------------------------------------------------
