@@ -201,3 +201,36 @@ def test_driver_maps_transport_timeout():
     clock = FakeClock()
     outcome, _ = run_registration(new_flow(), transport, 1, clock=clock, sleep=clock.sleep)
     assert outcome.status == reg.TIMEOUT and "no answer" in outcome.error_message
+
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+any_body = st.one_of(
+    st.binary(max_size=64),
+    st.builds(lambda status, op: status_body(status, op),
+              st.sampled_from(["assigning", "unassigned", "assigned", "failed", "disabled", "weird"]),
+              st.text(max_size=8)),
+)
+any_response = st.builds(
+    lambda status, body, retry_after: reg.Response(status, {} if retry_after is None else {"retry-after": retry_after}, body),
+    st.sampled_from([200, 202, 301, 400, 401, 404, 429, 500, 503]),
+    any_body,
+    st.one_of(st.none(), st.text(max_size=6), st.integers(-5, 10_000).map(str)),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(any_response, min_size=1, max_size=12))
+def test_any_answer_sequence_gives_a_valid_next_action(responses):
+    policy = reg.RetryPolicy()
+    flow = new_flow(policy=policy)
+    action = flow.start()
+    for answer in responses:
+        action = flow.receive(answer)
+        if isinstance(action, reg.Done):
+            assert action.outcome.status in (reg.TERMINAL + (reg.UNAUTHORIZED, reg.REJECTED, reg.PROTOCOL_ERROR))
+            break
+        assert action.kind in (reg.REGISTER, reg.POLL)
+        assert 0 <= action.delay <= max(policy.retry_after_cap, policy.backoff_cap) * (1 + policy.jitter)
+        if action.kind == reg.POLL:
+            assert action.operation_id
