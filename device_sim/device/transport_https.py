@@ -186,8 +186,9 @@ class HttpsTransport:
         socket_options.domain = crt_io.SocketDomain.IPv4 if _is_ipv4(self.host) else crt_io.SocketDomain.IPv6
         socket_options.connect_timeout_ms = max(1, int(min(timeout, 30) * 1000))
         tls_options = self.tls_context.new_connection_options()
-        if not _is_ip(self.server_name):
-            tls_options.set_server_name(self.server_name)
+        # Also for an IP address: s2n then checks the certificate's IP SAN (without a name it
+        # cannot verify the server at all and the handshake fails).
+        tls_options.set_server_name(self.server_name)
         future = crt_http.HttpClientConnection.new(
             host_name=self.host, port=self.port, bootstrap=self.runtime.bootstrap,
             socket_options=socket_options, tls_connection_options=tls_options)
@@ -276,7 +277,3 @@ def _close_late_connection(future) -> None:
 def _is_ipv4(host: str) -> bool:
     parts = host.split(".")
     return len(parts) == 4 and all(p.isdigit() for p in parts)
-
-
-def _is_ip(host: str) -> bool:
-    return _is_ipv4(host) or ":" in host

@@ -83,6 +83,17 @@ def test_register_and_poll_over_one_connection_presenting_the_chain(device, serv
     assert timings.connect_ms > 0 and timings.total_ms >= timings.register_ms
 
 
+def test_endpoint_given_as_an_ip_address_is_verified_against_the_ip_san(device, server_cert, server_pki):
+    server = LoopbackTlsServer(*server_cert, responses=[http_response(200, assigned_body())])
+    try:
+        transport = HttpsTransport("127.0.0.1", server.port, "0ne0000TEST", "dev-1",
+                                   tls_context(device, server_root=server_pki.root))
+        outcome, _ = run_registration(reg.RegistrationFlow("dev-1"), transport, 10)
+    finally:
+        server.close()
+    assert outcome.status == reg.ASSIGNED
+
+
 def test_poll_after_the_server_closed_the_kept_alive_connection(device, server_cert, server_pki):
     server = LoopbackTlsServer(*server_cert, close_after_answer=True, responses=[
         http_response(202, json.dumps({"operationId": "op-1", "status": "assigning"}).encode(), Retry_After="0"),
