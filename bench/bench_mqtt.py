@@ -131,8 +131,7 @@ def main() -> int:
             cli("stub", "ca", "upload", "--home", home, "--verified", "bench-root", root.pem_path)
             cli("stub", "group", "create", "--home", home, "--ca-ref", "bench-root", "bench-group")
             context = client_tls_context(
-                TlsIdentity(module_path, device.label, chain_pem, PIN, slot_id=device.slot_id,
-                            token_label=device.token_label),
+                TlsIdentity(module_path, device.label, chain_pem, PIN, token_label=device.token_label),
                 trust_pem=Path(ready["ca_cert"]).read_bytes())
             mqtt_port, https_port, scope = port_of(ready["mqtt_url"]), port_of(ready["device_url"]), ready["id_scope"]
 

@@ -52,8 +52,9 @@ def register(stub, token_pki, device_name, *, chain_length=None, registration_id
     cas = [_cert(der) for der in record.chain][:chain_length]
     token_pki.lib()  # point SoftHSM at the PKI's state directory before awscrt opens it
     context = client_tls_context(
+        # By label, not by the recorded slot id: SoftHSM renumbers slots when re-initialised.
         TlsIdentity(token_pki.module_path, record.label, _pem(_cert(record.certificate), *cas), token_pki.pin,
-                    slot_id=record.slot_id, token_label=record.token_label),
+                    token_label=record.token_label),
         trust_pem=stub.ca_cert.read_bytes())
     registration_id = registration_id or record.registration_id
     transport = MqttTransport("127.0.0.1", stub.mqtt_port, stub.id_scope, registration_id, context)
