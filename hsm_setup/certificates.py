@@ -10,6 +10,7 @@ Profiles (RFC 5280 extensions):
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import hashlib
 import secrets
 
@@ -62,7 +63,7 @@ def issue(
         issuer_name, aki = issuer.subject, issuer.key_identifier or key_identifier(issuer.public_key)
         # A certificate must not outlive the CA that vouches for it.
         not_after = min(now + dt.timedelta(days=days), issuer.not_valid_after)
-    tbs = asn1_x509.TbsCertificate({
+    tbs_der = asn1_x509.TbsCertificate({
         "version": "v3",
         "serial_number": random_serial(),
         "signature": signer.algorithm,
@@ -74,12 +75,23 @@ def issue(
         "subject": subject,
         "subject_public_key_info": public_key,
         "extensions": _extensions(profile, ski, aki),
-    })
-    return asn1_x509.Certificate({
-        "tbs_certificate": tbs,
+    }).dump()
+    return _assemble(asn1_x509.Certificate, "tbs_certificate", tbs_der, "signature_value", signer)
+
+
+def _assemble(cls, body_field: str, body_der: bytes, signature_field: str, signer: TokenSigner):
+    """Sign the DER body and return the parsed result.
+
+    asn1crypto re-serialises objects built from Python values on every dump(); objects
+    loaded from DER return their bytes as they are, so everything handed on is loaded.
+    """
+    body = cls._fields[0][1].load(body_der)
+    signed = cls({
+        body_field: body,
         "signature_algorithm": signer.algorithm,
-        "signature_value": signer.sign(tbs.dump()),
+        signature_field: signer.sign(body_der),
     })
+    return cls.load(signed.dump())
 
 
 def _time(value: dt.datetime) -> asn1_x509.Time:
@@ -89,7 +101,17 @@ def _time(value: dt.datetime) -> asn1_x509.Time:
     return asn1_x509.Time({"general_time": value})
 
 
-def _extensions(profile: str, ski: bytes, aki: bytes) -> list[dict]:
+def _extensions(profile: str, ski: bytes, aki: bytes) -> list:
+    fixed = [asn1_x509.Extension.load(der) for der in _profile_extensions(profile)]
+    return fixed + [
+        {"extn_id": "key_identifier", "critical": False, "extn_value": ski},
+        asn1_x509.Extension.load(_authority_key_identifier(aki)),
+    ]
+
+
+@functools.lru_cache(maxsize=None)
+def _profile_extensions(profile: str) -> tuple[bytes, ...]:
+    """DER of the extensions a profile always has (built once: asn1crypto building is slow)."""
     if profile == CA_PROFILE:
         constraints = {"ca": True}
         usage = {"key_cert_sign", "crl_sign"}
@@ -105,12 +127,13 @@ def _extensions(profile: str, ski: bytes, aki: bytes) -> list[dict]:
     if profile == LEAF_PROFILE:
         extensions.append({"extn_id": "extended_key_usage", "critical": False,
                            "extn_value": ["client_auth"]})
-    extensions += [
-        {"extn_id": "key_identifier", "critical": False, "extn_value": ski},
-        {"extn_id": "authority_key_identifier", "critical": False,
-         "extn_value": {"key_identifier": aki}},
-    ]
-    return extensions
+    return tuple(asn1_x509.Extension(e).dump() for e in extensions)
+
+
+@functools.lru_cache(maxsize=64)
+def _authority_key_identifier(aki: bytes) -> bytes:
+    return asn1_x509.Extension({"extn_id": "authority_key_identifier", "critical": False,
+                                "extn_value": {"key_identifier": aki}}).dump()
 
 
 def to_pem(*certificates: asn1_x509.Certificate | bytes) -> bytes:
