@@ -166,9 +166,9 @@ class DpsMqttSession:
         codes = []
         for topic_filter, qos in packet.topics:
             if topic_filter == topics.RESPONSE_FILTER:
-                granted = min(qos, 1)  # DPS delivers at most with QoS 1
-                self.granted_qos = granted if self.granted_qos is None else max(self.granted_qos, granted)
-                codes.append(granted)
+                # DPS delivers at most with QoS 1; a repeated subscription replaces the earlier one.
+                self.granted_qos = min(qos, 1)
+                codes.append(self.granted_qos)
             else:
                 codes.append(SUBACK_FAILURE)
         return Suback(packet.packet_id, tuple(codes))
