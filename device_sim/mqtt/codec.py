@@ -277,8 +277,13 @@ class _Reader:
 def _decode_connect(r: _Reader) -> Connect:
     name = r.string()
     level = r.u8()
-    if name not in ("MQTT", "MQIsdp"):  # MQIsdp: MQTT 3.1, answered with CONNACK 1 upstream
+    if name not in ("MQTT", "MQIsdp"):  # MQIsdp: MQTT 3.1
         raise ProtocolError(f"unknown protocol name {name!r}")
+    if (name, level) != (PROTOCOL_NAME, PROTOCOL_LEVEL):
+        # Another version lays out the rest differently (MQTT 5 adds properties): keep only
+        # what a server needs to answer CONNACK 1 (unacceptable protocol version).
+        r.rest()
+        return Connect("", protocol_name=name, protocol_level=level)
     flags = r.u8()
     if flags & 0x01:
         raise ProtocolError("CONNECT reserved flag is set")

@@ -24,7 +24,6 @@ from device_sim.mqtt.codec import (
 SAMPLES = [
     Connect("dev-1", "0ne001/registrations/dev-1/api-version=2021-06-01", None, 60, True),
     Connect("c", "u", b"secret", 0, False, Will("w/t", b"bye", 1, True)),
-    Connect("", None, None, 30, True, protocol_level=3, protocol_name="MQIsdp"),
     Connack(0, False),
     Connack(5, False),
     Connack(0, True),
@@ -54,6 +53,19 @@ def test_known_bytes():
     assert encode(Subscribe(1, (("a", 1),))) == b"\x82\x06\x00\x01\x00\x01a\x01"
     connect = encode(Connect("id", None, None, 10, True))
     assert connect == b"\x10\x0e\x00\x04MQTT\x04\x02\x00\x0a\x00\x02id"
+
+
+@pytest.mark.parametrize(
+    "wire, name, level",
+    [
+        # MQTT 5 CONNECT: properties (length 5: session expiry 0x11 = 60) before the client id
+        (b"\x10\x15\x00\x04MQTT\x05\x02\x00\x3c\x05\x11\x00\x00\x00\x3c\x00\x03dev", "MQTT", 5),
+        (b"\x10\x11\x00\x06MQIsdp\x03\x02\x00\x3c\x00\x03dev", "MQIsdp", 3),
+    ],
+)
+def test_other_protocol_versions_decode_far_enough_to_be_refused(wire, name, level):
+    (packet,) = Decoder().feed(wire)
+    assert (packet.protocol_name, packet.protocol_level) == (name, level)
 
 
 def test_byte_by_byte_and_several_per_chunk():

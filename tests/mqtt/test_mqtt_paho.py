@@ -142,3 +142,23 @@ def test_api_version_missing_gets_a_400_answer(stub, pki, tmp_path, paho_devices
     answer, document, _ = device.request(topics.format_register("7"), b"", 1)
     assert answer.status == 400
     assert document["errorCode"] // 1000 == 400
+
+
+def test_mqtt5_client_is_told_the_protocol_version_is_unacceptable(stub, pki, tmp_path):
+    identity = write_identity(tmp_path, "v5-dev", pki.inter2.issue("v5-dev"), pki.inter2, pki.inter1, pki.root)
+    reasons: queue.Queue = queue.Queue()
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="v5-dev", protocol=mqtt.MQTTv5)
+    client.tls_set(ca_certs=str(stub.ca_cert), certfile=str(identity[0]), keyfile=str(identity[1]))
+    client.username_pw_set(topics.format_username(stub.id_scope, "v5-dev", "2021-06-01"))
+    client.on_connect = lambda client, userdata, flags, reason, props: reasons.put(reason)
+    client.on_disconnect = lambda client, userdata, flags, reason, props: reasons.put(reason)
+    client.connect("127.0.0.1", stub.mqtt_port, keepalive=30)
+    client.loop_start()
+    try:
+        reason = reasons.get(timeout=10)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    # MQTT 3.1.1 CONNACK 1; paho 5 reads the same byte as its own reason code 1
+    print("PAHO5", repr(reason), reason.value)
+    assert reason.is_failure or reason.value == 1, reason
