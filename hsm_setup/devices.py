@@ -104,6 +104,9 @@ def connect(home: Path, *, create: bool = False) -> sqlite3.Connection | None:
         path.parent.mkdir(parents=True, exist_ok=True)
     conn = sqlite3.connect(path, timeout=30)
     conn.execute("PRAGMA journal_mode=WAL")
+    # WAL + NORMAL: a commit is a cheap append (no fsync), so writers commit every row
+    # and several fleet workers never wait on each other's open transaction.
+    conn.execute("PRAGMA synchronous=NORMAL")
     conn.executescript(_SCHEMA)
     return conn
 

@@ -5,15 +5,19 @@ at most `per_token` identities each (`<token-prefix>-001`, -002, ... initialised
 demand, and filled up first when they exist from an earlier run). Every per-device
 step except the token's key generation and object writes is kept negligible: the
 CA key handle, sessions and the CA chain on each shard are looked up once, and
-registry rows are committed in batches.
+each registry row is committed as soon as its identity is complete (cheap in WAL mode,
+and parallel workers never wait on each other's transaction).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import multiprocessing
+import signal
 import sys
+import threading
 import time
+from queue import Empty
 from pathlib import Path
 from typing import Callable
 
@@ -28,7 +32,6 @@ from hsm_setup.registration_id import validate_registration_id
 
 DEFAULT_PER_TOKEN = 500
 DEFAULT_TOKEN_PREFIX = "fleet"
-COMMIT_EVERY = 200
 
 
 @dataclasses.dataclass
@@ -129,18 +132,57 @@ def create_fleet(lib, home: Path, module_path: str, *, ids: list[str], issuer: I
 
     started = time.perf_counter()
     try:
-        if jobs == 1:
-            run_job(job_list[0], pin=pin, ca_pin=ca_pin, report=report)
-        else:
-            _run_workers(job_list, pin=pin, ca_pin=ca_pin, report=report)
+        with StopRequest() as stop:
+            if jobs == 1:
+                run_job(job_list[0], pin=pin, ca_pin=ca_pin, report=report, stop=stop)
+            else:
+                _run_workers(job_list, pin=pin, ca_pin=ca_pin, report=report, stop=stop)
+    except Interrupted:
+        raise UserError(f"interrupted: {len(created)} of {len(ids)} identities were created "
+                        "(each complete and registered); run again with --start to continue",
+                        exit_code=130) from None
     finally:
         bar.close()
     return FleetResult(created=sorted(created, key=lambda c: c["registration_id"]),
                        tokens=[label for label, _ in plan], seconds=time.perf_counter() - started)
 
 
-def run_job(job: FleetJob, *, pin: str, ca_pin: str, report: Callable[[dict], None]) -> None:
-    """Create the identities of one job in this process, committing rows in batches."""
+class Interrupted(Exception):
+    """Ctrl-C / SIGTERM seen: the run stopped between two identities."""
+
+
+class StopRequest:
+    """Turns SIGINT and SIGTERM into a flag checked between identities.
+
+    An identity is several token writes plus a registry row; stopping in the middle
+    would leave a key without its certificate (or a row without its key). So a signal
+    only asks to stop, and the loop stops before starting the next identity.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def _handler(self, signum, frame):
+        self.requested = True
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        return False
+
+
+def run_job(job: FleetJob, *, pin: str, ca_pin: str, report: Callable[[dict], None],
+            stop: StopRequest) -> None:
+    """Create the identities of one job in this process, committing each row at once."""
     home = Path(job.home)
     if module.is_softhsm(job.module_path):
         module.configure_softhsm(home)
@@ -148,57 +190,74 @@ def run_job(job: FleetJob, *, pin: str, ca_pin: str, report: Callable[[dict], No
     issuer = open_issuer(lib, home, job.ca_name, ca_pin)
     factory = IdentityFactory(lib, home, issuer, key_spec(job.key_type), days=job.days, pin=pin)
     conn = devices.connect(home, create=True)
-    done = 0
     try:
         for label, shard_ids in job.shards:
             for registration_id in shard_ids:
+                if stop.requested:
+                    raise Interrupted()
                 row = factory.create(registration_id, label)
-                register(conn, factory, row)
-                done += 1
-                if done % COMMIT_EVERY == 0:
-                    conn.commit()
+                with conn:  # commits, or rolls back the row and its token objects
+                    register(conn, factory, row)
                 report({"registration_id": registration_id, "token": label, "uri": row["uri"]})
     finally:
-        # Identities completed so far are whole (key, public key, certificate): keep them.
-        conn.commit()
         conn.close()
 
 
 def _run_workers(job_list: list[FleetJob], *, pin: str, ca_pin: str,
-                 report: Callable[[dict], None]) -> None:
+                 report: Callable[[dict], None], stop: StopRequest) -> None:
     # "spawn": a forked child would inherit the parent's initialised PKCS#11 library,
     # which PKCS#11 forbids using; a spawned one loads and initialises its own.
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
-    workers = [ctx.Process(target=_worker_main, args=(job, pin, ca_pin, queue), daemon=True)
-               for job in job_list]
+    workers = [ctx.Process(target=_worker_main, args=(job, pin, ca_pin, queue, index), daemon=True)
+               for index, job in enumerate(job_list)]
     for worker in workers:
         worker.start()
-    running, errors = len(workers), []
+    finished: set[int] = set()
+    errors: list[str] = []
+    interrupted = forwarded = False
     try:
-        while running:
-            kind, value = queue.get()
+        while len(finished) < len(workers):
+            if stop.requested and not forwarded:
+                for worker in workers:  # ask them to stop between identities too
+                    if worker.is_alive():
+                        worker.terminate()
+                forwarded = True
+            try:
+                index, kind, value = queue.get(timeout=0.5)
+            except Empty:
+                for index, worker in enumerate(workers):
+                    if index not in finished and worker.exitcode is not None and queue.empty():
+                        finished.add(index)
+                        errors.append(f"fleet worker {index} exited unexpectedly (code {worker.exitcode})")
+                continue
             if kind == "device":
                 report(value)
-            else:
-                running -= 1
-                if kind == "error":
-                    errors.append(value)
+                continue
+            finished.add(index)
+            if kind == "interrupted":
+                interrupted = True
+            elif kind == "error":
+                errors.append(value)
     finally:
         for worker in workers:
             worker.join(timeout=60)
     if errors:
         raise UserError(errors[0])
+    if interrupted or stop.requested:
+        raise Interrupted()
 
 
-def _worker_main(job: FleetJob, pin: str, ca_pin: str, queue) -> None:
-    try:
-        run_job(job, pin=pin, ca_pin=ca_pin, report=lambda item: queue.put(("device", item)))
-    except UserError as exc:
-        queue.put(("error", str(exc)))
-    except KeyboardInterrupt:
-        queue.put(("error", "interrupted"))
-    except Exception as exc:  # report, do not hang the parent waiting for "exit"
-        queue.put(("error", f"worker failed: {type(exc).__name__}: {exc}"))
-    else:
-        queue.put(("exit", None))
+def _worker_main(job: FleetJob, pin: str, ca_pin: str, queue, index: int = 0) -> None:
+    with StopRequest() as stop:
+        try:
+            run_job(job, pin=pin, ca_pin=ca_pin, stop=stop,
+                    report=lambda item: queue.put((index, "device", item)))
+        except Interrupted:
+            queue.put((index, "interrupted", None))
+        except UserError as exc:
+            queue.put((index, "error", str(exc)))
+        except BaseException as exc:  # report, do not leave the parent waiting
+            queue.put((index, "error", f"fleet worker failed: {type(exc).__name__}: {exc}"))
+        else:
+            queue.put((index, "exit", None))

@@ -86,13 +86,17 @@ def configure_softhsm(home: Path) -> Path:
     return conf
 
 
-def load_library(path: str):
-    """The python-pkcs11 `lib` for `path`, initialised for the current configuration."""
+def load_library(path: str, *, fresh: bool = False):
+    """The python-pkcs11 `lib` for `path`, initialised for the current configuration.
+
+    `fresh=True` re-initialises it anyway: SoftHSM lists its tokens at C_Initialize,
+    so tokens another process created since are only seen after that.
+    """
     global _generation
     conf = os.environ.get(ENV_SOFTHSM_CONF)
     try:
         lib = pkcs11.lib(path)
-        if path in _initialised_with and _initialised_with[path] != conf:
+        if path in _initialised_with and (fresh or _initialised_with[path] != conf):
             lib.reinitialize()
             _generation += 1
     except pkcs11.PKCS11Error as exc:

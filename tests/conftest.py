@@ -29,7 +29,8 @@ Fixtures
     A fresh state directory with SoftHSM configured and no tokens; $DEVICE_SIM_HOME,
     $PKCS11_PIN and $PKCS11_SO_PIN point at it for the test (monkeypatched), and
     ``pin_file`` / ``so_pin_file`` hold the same PINs. ``init_token(label)`` makes a
-    token, ``lib()`` re-activates this home, ``cli(*argv)`` runs `hsm-setup` in this
+    token, ``lib(fresh=False)`` re-activates this home (``fresh=True`` also re-reads
+    the token list, for tokens a subprocess created), ``cli(*argv)`` runs `hsm-setup` in this
     process and returns (exit code, stdout, stderr).
 
 ``run_hsm_setup``
@@ -89,9 +90,9 @@ class TokenPki:
     ca_token: str = "ca"
     device_token: str = "devices"
 
-    def lib(self):
+    def lib(self, *, fresh: bool = False):
         module.configure_softhsm(self.home)
-        return module.load_library(self.module_path)
+        return module.load_library(self.module_path, fresh=fresh)
 
     def session(self, token_label: str):
         return tokens.session(self.lib(), token_label, self.pin)
@@ -162,9 +163,10 @@ class SoftHsmHome:
     so_pin_file: Path
     _capsys: object
 
-    def lib(self):
+    def lib(self, *, fresh: bool = False):
+        """This home's library; fresh=True also sees tokens a subprocess created."""
         os.environ[module.ENV_SOFTHSM_CONF] = str(self.home / module.SOFTHSM_CONF_NAME)
-        return module.load_library(self.module_path)
+        return module.load_library(self.module_path, fresh=fresh)
 
     def init_token(self, label: str) -> tokens.TokenInfo:
         return tokens.init_token(self.lib(), self.module_path, label, so_pin=self.so_pin,

@@ -1,12 +1,18 @@
 """fleet create: shard tokens, registry, chains, refusals."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 from cryptography import x509
-from pkcs11 import Attribute
+from pkcs11 import Attribute, ObjectClass
 
-from hsm_setup import devices, fleet, tokens
+from hsm_setup import ca, devices, fleet, tokens
 from hsm_setup.errors import UserError
 
 from .verify import verify_client_chain
@@ -71,3 +77,43 @@ def test_fleet_refuses_existing_ids_before_writing(softhsm_home):
     assert "exist already" in result.err and "SIM-0002" in result.err
     assert {t.label for t in tokens.list_tokens(h.lib())} == {"ca", "devices"}  # no shard made
     assert [r.registration_id for r in devices.list_devices(h.home)] == ["SIM-0002"]
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_sigterm_stops_between_identities(softhsm_home, jobs):
+    """A stopped run keeps only whole identities: every registry row has its 3 objects, no extras."""
+    h = softhsm_home
+    h.init_token("ca")
+    assert h.cli("ca", "create", "root").code == 0
+    env = dict(os.environ, SOFTHSM2_CONF=str(h.home / "softhsm2.conf"))
+    cli = Path(sys.executable).with_name("hsm-setup")
+    proc = subprocess.Popen([str(cli), "fleet", "create", "--count", "300", "--prefix", "s-", "--ca", "root",
+                             "--jobs", str(jobs), "--per-token", "150", "--no-progress"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while len(devices.list_devices(h.home)) < 4 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "Traceback" not in err
+    records = devices.list_devices(h.home)
+    assert 4 <= len(records) < 300
+    by_id: dict[bytes, set] = {}
+    lib = h.lib(fresh=True)  # the shard tokens were made by the subprocess
+    for label in ("fleet-001", "fleet-002"):
+        if tokens.find_token(lib, label, required=False) is None:
+            continue
+        for obj in h.session(label).get_objects():
+            if obj[Attribute.CLASS] != ObjectClass.DATA:
+                by_id.setdefault(bytes(obj[Attribute.ID]), set()).add(obj[Attribute.CLASS])
+    ca_ids = {c.key_id for c in ca.list_cas(h.home)}
+    identity_ids = {k for k in by_id if k not in ca_ids}
+    assert identity_ids == {r.key_id for r in records}
+    assert all(by_id[k] == {ObjectClass.PRIVATE_KEY, ObjectClass.PUBLIC_KEY, ObjectClass.CERTIFICATE}
+               for k in identity_ids)
+    assert len(list(devices.pem_dir(h.home).iterdir())) == 2 * len(records)
