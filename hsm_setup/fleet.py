@@ -111,10 +111,13 @@ def create_fleet(lib, home: Path, module_path: str, *, ids: list[str], issuer: I
                         "choose another --prefix or --start")
     plan = plan_shards(ids, per_token=per_token, token_prefix=token_prefix,
                        filled=devices.count_by_token(home))
+    missing = [label for label, _ in plan if tokens.find_token(lib, label, required=False) is None]
+    for label in missing:  # every check and every token before the first key
+        tokens.init_token(lib, module_path, label, so_pin=so_pin(), user_pin=pin)
+    if missing:  # token initialisation re-initialised the library: log in again
+        issuer = open_issuer(lib, home, issuer.record.name, ca_pin)
     factory = IdentityFactory(lib, home, issuer, spec, days=days, pin=pin)
-    for label, _ in plan:  # every check and every token before the first key
-        if tokens.find_token(lib, label, required=False) is None:
-            tokens.init_token(lib, module_path, label, so_pin=so_pin(), user_pin=pin)
+    for label, _ in plan:
         factory.prepare_token(label)
     jobs = min(jobs, len(plan))
     job_list = [

@@ -119,7 +119,11 @@ def check_mechanisms(token, *mechanisms, what: str) -> None:
 
 
 def init_token(lib, module_path: str, label: str, *, so_pin: str, user_pin: str) -> TokenInfo:
-    """Initialise a fresh token labelled `label` in the first empty slot and set its user PIN."""
+    """Initialise a fresh token labelled `label` in the first empty slot and set its user PIN.
+
+    Re-initialises the library afterwards: open sessions and object handles of this
+    process become invalid (initialise tokens before opening anything else).
+    """
     if not label or len(label.encode("utf-8")) > LABEL_MAX:
         raise UserError(f"token label must be 1..{LABEL_MAX} bytes, got {label!r}")
     if find_token(lib, label, required=False) is not None:
@@ -133,6 +137,11 @@ def init_token(lib, module_path: str, label: str, *, so_pin: str, user_pin: str)
     except (pkcs11.PinLenRange, pkcs11.PinInvalid):
         raise UserError(f"the user PIN has an invalid length for token {label!r} "
                         "(SoftHSM: 4..255 characters)") from None
+    # SoftHSM gives a new token a provisional slot ID until the next C_Initialize, when
+    # it switches to one derived from the serial (what every other process sees).
+    # Re-initialise now, so slot IDs recorded from here on are the lasting ones.
+    # This closes every session of this library in the process.
+    module.load_library(module_path, fresh=True)
     return token_info(find_token(lib, label))
 
 
