@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -40,14 +41,8 @@ def add_identity_arguments(parser: argparse.ArgumentParser) -> None:
                              "chain including the root) or 'leaf' (the leaf alone)")
 
 
-def add_subparser(subparsers) -> None:
-    epilog = "exit codes:\n" + "\n".join(f"  {code}  {text}" for code, text in EXIT_TABLE)
-    parser = subparsers.add_parser(
-        "register", help="register one device with DPS over mTLS (key stays in the token)",
-        description="Run a full DPS registration (register, poll, result) for one device whose "
-                    "private key stays inside a PKCS#11 token.",
-        epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_identity_arguments(parser)
+def add_target_arguments(parser: argparse.ArgumentParser) -> None:
+    """Where and how to register (shared by `register` and `fleet run`); see `resolve_target`."""
     parser.add_argument("--emulator", action="store_true",
                         help="use the local emulator of the state directory (endpoint, ID scope and "
                              "--trust from <home>/stub/endpoint.json)")
@@ -61,6 +56,17 @@ def add_subparser(subparsers) -> None:
     parser.add_argument("--api-version", default=DEFAULT_API_VERSION,
                         help=f"device API version (default {DEFAULT_API_VERSION})")
     parser.add_argument("--payload", metavar="JSON", help="custom payload (a JSON object) sent with the registration")
+
+
+def add_subparser(subparsers) -> None:
+    epilog = "exit codes:\n" + "\n".join(f"  {code}  {text}" for code, text in EXIT_TABLE)
+    parser = subparsers.add_parser(
+        "register", help="register one device with DPS over mTLS (key stays in the token)",
+        description="Run a full DPS registration (register, poll, result) for one device whose "
+                    "private key stays inside a PKCS#11 token.",
+        epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_identity_arguments(parser)
+    add_target_arguments(parser)
     parser.add_argument("--registration-id", metavar="ID",
                         help="send this registration ID instead of the certificate's CN (only to see DPS "
                              "refuse a mismatch)")
@@ -110,11 +116,34 @@ def read_trust(path: str | None) -> bytes | None:
     return chain_builder.to_pem(certs)
 
 
-def cmd_register(args) -> int:
-    if args.timeout <= 0:
-        raise UserError("--timeout must be a positive number of seconds")
+@dataclass(frozen=True)
+class Target:
+    """The DPS endpoint and request options every device of a run uses."""
+
+    host: str
+    port: int
+    id_scope: str
+    transport: str  # "https" or "mqtt"
+    transport_class: type
+    trust_file: str | None
+    trust_pem: bytes | None
+    api_version: str
+    payload: dict | None
+
+    def new_transport(self, registration_id: str, tls_context, **kwargs):
+        return self.transport_class(self.host, self.port, self.id_scope, registration_id, tls_context,
+                                    api_version=self.api_version, **kwargs)
+
+    def fleet_target(self, timeout: float):
+        from device_sim.fleet.runner import FleetTarget  # the fleet area's view of the same options
+
+        return FleetTarget(self.host, self.port, self.id_scope, self.transport_class, self.trust_pem,
+                           self.api_version, self.payload, timeout)
+
+
+def resolve_target(args, home: Path) -> Target:
+    """The options of `add_target_arguments` checked and resolved; UserError when unusable."""
     payload = parse_payload(args.payload)
-    home = ensure_home(args.home)
     endpoint, id_scope, trust_file = args.endpoint, args.id_scope, args.trust
     if args.transport == "mqtt":
         from device_sim.device import transport_mqtt  # helper D's MQTT edge on the same seam
@@ -131,21 +160,28 @@ def cmd_register(args) -> int:
     host, port = endpoint_parser(endpoint or GLOBAL_ENDPOINT)
     if not id_scope:
         raise UserError("no ID scope: pass --id-scope (shown on the DPS instance's overview page) or --emulator")
-    trust = read_trust(trust_file)
+    return Target(host, port, id_scope, args.transport, transport_class, trust_file, read_trust(trust_file),
+                  args.api_version, payload)
 
+
+def cmd_register(args) -> int:
+    if args.timeout <= 0:
+        raise UserError("--timeout must be a positive number of seconds")
+    home = ensure_home(args.home)
+    target = resolve_target(args, home)
     identity = load_identity(args.device, home=home, module=args.module, pin_file=args.pin_file,
                              cert_file=args.cert)
     candidates = chain_builder.gather_candidates(home, files=args.chain_file, extra=identity.ca_certs)
     chain = chain_builder.build_chain(identity.leaf, candidates, args.chain_to)
     tls_context = client_tls_context(TlsIdentity(
         identity.module_path, identity.key_label, chain_builder.to_pem(chain), identity.pin,
-        slot_id=identity.slot_id), trust)
+        slot_id=identity.slot_id), target.trust_pem)
     registration_id = args.registration_id or identity.registration_id
-    transport = transport_class(host, port, id_scope, registration_id, tls_context, api_version=args.api_version)
-    outcome, timings = run_registration(RegistrationFlow(registration_id, payload), transport, args.timeout)
+    transport = target.new_transport(registration_id, tls_context)
+    outcome, timings = run_registration(RegistrationFlow(registration_id, target.payload), transport, args.timeout)
     if args.json:
-        print(json.dumps(as_json(registration_id, outcome, timings,
-                                 endpoint=f"{host}:{port}", transport=args.transport, id_scope=id_scope, chain_length=len(chain))))
+        print(json.dumps(as_json(registration_id, outcome, timings, endpoint=f"{target.host}:{target.port}",
+                                 transport=target.transport, id_scope=target.id_scope, chain_length=len(chain))))
     else:
         print(human_summary(registration_id, outcome, timings))
     code = exit_code(outcome)
