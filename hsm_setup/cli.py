@@ -14,6 +14,7 @@ from pathlib import Path
 from hsm_setup import ca, certificates, devices, fleet, identities, module, tokens, verification
 from hsm_setup.errors import UserError
 from hsm_setup.home import add_home_argument, ensure_home
+from hsm_setup.interrupts import StopRequest
 from hsm_setup.key_types import add_key_argument, key_spec
 from hsm_setup.pins import ENV_SO_PIN, PinBook, resolve_pin
 from hsm_setup.uri import Pkcs11Uri
@@ -84,8 +85,10 @@ def cmd_token_list(args) -> int:
 def cmd_ca_create(args) -> int:
     home, _, lib = _open(args)
     pins = _pins(args)
-    record = ca.create_ca(lib, home, args.name, parent=args.parent, spec=key_spec(args.key),
-                          days=args.days, token_label=args.token, pin=pins.ca())
+    pin = pins.ca()
+    with StopRequest():  # a signal while the CA is half-made waits until it is whole
+        record = ca.create_ca(lib, home, args.name, parent=args.parent, spec=key_spec(args.key),
+                              days=args.days, token_label=args.token, pin=pin)
     kind = f"intermediate CA under {record.parent!r}" if record.parent else "root CA"
     _emit(args, record.as_dict(), f"{kind} {record.name!r} created\n{record.uri}\n"
                                   f"certificate: {record.pem_path}")
@@ -125,9 +128,11 @@ def cmd_device_create(args) -> int:
     home, _, lib = _open(args)
     pins = _pins(args)
     issuer = ca.open_issuer(lib, home, args.ca, pins.ca())
-    record = identities.create_device(lib, home, args.registration_id, issuer=issuer,
-                                      spec=key_spec(args.key), token_label=args.token,
-                                      pin=pins.user(), days=args.days)
+    pin = pins.user()
+    with StopRequest():  # a signal while the identity is half-made waits until it is whole
+        record = identities.create_device(lib, home, args.registration_id, issuer=issuer,
+                                          spec=key_spec(args.key), token_label=args.token,
+                                          pin=pin, days=args.days)
     _emit(args, record.as_dict(), f"device {record.registration_id!r} created\n{record.uri}\n"
                                   f"certificate chain: {record.chain_path}")
     return 0

@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import multiprocessing
-import signal
 import sys
-import threading
 import time
 from queue import Empty
 from pathlib import Path
@@ -27,6 +25,7 @@ from hsm_setup import devices, module, tokens
 from hsm_setup.ca import Issuer, open_issuer
 from hsm_setup.errors import UserError
 from hsm_setup.identities import IdentityFactory, register
+from hsm_setup.interrupts import Interrupted, StopRequest
 from hsm_setup.key_types import KeySpec, key_spec
 from hsm_setup.registration_id import validate_registration_id
 
@@ -148,39 +147,6 @@ def create_fleet(lib, home: Path, module_path: str, *, ids: list[str], issuer: I
         bar.close()
     return FleetResult(created=sorted(created, key=lambda c: c["registration_id"]),
                        tokens=[label for label, _ in plan], seconds=time.perf_counter() - started)
-
-
-class Interrupted(Exception):
-    """Ctrl-C / SIGTERM seen: the run stopped between two identities."""
-
-
-class StopRequest:
-    """Turns SIGINT and SIGTERM into a flag checked between identities.
-
-    An identity is several token writes plus a registry row; stopping in the middle
-    would leave a key without its certificate (or a row without its key). So a signal
-    only asks to stop, and the loop stops before starting the next identity.
-    """
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self):
-        self.requested = False
-        self._previous = {}
-
-    def _handler(self, signum, frame):
-        self.requested = True
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for sig in self.SIGNALS:
-                self._previous[sig] = signal.signal(sig, self._handler)
-        return self
-
-    def __exit__(self, *exc):
-        for sig, previous in self._previous.items():
-            signal.signal(sig, previous)
-        return False
 
 
 def run_job(job: FleetJob, *, pin: str, ca_pin: str, report: Callable[[dict], None],
