@@ -1,18 +1,21 @@
-"""Benchmark of DPS over MQTT: one device's registration latency, MQTT beside HTTPS.
+"""Benchmark of DPS over MQTT: registration latency and throughput, MQTT beside HTTPS.
 
-One `device-sim stub serve` process (HTTPS and MQTT on free ports), one device whose
-EC P-256 key lives in a SoftHSM token, awscrt as the TLS client (key signs in the token).
-Sequential rounds, each a fresh connection, so every figure includes a full mTLS handshake:
+One `device-sim stub serve` process (HTTPS and MQTT on free ports), devices whose EC P-256
+keys live in a SoftHSM token, awscrt as the TLS client (the key signs in the token).
+Every round opens a fresh connection, so every figure includes a full mTLS handshake.
 
+Sequential (one device, `--rounds` each):
   raw limit   awscrt mTLS handshake alone to the MQTT port (TLS 1.2, token signature)
   mqtt        connect + CONNACK + SUBSCRIBE/SUBACK + register + poll until assigned
   https       connect + PUT register + GET poll until assigned
+Concurrent (`--clients` devices, each its own registration ID, `--seconds` per phase):
+  raw limit   mTLS handshakes/s to the MQTT port
+  mqtt, https registrations/s
 
-Each registration figure is printed with the raw handshake measured in the same run and
-their ratio (registration / handshake): how much the protocol adds on top of the TLS floor.
-Client and server share this machine's cores.
+Each figure is printed beside the raw limit measured in the same run, with their ratio.
+Client and server share this machine's cores: the figures are a floor, not a ceiling.
 
-    .venv/bin/python bench/bench_mqtt.py [--rounds 40]
+    .venv/bin/python bench/bench_mqtt.py [--rounds 40] [--clients 16] [--seconds 5]
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -47,8 +51,11 @@ HOST = "localhost"  # the name in the emulator's server certificate
 PIN, SO_PIN = "1234", "87654321"  # throw-away tokens in a temporary directory
 
 
-def make_device(home: Path):
-    """Token "ca" (root, intermediate) and token "devices" (one EC P-256 device), via hsm_setup."""
+def make_devices(home: Path, count: int):
+    """Token "ca" (root, intermediate) and token "devices" (`count` EC P-256 devices), via hsm_setup.
+
+    Returns (module path, root CaRecord, [(registration ID, key label, chain PEM), ...]).
+    """
     module_path = module.resolve_module(None, home)
     lib = module.load_library(module_path)
     for label in ("ca", "devices"):
@@ -57,11 +64,14 @@ def make_device(home: Path):
     root = ca.create_ca(lib, home, "root", parent=None, spec=spec, days=30, token_label="ca", pin=PIN)
     ca.create_ca(lib, home, "intermediate", parent="root", spec=spec, days=30, token_label="ca", pin=PIN)
     issuer = ca.open_issuer(lib, home, "intermediate", PIN)
-    device = identities.create_device(lib, home, REGISTRATION_ID, issuer=issuer, spec=spec,
-                                      token_label="devices", pin=PIN)
-    chain_pem = b"".join(x509.load_der_x509_certificate(der).public_bytes(serialization.Encoding.PEM)
-                         for der in (device.certificate, *device.chain))
-    return module_path, root, device, chain_pem
+    devices = []
+    for index in range(count):
+        device = identities.create_device(lib, home, f"{REGISTRATION_ID}-{index}", issuer=issuer, spec=spec,
+                                          token_label="devices", pin=PIN)
+        chain_pem = b"".join(x509.load_der_x509_certificate(der).public_bytes(serialization.Encoding.PEM)
+                             for der in (device.certificate, *device.chain))
+        devices.append((device.registration_id, device.label, chain_pem))
+    return module_path, root, devices
 
 
 def cli(*argv) -> None:
@@ -95,10 +105,32 @@ def handshake_once(context, port: int) -> None:
     connection.close().result(10)
 
 
-def register_once(transport) -> None:
-    outcome, _ = run_registration(reg.RegistrationFlow(REGISTRATION_ID), transport, 20)
+def register_once(transport, registration_id: str) -> None:
+    outcome, _ = run_registration(reg.RegistrationFlow(registration_id), transport, 20)
     if outcome.status != reg.ASSIGNED:
-        raise SystemExit(f"registration failed: {outcome}")
+        raise RuntimeError(f"registration failed: {outcome.status}: {outcome.error_message}")
+
+
+def rate(clients: int, seconds: float, work) -> tuple[float, int]:
+    """Run `work(index)` in `clients` threads for `seconds`: (successes per second, failures)."""
+    done, failed = [0] * clients, [0] * clients
+    stop = time.monotonic() + seconds
+
+    def loop(index: int) -> None:
+        while time.monotonic() < stop:
+            try:
+                work(index)
+                done[index] += 1
+            except Exception:
+                failed[index] += 1
+
+    started = time.monotonic()
+    threads = [threading.Thread(target=loop, args=(i,)) for i in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return sum(done) / (time.monotonic() - started), sum(failed)
 
 
 def timed(rounds: int, work) -> list[float]:
@@ -120,38 +152,54 @@ def describe(samples: list[float]) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=40)
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--seconds", type=float, default=5.0)
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="bench-mqtt-") as tmp:
         tmp_path = Path(tmp)
-        module_path, root, device, chain_pem = make_device(tmp_path / "pki")
+        module_path, root, devices = make_devices(tmp_path / "pki", args.clients)
         process, ready = start_emulator(tmp_path / "home")
         try:
             home = tmp_path / "home"
             cli("stub", "ca", "upload", "--home", home, "--verified", "bench-root", root.pem_path)
             cli("stub", "group", "create", "--home", home, "--ca-ref", "bench-root", "bench-group")
-            context = client_tls_context(
-                TlsIdentity(module_path, device.label, chain_pem, PIN, token_label=device.token_label),
-                trust_pem=Path(ready["ca_cert"]).read_bytes())
+            trust = Path(ready["ca_cert"]).read_bytes()
+            contexts = [client_tls_context(TlsIdentity(module_path, label, chain_pem, PIN, token_label="devices"), trust)
+                        for _, label, chain_pem in devices]
+            ids = [registration_id for registration_id, _, _ in devices]
             mqtt_port, https_port, scope = port_of(ready["mqtt_url"]), port_of(ready["device_url"]), ready["id_scope"]
 
-            mqtt = timed(args.rounds, lambda: register_once(
-                MqttTransport(HOST, mqtt_port, scope, REGISTRATION_ID, context)))
-            https = timed(args.rounds, lambda: register_once(
-                HttpsTransport(HOST, https_port, scope, REGISTRATION_ID, context)))
-            handshake = timed(args.rounds, lambda: handshake_once(context, mqtt_port))
+            def mqtt_once(i: int) -> None:
+                register_once(MqttTransport(HOST, mqtt_port, scope, ids[i], contexts[i]), ids[i])
+
+            def https_once(i: int) -> None:
+                register_once(HttpsTransport(HOST, https_port, scope, ids[i], contexts[i]), ids[i])
+
+            handshake = timed(args.rounds, lambda: handshake_once(contexts[0], mqtt_port))
+            mqtt = timed(args.rounds, lambda: mqtt_once(0))
+            https = timed(args.rounds, lambda: https_once(0))
+            handshakes_per_s, handshake_failures = rate(args.clients, args.seconds,
+                                                        lambda i: handshake_once(contexts[i], mqtt_port))
+            mqtt_per_s, mqtt_failures = rate(args.clients, args.seconds, mqtt_once)
+            https_per_s, https_failures = rate(args.clients, args.seconds, https_once)
         finally:
             process.terminate()
             process.wait(timeout=10)
 
     floor = statistics.median(handshake)
-    print(f"mqtt bench: {args.rounds} sequential rounds each, one SoftHSM EC P-256 device key, awscrt TLS 1.2, "
-          "client and emulator on this machine")
-    print(f"  raw limit, mTLS handshake: {describe(handshake)}")
+    print(f"mqtt bench: SoftHSM EC P-256 device keys, awscrt TLS 1.2, client and emulator on this machine")
+    print(f"  sequential, {args.rounds} rounds each, one device:")
+    print(f"    raw limit, mTLS handshake: {describe(handshake)}")
     for name, samples in (("MQTT registration ", mqtt), ("HTTPS registration", https)):
         median = statistics.median(samples)
-        print(f"  {name}:        {describe(samples)}  = {median / floor:4.1f}x the handshake "
+        print(f"    {name}:        {describe(samples)}  = {median / floor:4.1f}x the handshake "
               f"({median:.1f} / {floor:.1f} ms)")
+    print(f"  concurrent, {args.clients} devices, {args.seconds:g} s per phase:")
+    print(f"    raw limit, mTLS handshakes: {handshakes_per_s:7.1f} /s  ({handshake_failures} failed)")
+    for name, per_s, failures in (("MQTT", mqtt_per_s, mqtt_failures), ("HTTPS", https_per_s, https_failures)):
+        print(f"    {name + ' registrations:':27} {per_s:7.1f} /s  ({failures} failed)  = "
+              f"{per_s / handshakes_per_s:.2f} of the handshake rate ({per_s:.1f} / {handshakes_per_s:.1f})")
     return 0
 
 
