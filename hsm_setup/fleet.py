@@ -29,7 +29,7 @@ from hsm_setup.interrupts import Interrupted, StopRequest
 from hsm_setup.key_types import KeySpec, key_spec
 from hsm_setup.registration_id import validate_registration_id
 
-DEFAULT_PER_TOKEN = 500
+DEFAULT_PER_TOKEN = 250
 DEFAULT_TOKEN_PREFIX = "fleet"
 
 
@@ -112,8 +112,9 @@ def create_fleet(lib, home: Path, module_path: str, *, ids: list[str], issuer: I
                        filled=devices.count_by_token(home))
     missing = [label for label, _ in plan if tokens.find_token(lib, label, required=False) is None]
     for label in missing:  # every check and every token before the first key
-        tokens.init_token(lib, module_path, label, so_pin=so_pin(), user_pin=pin)
-    if missing:  # token initialisation re-initialised the library: log in again
+        tokens.init_token(lib, module_path, label, so_pin=so_pin(), user_pin=pin, reload=False)
+    if missing:  # lasting slot IDs for the new tokens (see init_token), then log in again
+        module.load_library(module_path, fresh=True)
         issuer = open_issuer(lib, home, issuer.record.name, ca_pin)
     factory = IdentityFactory(lib, home, issuer, spec, days=days, pin=pin)
     for label, _ in plan:

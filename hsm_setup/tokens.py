@@ -118,11 +118,15 @@ def check_mechanisms(token, *mechanisms, what: str) -> None:
                             f"(mechanism {mechanism.name} missing): choose another --key type")
 
 
-def init_token(lib, module_path: str, label: str, *, so_pin: str, user_pin: str) -> TokenInfo:
+def init_token(lib, module_path: str, label: str, *, so_pin: str, user_pin: str,
+               reload: bool = True) -> TokenInfo | None:
     """Initialise a fresh token labelled `label` in the first empty slot and set its user PIN.
 
     Re-initialises the library afterwards: open sessions and object handles of this
-    process become invalid (initialise tokens before opening anything else).
+    process become invalid (initialise tokens before opening anything else). Several
+    tokens in a row: pass reload=False (returns None) and call
+    `module.load_library(path, fresh=True)` once at the end, as SoftHSM's C_Initialize
+    reads every object of every token.
     """
     if not label or len(label.encode("utf-8")) > LABEL_MAX:
         raise UserError(f"token label must be 1..{LABEL_MAX} bytes, got {label!r}")
@@ -141,6 +145,8 @@ def init_token(lib, module_path: str, label: str, *, so_pin: str, user_pin: str)
     # it switches to one derived from the serial (what every other process sees).
     # Re-initialise now, so slot IDs recorded from here on are the lasting ones.
     # This closes every session of this library in the process.
+    if not reload:
+        return None
     module.load_library(module_path, fresh=True)
     return token_info(find_token(lib, label))
 
