@@ -9,8 +9,9 @@ on the same `CrtRuntime` event loop and loaded `Pkcs11Lib` (so the two never fig
 the module's initialisation), and supports what DPS needs: username without password,
 clean session, any port. Two settings matter: `disable_metrics=True` (otherwise awscrt
 appends AWS IoT metrics to the username, which is DPS's `{scope}/registrations/...` field)
-and no automatic reconnect beyond the one connection (a registration is short; a dropped
-connection fails the pending request and the next request connects again).
+and awscrt's automatic reconnect is not relied on (it would resume without our
+subscription): a dropped connection fails the pending request at once, and the next
+request opens a fresh connection.
 
 One request maps to one PUBLISH (QoS 1) carrying a fresh `$rid`; the answer is the message
 on `$dps/registrations/res/{status}/?$rid=...`, whose status and `retry-after` become the
