@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-
 from cryptography import x509
 from pkcs11 import Attribute
 
@@ -38,6 +37,8 @@ class _TokenState:
 
 
 class IdentityFactory:
+    """Creates device identities issued by one CA with one key type, on any device token."""
+
     def __init__(self, lib, home: Path, issuer: Issuer, spec: KeySpec, *, days: int, pin: str):
         if days < 1:
             raise UserError("--days must be at least 1")
@@ -45,7 +46,6 @@ class IdentityFactory:
         self.days, self._pin = days, pin
         self._tokens: dict[str, _TokenState] = {}
         self._chain_pem = certificates.to_pem(*issuer.chain_der())
-        devices.pem_dir(self.home).mkdir(parents=True, exist_ok=True)
 
     def open_token(self, label: str) -> _TokenState:
         """Log in and check the key type (once per token); writes nothing."""
@@ -82,6 +82,7 @@ class IdentityFactory:
         state = self.prepare_token(token_label)
         key_id = keys.new_key_id()
         cert_path, chain_path = devices.pem_paths(self.home, registration_id)
+        cert_path.parent.mkdir(parents=True, exist_ok=True)
         public, private = keys.generate_keypair(state.session, self.spec, key_id=key_id,
                                                 label=registration_id)
         cert_object = None
@@ -156,6 +157,3 @@ def create_device(lib, home: Path, registration_id: str, *, issuer: Issuer, spec
     finally:
         conn.close()
     return devices.lookup_device(home, registration_id)
-
-
-
