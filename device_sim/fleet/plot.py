@@ -18,14 +18,18 @@ COLOURS = {"assigned": "#2a7", "disabled": "#c80", "failed": "#c33", "unauthoriz
 OTHER_COLOUR = "#555"
 
 
-def write_plot(path: Path, devices: list[DeviceResult], title: str) -> None:
+def check_format(path: Path) -> str:
+    """"html" or "png" by the file name; UserError otherwise (checked before a run starts)."""
     suffix = path.suffix.lower()
     if suffix in (".html", ".htm"):
-        text = render_html(devices, title)
-    elif suffix == ".png":
-        text = None
-    else:
-        raise UserError(f"--plot {path}: unknown format; name the file .html or .png")
+        return "html"
+    if suffix == ".png":
+        return "png"
+    raise UserError(f"--plot {path}: unknown format; name the file .html or .png")
+
+
+def write_plot(path: Path, devices: list[DeviceResult], title: str) -> None:
+    text = render_html(devices, title) if check_format(path) == "html" else None
     tmp = path.with_name(path.name + ".tmp")
     if text is not None:
         tmp.write_text(text, encoding="utf-8")

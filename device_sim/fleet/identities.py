@@ -1,0 +1,96 @@
+"""Which devices a fleet run registers, and the TLS identity of each, without token searches.
+
+Devices come from the state directory's registry (`hsm-setup fleet create` / `device
+create`), selected by ID prefix or by a file of PKCS#11 URIs / registration IDs. Slot ids
+are looked up once per run in a short-lived child process: python-pkcs11 must not
+initialise SoftHSM in the fleet process (see runner.py), and slot ids recorded at creation
+can change when tokens are re-initialised.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+from device_sim.device import chain_builder
+from device_sim.device.transport_https import TlsIdentity
+from device_sim.fleet.runner import FleetDevice
+from hsm_setup import devices as registry
+from hsm_setup.errors import UserError
+from hsm_setup.uri import Pkcs11Uri
+
+
+def select_records(home: Path, *, prefix: str | None = None, list_file: str | None = None,
+                   limit: int | None = None) -> list[registry.DeviceRecord]:
+    """Registry records by ID prefix (all when None) or named one per line in `list_file`."""
+    if list_file:
+        records = [_record_for(home, line) for line in _list_lines(list_file)]
+    else:
+        records = registry.list_devices(home, prefix=prefix)
+    if limit is not None:
+        records = records[:limit]
+    if not records:
+        where = f"with prefix {prefix!r} " if prefix else ""
+        raise UserError(f"no devices {where}in {registry.db_path(home)}: create them with "
+                        "'hsm-setup fleet create --count N --prefix P --ca NAME'")
+    return records
+
+
+def _list_lines(path: str) -> list[str]:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise UserError(f"cannot read device list {path}: {exc.strerror}") from None
+    lines = [line.strip() for line in text.splitlines()]
+    return [line for line in lines if line and not line.startswith("#")]
+
+
+def _record_for(home: Path, entry: str) -> registry.DeviceRecord:
+    """A registry record for a registration ID or a PKCS#11 URI naming one (object / id)."""
+    if not entry.lower().startswith("pkcs11:"):
+        return registry.lookup_device(home, entry)
+    uri = Pkcs11Uri.parse(entry)
+    if uri.object:
+        record = registry.find_device(home, uri.object)
+        if record and (uri.token in (None, record.token_label)) and (uri.id in (None, record.key_id)):
+            return record
+    raise UserError(f"{entry}: no device of the state directory matches this URI (fleet runs use "
+                    "identities made by hsm-setup; register others one by one with 'device-sim register')")
+
+
+def token_slots(module_path: str, home: Path) -> dict[str, int]:
+    """Token label -> slot id, asked of the module in a child process (see module docstring)."""
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+        return pool.submit(_token_slots_child, module_path, str(home)).result(timeout=120)
+
+
+def _token_slots_child(module_path: str, home: str) -> dict[str, int]:
+    from hsm_setup import module, tokens
+
+    module.resolve_module(module_path, Path(home))
+    return {t.label: t.slot_id for t in tokens.list_tokens(module.load_library(module_path))}
+
+
+def fleet_devices(records: list[registry.DeviceRecord], *, home: Path, module_path: str, pin: str,
+                  slots: dict[str, int], chain_to: str = chain_builder.ROOT,
+                  chain_files=()) -> list[FleetDevice]:
+    """A TLS identity per record; the chain above the leaf is built once per issuing CA."""
+    ca_parts: dict[str, bytes] = {}
+    out = []
+    for record in records:
+        slot = slots.get(record.token_label)
+        if slot is None:
+            raise UserError(f"token {record.token_label!r} of device {record.registration_id} is not "
+                            "present: check --module and the state directory")
+        leaf = record.certificate_x509()
+        if record.ca_name not in ca_parts:
+            candidates = chain_builder.gather_candidates(home, files=chain_files, extra=record.chain_x509())
+            chain = chain_builder.build_chain(leaf, candidates, chain_to)
+            ca_parts[record.ca_name] = chain_builder.to_pem(chain[1:])
+        chain_pem = chain_builder.to_pem([leaf]) + ca_parts[record.ca_name]
+        out.append(FleetDevice(record.registration_id, TlsIdentity(
+            module_path=module_path, key_label=record.label, chain_pem=chain_pem, pin=pin,
+            slot_id=slot, token_label=record.token_label)))
+    return out

@@ -1,0 +1,139 @@
+"""`device-sim fleet run`: register many token-backed devices at once and report on them."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import threading
+from pathlib import Path
+
+from tqdm import tqdm
+
+from device_sim import register_cli
+from device_sim.device import chain_builder
+from device_sim.fleet import identities, plot
+from device_sim.fleet.report import render_text
+from device_sim.fleet.runner import FleetSettings, FleetTarget, fast_trust_defaults, run_fleet
+from hsm_setup import module, pins
+from hsm_setup.errors import UserError
+from hsm_setup.home import add_home_argument, ensure_home
+
+DEFAULT_CONCURRENCY = 64
+DEFAULT_TIMEOUT = 60.0
+
+EXIT_ALL_ASSIGNED = 0
+EXIT_SOME_NOT_ASSIGNED = 1
+EXIT_INTERRUPTED = 130
+
+
+def add_subparser(subparsers) -> None:
+    fleet = subparsers.add_parser("fleet", help="register many devices at once and report on them",
+                                  description="Fleet simulation: many devices, each with its own "
+                                              "non-extractable token key, registering at once.")
+    verbs = fleet.add_subparsers(dest="fleet_command", required=True, metavar="VERB")
+    run = verbs.add_parser(
+        "run", help="register the devices of the state directory (or a list) with bounded concurrency",
+        description="Register devices made by 'hsm-setup fleet create' (or listed in --devices) "
+                    "with bounded concurrency and an optional arrival rate, then report "
+                    "registrations/s, latency percentiles per phase, outcomes, retries and hubs.",
+        epilog="exit codes: 0 every device assigned; 1 some device not assigned; 2 usage or "
+               "configuration error; 130 interrupted (the report still covers what finished)",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_home_argument(run)
+    which = run.add_mutually_exclusive_group()
+    which.add_argument("--prefix", metavar="P", help="only devices whose registration ID starts with P")
+    which.add_argument("--devices", metavar="FILE",
+                       help="file with one registration ID or PKCS#11 URI per line")
+    run.add_argument("--limit", type=int, metavar="N", help="at most N devices")
+    run.add_argument("--concurrency", type=int, default=DEFAULT_CONCURRENCY, metavar="N",
+                     help=f"registrations in flight at once (default {DEFAULT_CONCURRENCY})")
+    run.add_argument("--rate", type=float, metavar="PER_S",
+                     help="arrival rate: start at most this many devices per second (default: no limit)")
+    run.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="S",
+                     help=f"deadline per device in seconds, retries and polls included (default {DEFAULT_TIMEOUT:g})")
+    run.add_argument("--module", metavar="PATH", help="PKCS#11 module (default: $PKCS11_MODULE, else SoftHSM)")
+    run.add_argument("--pin-file", metavar="FILE", help="file whose first line is the user PIN (default $PKCS11_PIN)")
+    run.add_argument("--chain-to", metavar="NAME|root|leaf", default=chain_builder.ROOT,
+                     help="last certificate each device presents (default: root)")
+    run.add_argument("--chain-file", metavar="FILE", action="append", default=[],
+                     help="PEM file of CA certificates to build chains from (repeatable)")
+    register_cli.add_target_arguments(run)
+    run.add_argument("--event-loop-threads", type=int, metavar="N",
+                     help="awscrt event-loop threads doing TLS and I/O (default: one per core)")
+    run.add_argument("--json", metavar="FILE", help="write the full report (summary + one record per device) here")
+    run.add_argument("--plot", metavar="FILE",
+                     help="render latency over time and the latency histogram (.html, or .png with matplotlib)")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.set_defaults(func=cmd_run)
+
+
+def cmd_run(args) -> int:
+    _check_numbers(args)
+    home = ensure_home(args.home)
+    target = register_cli.resolve_target(args, home)
+    for option, path in (("--json", args.json), ("--plot", args.plot)):
+        if path and not Path(path).resolve().parent.is_dir():
+            raise UserError(f"{option} {path}: the folder does not exist")
+    if args.plot:
+        plot.check_format(Path(args.plot))
+    records = identities.select_records(home, prefix=args.prefix, list_file=args.devices, limit=args.limit)
+    module_path = module.resolve_module(args.module, home)
+    pin = pins.resolve_pin(args.pin_file)
+    slots = identities.token_slots(module_path, home)
+    devices = identities.fleet_devices(records, home=home, module_path=module_path, pin=pin, slots=slots,
+                                       chain_to=args.chain_to, chain_files=args.chain_file)
+    if target.trust_file:
+        fast_trust_defaults(target.trust_file)
+    settings = FleetSettings(concurrency=args.concurrency, rate=args.rate)
+    if args.event_loop_threads:
+        settings.event_loop_threads = args.event_loop_threads
+    report = _run_with_progress(devices, target.fleet_target(args.timeout), settings, args.no_progress)
+    report.settings = {
+        "devices": len(devices), "concurrency": args.concurrency, "rate": args.rate, "timeout": args.timeout,
+        "transport": args.transport, "endpoint": f"{target.host}:{target.port}", "id_scope": target.id_scope,
+        "event_loop_threads": settings.event_loop_threads,
+    }
+    summary = report.summary()
+    print(render_text(summary))
+    if args.json:
+        _write_json(Path(args.json), report.to_dict())
+    if args.plot:
+        plot.write_plot(Path(args.plot), report.devices,
+                        f"device-sim fleet: {len(devices)} devices, concurrency {args.concurrency}")
+    if report.interrupted:
+        return EXIT_INTERRUPTED
+    return EXIT_ALL_ASSIGNED if summary["outcomes"].get("assigned", 0) == len(devices) else EXIT_SOME_NOT_ASSIGNED
+
+
+def _check_numbers(args) -> None:
+    if args.concurrency < 1:
+        raise UserError("--concurrency must be at least 1")
+    if args.rate is not None and args.rate <= 0:
+        raise UserError("--rate must be a positive number of devices per second")
+    if args.timeout <= 0:
+        raise UserError("--timeout must be a positive number of seconds")
+    if args.limit is not None and args.limit < 1:
+        raise UserError("--limit must be at least 1")
+    if args.event_loop_threads is not None and args.event_loop_threads < 1:
+        raise UserError("--event-loop-threads must be at least 1")
+
+
+def _run_with_progress(devices, target, settings, quiet: bool):
+    stop = threading.Event()
+    bar = tqdm(total=len(devices), unit="dev", file=sys.stderr, disable=quiet, dynamic_ncols=True)
+
+    def on_result(result, counts):
+        bar.update(1)
+        bar.set_postfix_str(", ".join(f"{k} {v}" for k, v in counts.most_common()), refresh=False)
+
+    try:
+        return run_fleet(devices, target, settings, stop=stop, on_result=on_result)
+    finally:
+        bar.close()
+
+
+def _write_json(path: Path, document: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(document, indent=1) + "\n", encoding="utf-8")
+    tmp.replace(path)  # a reader never sees half a report

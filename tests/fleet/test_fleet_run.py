@@ -1,0 +1,132 @@
+"""`device-sim fleet run` end to end: shard tokens made by `hsm-setup fleet create`, the
+emulator as a subprocess, the fleet as a subprocess (as a user runs them)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from stub_server.emulator_proc import REPO, Emulator
+
+PIN, SO_PIN = "1234", "87654321"
+FLEET = [f"fl-{n:04d}" for n in range(1, 11)]
+
+
+def run(env, program, *args, check=True, timeout=120):
+    result = subprocess.run([sys.executable, "-m", program, *map(str, args)], capture_output=True,
+                            text=True, cwd=REPO, env=env, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{program} {' '.join(map(str, args))}: {result.stderr}")
+    return result
+
+
+def hsm(env, *args, **kw):
+    return run(env, "hsm_setup.cli", *args, **kw)
+
+
+def fleet_run(env, *args, **kw):
+    return run(env, "device_sim.cli", "fleet", "run", "--emulator", "--no-progress", *args, **kw)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """10 fleet devices on 3 shard tokens under root -> int (root verified, group on root),
+    plus 'rogue-1' under a root the emulator does not know."""
+    home = tmp_path_factory.mktemp("fleet-home")
+    env = {k: v for k, v in os.environ.items() if k != "SOFTHSM2_CONF"}
+    env.update(DEVICE_SIM_HOME=str(home), PKCS11_PIN=PIN, PKCS11_SO_PIN=SO_PIN)
+    hsm(env, "token", "init", "ca")
+    hsm(env, "token", "init", "devices")
+    hsm(env, "ca", "create", "root")
+    hsm(env, "ca", "create", "int", "--parent", "root")
+    hsm(env, "ca", "create", "other-root")
+    hsm(env, "fleet", "create", "--count", len(FLEET), "--prefix", "fl-", "--ca", "int",
+        "--per-token", 4, "--no-progress")
+    hsm(env, "device", "create", "rogue-1", "--ca", "other-root", "--token", "devices")
+    emulator = Emulator(home, "--assignment-delay", "0")  # same state dir: --emulator finds it
+    emulator.admin("ca", "upload", "root", home / "pki" / "ca" / "root" / "cert.pem", "--verified")
+    emulator.admin("group", "create", "all", "--ca-ref", "root")
+    yield home, env, emulator
+    emulator.stop()
+
+
+def test_every_device_assigned_with_json_report_and_plot(world, tmp_path):
+    home, env, _ = world
+    report, plot = tmp_path / "report.json", tmp_path / "plot.html"
+    result = fleet_run(env, "--prefix", "fl-", "--concurrency", 4, "--json", report, "--plot", plot)
+    assert "registrations/s" in result.stdout and "assigned 10" in result.stdout
+    data = json.loads(report.read_text())
+    assert sorted(d["registration_id"] for d in data["devices"]) == FLEET
+    assert {d["status"] for d in data["devices"]} == {"assigned"}
+    assert all(d["tls_ms"] > 0 and d["register_ms"] > 0 and d["total_ms"] >= d["tls_ms"]
+               for d in data["devices"])
+    summary = data["summary"]
+    assert summary["outcomes"] == {"assigned": 10} and sum(summary["hubs"].values()) == 10
+    for phase in ("tls_ms", "register_ms", "wait_ms", "total_ms"):
+        assert summary["latency_ms"][phase]["count"] == 10
+    assert data["settings"]["concurrency"] == 4
+    assert plot.read_text().count("<svg") == 2
+
+
+def test_failures_are_reported_by_outcome_and_do_not_stop_the_rest(world, tmp_path):
+    home, env, emulator = world
+    emulator.admin("enroll", "create", "fl-0003", "--cert", home / "pki" / "devices" / "fl-0003.pem", "--disabled")
+    listing = tmp_path / "devices.txt"
+    uri = json.loads(hsm(env, "device", "show", "fl-0002", "--json").stdout)["uri"]
+    listing.write_text(f"# a device list\nfl-0001\n{uri}\nfl-0003\nrogue-1\nFL-0004\n")
+    report = tmp_path / "report.json"
+    try:
+        result = fleet_run(env, "--devices", listing, "--concurrency", 2, "--json", report, check=False)
+    finally:
+        emulator.admin("enroll", "delete", "fl-0003")
+    assert result.returncode == 1, result.stderr
+    summary = json.loads(report.read_text())["summary"]
+    assert summary["outcomes"] == {"assigned": 3, "disabled": 1, "unauthorized": 1}
+    assert summary["errors"] == {"401002": 1}
+
+
+def test_mqtt_transport(world, tmp_path):
+    _, env, _ = world
+    report = tmp_path / "report.json"
+    fleet_run(env, "--prefix", "fl-", "--limit", 3, "--transport", "mqtt", "--json", report)
+    assert json.loads(report.read_text())["summary"]["outcomes"] == {"assigned": 3}
+
+
+def test_ctrl_c_stops_cleanly_and_still_writes_the_report(world, tmp_path):
+    _, env, _ = world
+    report = tmp_path / "report.json"
+    proc = subprocess.Popen([sys.executable, "-m", "device_sim.cli", "fleet", "run", "--emulator", "--no-progress",
+                             "--prefix", "fl-", "--rate", "2", "--json", str(report)],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(2.5)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    data = json.loads(report.read_text())
+    outcomes = data["summary"]["outcomes"]
+    assert data["summary"]["interrupted"] is True
+    assert outcomes.get("assigned", 0) >= 1 and outcomes.get("cancelled", 0) >= 1
+    assert set(outcomes) <= {"assigned", "cancelled"}
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--concurrency", 0), "--concurrency must be at least 1"),
+    (("--rate", -1), "--rate must be a positive"),
+    (("--prefix", "nobody-"), "no devices with prefix 'nobody-'"),
+    (("--plot", "x.pdf"), "name the file .html or .png"),
+    (("--json", "/nonexistent-dir/r.json"), "the folder does not exist"),
+])
+def test_bad_input_is_one_line_and_writes_nothing(world, tmp_path, args, message):
+    _, env, _ = world
+    result = fleet_run(env, *args, check=False)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], result.stderr
