@@ -13,8 +13,11 @@ against awscrt 0.38 and SoftHSM 2.6, see docs/device.md):
 - awscrt's `Pkcs11Lib` DEFAULT behaviour calls C_Initialize and ignores "already
   initialised", so it can share a module python-pkcs11 opened first in the same process.
   But python-pkcs11 initialises with no locking arguments, which makes SoftHSM disable its
-  mutexes: then only one thread may use the module at a time. `CrtRuntime` therefore uses
-  one event-loop thread by default (all signing happens on it).
+  mutexes: then only one thread may use the module at a time (measured: two event-loop
+  threads signing concurrently abort the process). `CrtRuntime` therefore uses one
+  event-loop thread by default (all signing happens on it). Several threads are safe only
+  when awscrt initialised the module (it asks for OS locking) and python-pkcs11 is not used
+  in the process.
 """
 
 from __future__ import annotations
