@@ -1,0 +1,183 @@
+"""Benchmark of `device-sim fleet run`: token-backed devices registering at once.
+
+One run, on this machine, with the emulator on the same machine (assignment delay 0,
+Retry-After 0), prints:
+  1. identities created (`hsm-setup fleet create`) and their wall time;
+  2. fleet registrations/s with C concurrent devices, latency percentiles per phase,
+     outcomes/errors, peak RSS of the fleet process and of the emulator;
+  3. beside it, from the same run: the raw mTLS handshake rate of file-key OpenSSL
+     clients (CPython ssl, C threads) against the same emulator, and SoftHSM's raw
+     ECDSA P-256 sign rate with a known key handle, each as a ratio.
+
+    .venv/bin/python bench/bench_fleet.py [--count 1000] [--concurrency 64] [--per-token 25]
+    .venv/bin/python bench/bench_fleet.py --count 10000            # the 10,000-device run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(ROOT / "tests"))
+
+from bench_stub import client_context, handshake_once, run_clients  # noqa: E402
+from stub_server.stubpki import issue, write_identity  # noqa: E402
+
+PIN, SO_PIN = "1234", "bench-so-pin"
+
+
+def cli(env, *args, capture=True) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, "-m", *map(str, args)], cwd=ROOT, env=env,
+                            capture_output=capture, text=True)
+    if result.returncode != 0:
+        sys.exit(f"{' '.join(map(str, args))} failed: {result.stderr}")
+    return result
+
+
+def create_fleet(env, count: int, per_token: int, jobs: int) -> float:
+    cli(env, "hsm_setup.cli", "token", "init", "ca")
+    cli(env, "hsm_setup.cli", "ca", "create", "root")
+    cli(env, "hsm_setup.cli", "ca", "create", "line", "--parent", "root")
+    started = time.perf_counter()
+    cli(env, "hsm_setup.cli", "fleet", "create", "--count", count, "--prefix", "bench-", "--ca", "line",
+        "--per-token", per_token, "--jobs", jobs, "--no-progress")
+    return time.perf_counter() - started
+
+
+def start_emulator(env, home: Path) -> tuple[subprocess.Popen, dict]:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "device_sim.cli", "stub", "serve", "--home", str(home), "--retry-after", "0",
+         "--assignment-delay", "0", "--no-mqtt", "--max-connections", "1024"],
+        stdout=subprocess.PIPE, stderr=open(home / "serve.log", "ab"), text=True, cwd=ROOT, env=env)
+    line = process.stdout.readline()
+    if not line:
+        sys.exit(f"emulator did not start: {(home / 'serve.log').read_text()}")
+    return process, json.loads(line)
+
+
+def peak_rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def fleet_run(env, concurrency: int, report: Path) -> tuple[dict, float, float]:
+    """(report, wall seconds, peak RSS MiB of the fleet process)."""
+    started = time.perf_counter()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "device_sim.cli", "fleet", "run", "--emulator", "--concurrency", str(concurrency),
+         "--no-progress", "--json", str(report)], cwd=ROOT, env=env, stdout=subprocess.DEVNULL)
+    _, status, usage = os.wait4(process.pid, 0)
+    wall = time.perf_counter() - started
+    if os.waitstatus_to_exitcode(status) not in (0, 1):
+        sys.exit(f"fleet run failed with exit {os.waitstatus_to_exitcode(status)}")
+    return json.loads(report.read_text()), wall, usage.ru_maxrss / 1024
+
+
+def raw_handshake_rate(ready: dict, work: Path, clients: int, seconds: float) -> float:
+    """File-key OpenSSL (CPython ssl) mTLS handshakes/s against the emulator's device port."""
+    root = issue("bench-file-root")
+    leaf = root.issue("bench-file-leaf", ca=False)
+    chain, key = write_identity(work, "file-leaf", leaf, root)
+    context = client_context(ready["ca_cert"], chain, key)
+    port = int(ready["device_url"].rsplit(":", 1)[1])
+    ok, failed, elapsed = run_clients(clients, seconds, lambda i: handshake_once(port, context))
+    return ok / elapsed
+
+
+def raw_sign_rate(home: str, seconds: float) -> float:
+    """SoftHSM ECDSA P-256 signatures/s with the key handle known (one device key, one session)."""
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(_sign_child, (home, seconds))
+
+
+def _sign_child(home: str, seconds: float) -> float:
+    from pkcs11 import Mechanism, ObjectClass
+
+    from hsm_setup import devices, module, tokens
+
+    record = devices.list_devices(Path(home))[0]
+    module_path = module.resolve_module(None, Path(home))
+    session = tokens.session(module.load_library(module_path), record.token_label, PIN)
+    key = session.get_key(object_class=ObjectClass.PRIVATE_KEY, id=record.key_id)
+    data = os.urandom(32)
+    count, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        key.sign(data, mechanism=Mechanism.ECDSA)
+        count += 1
+    return count / (time.perf_counter() - started)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--count", type=int, default=1000)
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--per-token", type=int, default=25, help="devices per shard token")
+    parser.add_argument("--jobs", type=int, default=2, help="fleet create worker processes")
+    parser.add_argument("--seconds", type=float, default=5.0, help="duration of each raw-limit measurement")
+    parser.add_argument("--keep", metavar="DIR", help="use (and keep) this state directory")
+    args = parser.parse_args()
+
+    work = Path(args.keep or tempfile.mkdtemp(prefix="bench-fleet-"))
+    home = work / "home"
+    home.mkdir(parents=True, exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if k not in ("SOFTHSM2_CONF", "PKCS11_MODULE")}
+    env.update(DEVICE_SIM_HOME=str(home), PKCS11_PIN=PIN, PKCS11_SO_PIN=SO_PIN)
+
+    total_started = time.perf_counter()
+    create_s = create_fleet(env, args.count, args.per_token, args.jobs)
+    emulator, ready = start_emulator(env, home)
+    try:
+        cli(env, "device_sim.cli", "stub", "ca", "upload", "root", home / "pki" / "ca" / "root" / "cert.pem", "--verified")
+        cli(env, "device_sim.cli", "stub", "group", "create", "bench", "--ca-ref", "root")
+        report, run_wall, fleet_rss = fleet_run(env, args.concurrency, work / "report.json")
+        total_s = time.perf_counter() - total_started
+        emulator_rss = peak_rss_mib(emulator.pid)
+        handshakes = raw_handshake_rate(ready, work, args.concurrency, args.seconds)
+    finally:
+        emulator.terminate()
+        emulator.wait(timeout=30)
+    signs = raw_sign_rate(str(home), args.seconds)
+
+    summary = report["summary"]
+    rate = summary["registrations_per_s"]
+    total = summary["latency_ms"]["total_ms"]
+    print(f"devices {args.count}, concurrency {args.concurrency}, {args.per_token} per shard token, "
+          f"{os.cpu_count()} cores")
+    print(f"fleet create: {create_s:.1f} s ({args.count / create_s:.1f} identities/s, {args.jobs} jobs)")
+    print(f"fleet run:    {rate} registrations/s over {summary['wall_s']} s "
+          f"(process wall {run_wall:.1f} s incl. start-up)")
+    print("  latency ms  " + "  ".join(f"{k:>7}" for k in ("p50", "p90", "p99", "max")))
+    for phase, stats in summary["latency_ms"].items():
+        print(f"  {phase:<11} " + "  ".join(f"{stats[k] if stats[k] is not None else '-':>7}"
+                                            for k in ("p50", "p90", "p99", "max")))
+    print(f"  outcomes {summary['outcomes']}, errors {summary['errors'] or 'none'}, retries {summary['retries']}")
+    print(f"raw limits measured in the same run:")
+    print(f"  file-key mTLS handshakes/s, {args.concurrency} clients: {handshakes:.1f} "
+          f"-> fleet/raw = {rate / handshakes:.2f}")
+    print(f"  SoftHSM ECDSA P-256 signs/s (handle known): {signs:.0f} -> fleet/raw = {rate / signs:.3f}")
+    print(f"peak RSS: fleet process {fleet_rss:.0f} MiB, emulator {emulator_rss:.0f} MiB")
+    print(f"end to end (create + serve + register): {total_s:.1f} s")
+    print(f"targets: >= 300 registrations/s: {'met' if rate >= 300 else 'NOT met'}; "
+          f"p99 total <= 1000 ms: {'met' if total['p99'] <= 1000 else 'NOT met'}; "
+          f"zero errors: {'met' if summary['outcomes'] == {'assigned': args.count} else 'NOT met'}; "
+          f"fleet RSS <= 1 GiB: {'met' if fleet_rss <= 1024 else 'NOT met'}")
+    if not args.keep:
+        subprocess.run(["rm", "-rf", str(work)])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
