@@ -66,6 +66,7 @@ class CrtRuntime:
     """
 
     def __init__(self, event_loop_threads: int = 1):
+        self.event_loop_threads = event_loop_threads
         self.event_loop_group = crt_io.EventLoopGroup(event_loop_threads)
         self.host_resolver = crt_io.DefaultHostResolver(self.event_loop_group)
         self.bootstrap = crt_io.ClientBootstrap(self.event_loop_group, self.host_resolver)
@@ -76,6 +77,11 @@ class CrtRuntime:
         with self._lock:
             lib = self._libs.get(module_path)
             if lib is None:
+                if self.event_loop_threads > 1 and initialised_without_locking(module_path):
+                    raise UserError(
+                        f"{module_path} was initialised by python-pkcs11 in this process, without "
+                        "locking: several awscrt event-loop threads would sign concurrently and can crash "
+                        "the process; use one event-loop thread, or let awscrt load the module first")
                 try:
                     lib = crt_io.Pkcs11Lib(file=module_path)
                 except crt_exceptions.AwsCrtError as exc:
@@ -83,6 +89,15 @@ class CrtRuntime:
                                     "check --module / PKCS11_MODULE") from None
                 self._libs[module_path] = lib
             return lib
+
+
+def initialised_without_locking(module_path: str) -> bool:
+    """True when python-pkcs11 initialised `module_path` in this process (it passes no
+    C_INITIALIZE_ARGS, so the module may drop its own locks - SoftHSM does)."""
+    import pkcs11
+
+    lib = getattr(pkcs11, "_loaded", {}).get(module_path)  # python-pkcs11's per-path cache
+    return bool(lib is not None and lib.initialized)
 
 
 _default_runtime: CrtRuntime | None = None

@@ -12,7 +12,8 @@ from pkcs11 import Attribute, ObjectClass
 from device_sim.device import registration as reg
 from device_sim.device.driver import run_registration
 from device_sim.device.transport import TlsFailure, TransportTimeout, Unreachable
-from device_sim.device.transport_https import HttpsTransport, TlsIdentity, client_tls_context
+from device_sim.device.transport_https import CrtRuntime, HttpsTransport, TlsIdentity, client_tls_context
+from hsm_setup.errors import UserError
 from .helpers import FilePki, LoopbackTlsServer, http_response, pem, server_identity
 
 
@@ -187,6 +188,14 @@ def test_untrusted_server_is_reported_within_the_deadline(device, server_cert, s
         server.close()
     assert time.monotonic() - started < 2.5
     assert "--trust" in str(info.value) or isinstance(info.value, TlsFailure)
+
+
+def test_several_event_loop_threads_refused_on_a_module_python_pkcs11_initialised(device):
+    # python-pkcs11 passes no locking arguments to C_Initialize (SoftHSM then drops its
+    # mutexes); concurrent signing from two awscrt threads was measured to abort the process.
+    with pytest.raises(UserError, match="one event-loop thread"):
+        CrtRuntime(event_loop_threads=2).pkcs11_lib(device.module_path)
+    assert CrtRuntime(event_loop_threads=1).pkcs11_lib(device.module_path) is not None
 
 
 def test_closed_port_is_unreachable(device, server_pki):
