@@ -13,6 +13,7 @@ from device_sim.device import registration as reg
 from device_sim.device.driver import run_registration
 from device_sim.device.transport import TlsFailure, TransportTimeout, Unreachable
 from device_sim.device.transport_https import CrtRuntime, HttpsTransport, TlsIdentity, client_tls_context
+from hsm_setup import tokens
 from hsm_setup.errors import UserError
 from .helpers import FilePki, LoopbackTlsServer, http_response, pem, server_identity
 
@@ -25,7 +26,9 @@ class Device:
         self.pki_fixture = pki
         self.token_label = record.token_label
         self.key_label = record.label
-        self.slot_id = record.slot_id
+        # The live slot id: SoftHSM renumbers slots whenever another test re-initialises it,
+        # so the one recorded at creation may be stale.
+        self.slot_id = tokens.find_token(pki.lib(), record.token_label).slot.slot_id
         self.leaf = record.certificate_x509()
         self.inter, self.root = record.chain_x509()[0], record.chain_x509()[-1]
         self.public_key = self.leaf.public_key()
