@@ -53,7 +53,7 @@ def test_register_over_mqtt_assigns_with_the_same_output_as_https(emulator, toke
     assert result.returncode == 0, result.stderr
     document = json.loads(result.stdout)
     assert document["status"] == "assigned"
-    assert document["transport"] == "mqtt"
+    assert document["settings"]["transport"] == "mqtt"
     assert document["device_id"] == "device-ec-p256"
     assert document["exit_code"] == 0
     assert set(document["timings_ms"]) == {"connect_tls", "register", "total"}
@@ -95,3 +95,16 @@ def test_emulator_without_mqtt_is_named_when_mqtt_is_asked_for():
     assert emulator_url({"mqtt_url": "mqtts://localhost:8883"}) == "mqtts://localhost:8883"
     with pytest.raises(UserError, match="--no-mqtt"):
         emulator_url({"device_url": "https://localhost:1"})
+
+
+def test_fleet_run_over_mqtt(emulator, token_pki, tmp_path):
+    report = tmp_path / "fleet.json"
+    result = cli("fleet", "run", "--home", token_pki.home, "--prefix", "device-", "--transport", "mqtt",
+                 "--endpoint", emulator["mqtt_url"], "--id-scope", emulator["id_scope"], "--trust",
+                 emulator["ca_cert"], "--concurrency", "4", "--no-progress", "--json", report,
+                 env=token_pki.env(), check=False)
+    assert result.returncode == 0, result.stderr
+    document = json.loads(report.read_text())
+    assert document["settings"]["transport"] == "mqtt"
+    outcomes = {device["registration_id"]: device["status"] for device in document["devices"]}
+    assert outcomes and set(outcomes.values()) == {"assigned"}, outcomes
