@@ -53,7 +53,7 @@ def test_register_over_mqtt_assigns_with_the_same_output_as_https(emulator, toke
     assert result.returncode == 0, result.stderr
     document = json.loads(result.stdout)
     assert document["status"] == "assigned"
-    assert document["settings"]["transport"] == "mqtt"
+    assert document["transport"] == "mqtt"
     assert document["device_id"] == "device-ec-p256"
     assert document["exit_code"] == 0
     assert set(document["timings_ms"]) == {"connect_tls", "register", "total"}
