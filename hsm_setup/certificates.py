@@ -76,10 +76,10 @@ def issue(
         "subject_public_key_info": public_key,
         "extensions": _extensions(profile, ski, aki),
     }).dump()
-    return _assemble(asn1_x509.Certificate, "tbs_certificate", tbs_der, "signature_value", signer)
+    return assemble_signed(asn1_x509.Certificate, "tbs_certificate", tbs_der, "signature_value", signer)
 
 
-def _assemble(cls, body_field: str, body_der: bytes, signature_field: str, signer: TokenSigner):
+def assemble_signed(cls, body_field: str, body_der: bytes, signature_field: str, signer: TokenSigner):
     """Sign the DER body and return the parsed result.
 
     asn1crypto re-serialises objects built from Python values on every dump(); objects

@@ -6,7 +6,7 @@ from asn1crypto import csr as asn1_csr
 from asn1crypto import keys as asn1_keys
 from asn1crypto import x509 as asn1_x509
 
-from hsm_setup.certificates import _assemble
+from hsm_setup.certificates import assemble_signed
 from hsm_setup.signing import TokenSigner
 
 
@@ -19,5 +19,5 @@ def build_csr(signer: TokenSigner, public_key: asn1_keys.PublicKeyInfo,
         "subject_pk_info": public_key,
         "attributes": [],
     }).dump()
-    return _assemble(asn1_csr.CertificationRequest, "certification_request_info", info_der,
+    return assemble_signed(asn1_csr.CertificationRequest, "certification_request_info", info_der,
                      "signature", signer)

@@ -15,8 +15,8 @@ import dataclasses
 import multiprocessing
 import sys
 import time
-from queue import Empty
 from pathlib import Path
+from queue import Empty
 from typing import Callable
 
 from tqdm import tqdm
