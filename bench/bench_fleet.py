@@ -73,8 +73,14 @@ def peak_rss_mib(pid: int) -> float:
     return float("nan")
 
 
-def fleet_run(env, concurrency: int, report: Path) -> tuple[dict, float, float]:
-    """(report, wall seconds, peak RSS MiB of the fleet process)."""
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a running process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def fleet_run(env, concurrency: int, report: Path) -> tuple[dict, float, float, float]:
+    """(report, wall seconds, peak RSS MiB, CPU seconds of the fleet process)."""
     started = time.perf_counter()
     process = subprocess.Popen(
         [sys.executable, "-m", "device_sim.cli", "fleet", "run", "--emulator", "--concurrency", str(concurrency),
@@ -83,7 +89,7 @@ def fleet_run(env, concurrency: int, report: Path) -> tuple[dict, float, float]:
     wall = time.perf_counter() - started
     if os.waitstatus_to_exitcode(status) not in (0, 1):
         sys.exit(f"fleet run failed with exit {os.waitstatus_to_exitcode(status)}")
-    return json.loads(report.read_text()), wall, usage.ru_maxrss / 1024
+    return json.loads(report.read_text()), wall, usage.ru_maxrss / 1024, usage.ru_utime + usage.ru_stime
 
 
 def raw_handshake_rate(ready: dict, work: Path, clients: int, seconds: float) -> float:
@@ -137,12 +143,17 @@ def main() -> int:
     env.update(DEVICE_SIM_HOME=str(home), PKCS11_PIN=PIN, PKCS11_SO_PIN=SO_PIN)
 
     total_started = time.perf_counter()
-    create_s = create_fleet(env, args.count, args.per_token, args.jobs)
+    if (home / "pki" / "devices.sqlite").exists():  # --keep DIR of an earlier run: register again
+        create_s = float("nan")
+    else:
+        create_s = create_fleet(env, args.count, args.per_token, args.jobs)
     emulator, ready = start_emulator(env, home)
     try:
         cli(env, "device_sim.cli", "stub", "ca", "upload", "root", home / "pki" / "ca" / "root" / "cert.pem", "--verified")
         cli(env, "device_sim.cli", "stub", "group", "create", "bench", "--ca-ref", "root")
-        report, run_wall, fleet_rss = fleet_run(env, args.concurrency, work / "report.json")
+        emulator_cpu = cpu_seconds(emulator.pid)
+        report, run_wall, fleet_rss, fleet_cpu = fleet_run(env, args.concurrency, work / "report.json")
+        emulator_cpu = cpu_seconds(emulator.pid) - emulator_cpu
         total_s = time.perf_counter() - total_started
         emulator_rss = peak_rss_mib(emulator.pid)
         handshakes = raw_handshake_rate(ready, work, args.concurrency, args.seconds)
@@ -168,6 +179,8 @@ def main() -> int:
     print(f"  file-key mTLS handshakes/s, {args.concurrency} clients: {handshakes:.1f} "
           f"-> fleet/raw = {rate / handshakes:.2f}")
     print(f"  SoftHSM ECDSA P-256 signs/s (handle known): {signs:.0f} -> fleet/raw = {rate / signs:.3f}")
+    print(f"CPU per registration: fleet process {fleet_cpu / args.count * 1000:.2f} ms "
+          f"(incl. start-up), emulator {emulator_cpu / args.count * 1000:.2f} ms")
     print(f"peak RSS: fleet process {fleet_rss:.0f} MiB, emulator {emulator_rss:.0f} MiB")
     print(f"end to end (create + serve + register): {total_s:.1f} s")
     print(f"targets: >= 300 registrations/s: {'met' if rate >= 300 else 'NOT met'}; "

@@ -9,8 +9,9 @@ can change when tokens are re-initialised.
 
 from __future__ import annotations
 
-import multiprocessing
-from concurrent.futures import ProcessPoolExecutor
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 from device_sim.device import chain_builder
@@ -61,16 +62,20 @@ def _record_for(home: Path, entry: str) -> registry.DeviceRecord:
 
 def token_slots(module_path: str, home: Path) -> dict[str, int]:
     """Token label -> slot id, asked of the module in a child process (see module docstring)."""
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
-        return pool.submit(_token_slots_child, module_path, str(home)).result(timeout=120)
+    child = subprocess.run([sys.executable, "-m", __name__, module_path, str(home)],
+                           capture_output=True, text=True, timeout=300)
+    if child.returncode != 0:
+        lines = child.stderr.strip().splitlines()
+        raise UserError(f"cannot list the tokens of {module_path}: {lines[-1] if lines else 'no reason given'}")
+    return {label: int(slot) for label, slot in json.loads(child.stdout).items()}
 
 
-def _token_slots_child(module_path: str, home: str) -> dict[str, int]:
+def _print_token_slots(module_path: str, home: str) -> None:
     from hsm_setup import module, tokens
 
     module.resolve_module(module_path, Path(home))
-    return {t.label: t.slot_id for t in tokens.list_tokens(module.load_library(module_path))}
+    lib = module.load_library(module_path)
+    print(json.dumps({t.label: t.slot_id for t in tokens.list_tokens(lib)}))
 
 
 def fleet_devices(records: list[registry.DeviceRecord], *, home: Path, module_path: str, pin: str,
@@ -94,3 +99,10 @@ def fleet_devices(records: list[registry.DeviceRecord], *, home: Path, module_pa
             module_path=module_path, key_label=record.label, chain_pem=chain_pem, pin=pin,
             slot_id=slot, token_label=record.token_label)))
     return out
+
+
+if __name__ == "__main__":  # the child of `token_slots`
+    try:
+        _print_token_slots(sys.argv[1], sys.argv[2])
+    except UserError as exc:
+        sys.exit(str(exc))
