@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import multiprocessing
+import signal
 import sys
 import time
 from pathlib import Path
@@ -202,7 +203,12 @@ def _run_workers(job_list: list[FleetJob], *, pin: str, ca_pin: str,
                 for index, worker in enumerate(workers):
                     if index not in finished and worker.exitcode is not None and queue.empty():
                         finished.add(index)
-                        errors.append(f"fleet worker {index} exited unexpectedly (code {worker.exitcode})")
+                        if forwarded and worker.exitcode == -signal.SIGTERM:
+                            # Our SIGTERM reached it before it set its handler, i.e. before
+                            # its first identity: nothing of it is half-written.
+                            interrupted = True
+                        else:
+                            errors.append(f"fleet worker {index} exited unexpectedly (code {worker.exitcode})")
                 continue
             if kind == "device":
                 report(value)

@@ -37,6 +37,9 @@ class StopRequest:
         if threading.current_thread() is threading.main_thread():
             for sig in self.SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handler)
+                # Restart system calls the signal lands in: an EINTR inside the PKCS#11
+                # module (a file lock or read in SoftHSM) surfaces as CKR_GENERAL_ERROR.
+                signal.siginterrupt(sig, False)
         return self
 
     def __exit__(self, *exc):
