@@ -6,7 +6,7 @@ import argparse
 import importlib
 import sys
 
-from hsm_setup.errors import UserError
+from hsm_setup.errors import run_cli
 
 # Each area owns its verbs: a module with `add_subparser(subparsers)` that sets `func`.
 COMMAND_MODULES = (
@@ -32,17 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args) or 0
-    except UserError as exc:
-        print(f"device-sim: error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print("device-sim: interrupted", file=sys.stderr)
-        return 130
-
+    return run_cli("device-sim", build_parser(), argv)
 
 if __name__ == "__main__":
     sys.exit(main())

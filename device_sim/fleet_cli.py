@@ -14,7 +14,7 @@ from device_sim import register_cli
 from device_sim.device import chain_builder
 from device_sim.fleet import identities, plot
 from device_sim.fleet.report import render_text
-from device_sim.fleet.runner import FleetSettings, FleetTarget, fast_trust_defaults, run_fleet
+from device_sim.fleet.runner import FleetSettings, fast_trust_defaults, run_fleet
 from hsm_setup import module, pins
 from hsm_setup.errors import UserError
 from hsm_setup.home import add_home_argument, ensure_home

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from hsm_setup import ca, certificates, devices, fleet, identities, module, tokens, verification
-from hsm_setup.errors import UserError
+from hsm_setup.errors import UserError, run_cli
 from hsm_setup.home import add_home_argument, ensure_home
 from hsm_setup.interrupts import StopRequest
 from hsm_setup.key_types import add_key_argument, key_spec
@@ -357,20 +357,7 @@ def _add_uri(sub) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args) or 0
-    except UserError as exc:
-        print(f"hsm-setup: error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print("hsm-setup: interrupted", file=sys.stderr)
-        return 130
-    except BrokenPipeError:  # output piped into `head` and the like
-        sys.stderr.close()
-        return 1
-
+    return run_cli("hsm-setup", build_parser(), argv)
 
 if __name__ == "__main__":
     sys.exit(main())
