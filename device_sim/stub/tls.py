@@ -396,6 +396,13 @@ class TlsListener:
     Threads are bounded by `limits.max_connections`; pyOpenSSL releases the GIL inside
     OpenSSL, so handshakes of different connections run in parallel. `on_not_tls` may answer
     a client that spoke plain text to the TLS port (e.g. a plain-HTTP hint).
+
+    The threads are reused: each one blocks in accept() itself, serves the connection it
+    got, and goes back to accept(). A new thread is started only when a connection is taken
+    and no other thread is left waiting in accept(). Against a thread started per
+    connection this saves the thread creation and the accept-thread-to-worker hand-off
+    (two context switches) on every connection. The kernel wakes one blocked accept() per
+    connection (no thundering herd); close() wakes them all with shutdown().
     """
 
     def __init__(
@@ -425,54 +432,86 @@ class TlsListener:
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._sock.bind((host, port))
         self._sock.listen(1024)
-        self._sock.settimeout(0.25)  # lets the accept loop notice close()
         self.port = self._sock.getsockname()[1]
         shown = url_host or host
         if ":" in shown:
             shown = f"[{shown}]"
         self.url = f"{scheme}://{shown}:{self.port}"
         self._stop = threading.Event()
-        self._slots = threading.BoundedSemaphore(self.limits.max_connections)
+        self._pool_lock = threading.Lock()
+        self._threads: set[threading.Thread] = set()
+        self._waiting = 0  # threads blocked in accept()
         self._active: set[socket.socket] = set()
         self._active_lock = threading.Lock()
-        self._thread: threading.Thread | None = None
+        self._started = False
 
     def start(self) -> None:
-        """Start the accept loop in a daemon thread (a second call does nothing)."""
-        if self._thread is not None:
-            return
-        self._thread = threading.Thread(target=self._accept_loop, name=f"{self.name}-accept", daemon=True)
-        self._thread.start()
+        """Start the first accepting thread (a second call does nothing)."""
+        with self._pool_lock:
+            if self._started:
+                return
+            self._started = True
+        self._spawn()
 
     def close(self) -> None:
-        """Stop accepting and cut every open connection; returns when the accept loop ended."""
+        """Stop accepting and cut every open connection; returns when the threads ended."""
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-        close_socket(self._sock)
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)  # wakes every thread blocked in accept()
+        except OSError:
+            pass
         with self._active_lock:
             active = list(self._active)
         for sock in active:
             close_socket(sock)
+        deadline = time.monotonic() + 5
+        with self._pool_lock:
+            threads = list(self._threads)
+        for thread in threads:
+            if thread is not threading.current_thread():
+                thread.join(timeout=max(0.0, deadline - time.monotonic()))
+        close_socket(self._sock)
 
-    def _accept_loop(self) -> None:
-        while not self._stop.is_set():
-            if not self._slots.acquire(timeout=0.25):
-                continue
-            try:
-                sock, _ = self._sock.accept()
-            except (TimeoutError, socket.timeout):
-                self._slots.release()
-                continue
-            except OSError as exc:
-                self._slots.release()
-                if not self._stop.is_set():
+    def _spawn(self) -> None:
+        """Start one more thread that waits in accept(); counted as waiting from now on."""
+        with self._pool_lock:
+            if self._stop.is_set() or len(self._threads) >= self.limits.max_connections:
+                return
+            thread = threading.Thread(target=self._serve_loop, name=f"{self.name}-conn", daemon=True)
+            self._threads.add(thread)
+            self._waiting += 1
+        thread.start()
+
+    def _serve_loop(self) -> None:
+        try:
+            while not self._stop.is_set():
+                try:
+                    sock, _ = self._sock.accept()
+                except OSError as exc:
+                    if self._stop.is_set():
+                        return
                     self.log(f"{self.name}: accept failed: {exc}")
                     time.sleep(0.05)
-                continue
-            with self._active_lock:
-                self._active.add(sock)
-            threading.Thread(target=self._run, args=(sock,), name=f"{self.name}-conn", daemon=True).start()
+                    continue
+                with self._pool_lock:
+                    self._waiting -= 1
+                    grow = self._waiting == 0
+                if grow:
+                    self._spawn()  # keep one thread in accept() while this one serves
+                with self._active_lock:
+                    self._active.add(sock)
+                if self._stop.is_set():
+                    close_socket(sock)  # close() may have missed it
+                    with self._active_lock:
+                        self._active.discard(sock)
+                    return
+                self._run(sock)
+                with self._pool_lock:
+                    self._waiting += 1
+        finally:
+            with self._pool_lock:
+                self._waiting -= 1
+                self._threads.discard(threading.current_thread())
 
     def _run(self, sock: socket.socket) -> None:
         stream = None
@@ -497,7 +536,6 @@ class TlsListener:
                 close_socket(sock)
             with self._active_lock:
                 self._active.discard(sock)
-            self._slots.release()
 
 
 def _log_stderr(message: str) -> None:
