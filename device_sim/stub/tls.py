@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import math
 import os
+import select
 import socket
 import sys
 import threading
@@ -284,6 +286,11 @@ class TlsStream:
 
     def __init__(self, sock: socket.socket, context: SSL.Context, quickack: bool = True):
         self.sock = sock
+        # Non-blocking, with the deadlines kept by poll() here: a socket timeout would cost
+        # an ioctl per settimeout() and a poll() before every send and recv.
+        sock.setblocking(False)
+        self._poll = select.poll()
+        self._poll.register(sock, select.POLLIN)
         self.conn = SSL.Connection(context, None)
         self.conn.set_accept_state()
         self.quickack = quickack
@@ -339,27 +346,55 @@ class TlsStream:
         close_socket(self.sock)
 
     def _read_socket(self, deadline: float) -> bytes:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise TimeoutError("client too slow")
-        self.sock.settimeout(remaining)
         if self.quickack:
-            _quickack(self.sock)
-        data = self.sock.recv(READ_CHUNK)
+            _quickack(self.sock)  # before the wait, so the data we wait for is ACKed at once
+        while True:
+            try:
+                data = self.sock.recv(READ_CHUNK)
+                break
+            except BlockingIOError:
+                self._wait(select.POLLIN, deadline, "client too slow")
         if not data:
             raise TlsClosed()
         return data
 
     def _flush(self) -> None:
+        # A memory BIO hands out everything it holds up to the size asked for, so a read
+        # shorter than that emptied it: no second read (and no WantReadError) is needed.
         chunks = []
         while True:
             try:
-                chunks.append(self.conn.bio_read(READ_CHUNK))
+                chunk = self.conn.bio_read(READ_CHUNK)
             except SSL.WantReadError:
                 break
+            chunks.append(chunk)
+            if len(chunk) < READ_CHUNK:
+                break
         if chunks:
-            self.sock.settimeout(self.write_timeout)
-            self.sock.sendall(b"".join(chunks))
+            self._send_all(b"".join(chunks) if len(chunks) > 1 else chunks[0])
+
+    def _send_all(self, data: bytes) -> None:
+        deadline = time.monotonic() + self.write_timeout
+        view = memoryview(data)
+        while view:
+            try:
+                view = view[self.sock.send(view):]
+            except BlockingIOError:
+                self._wait(select.POLLOUT, deadline, "client not reading")
+
+    def _wait(self, event: int, deadline: float, why: str) -> None:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError(why)
+        if event != select.POLLIN:
+            self._poll.modify(self.sock, event)
+        try:
+            ready = self._poll.poll(max(1, math.ceil(remaining * 1000)))
+        finally:
+            if event != select.POLLIN:
+                self._poll.modify(self.sock, select.POLLIN)
+        if not ready and time.monotonic() >= deadline:
+            raise TimeoutError(why)
 
 
 def close_socket(sock: socket.socket) -> None:
