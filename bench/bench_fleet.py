@@ -45,13 +45,14 @@ def cli(env, *args, capture=True) -> subprocess.CompletedProcess:
     return result
 
 
-def create_fleet(env, count: int, per_token: int, jobs: int) -> float:
+def create_fleet(env, count: int, per_token: int | None, jobs: int) -> float:
     cli(env, "hsm_setup.cli", "token", "init", "ca")
     cli(env, "hsm_setup.cli", "ca", "create", "root")
     cli(env, "hsm_setup.cli", "ca", "create", "line", "--parent", "root")
     started = time.perf_counter()
+    shards = ("--per-token", per_token) if per_token else ()
     cli(env, "hsm_setup.cli", "fleet", "create", "--count", count, "--prefix", "bench-", "--ca", "line",
-        "--per-token", per_token, "--jobs", jobs, "--no-progress")
+        *shards, "--jobs", jobs, "--no-progress")
     return time.perf_counter() - started
 
 
@@ -130,7 +131,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--count", type=int, default=1000)
     parser.add_argument("--concurrency", type=int, default=64)
-    parser.add_argument("--per-token", type=int, default=25, help="devices per shard token")
+    parser.add_argument("--per-token", type=int, default=None,
+                        help="devices per shard token (default: hsm-setup fleet create's)")
     parser.add_argument("--jobs", type=int, default=2, help="fleet create worker processes")
     parser.add_argument("--seconds", type=float, default=5.0, help="duration of each raw-limit measurement")
     parser.add_argument("--keep", metavar="DIR", help="use (and keep) this state directory")
@@ -165,7 +167,9 @@ def main() -> int:
     summary = report["summary"]
     rate = summary["registrations_per_s"]
     total = summary["latency_ms"]["total_ms"]
-    print(f"devices {args.count}, concurrency {args.concurrency}, {args.per_token} per shard token, "
+    from hsm_setup import devices as registry  # after the run: the registry tells the real shard size
+    per_token = args.count / max(1, len(registry.count_by_token(home)))
+    print(f"devices {args.count}, concurrency {args.concurrency}, {per_token:.0f} per shard token, "
           f"{os.cpu_count()} cores")
     print(f"fleet create: {create_s:.1f} s ({args.count / create_s:.1f} identities/s, {args.jobs} jobs)")
     print(f"fleet run:    {rate} registrations/s over {summary['wall_s']} s "
