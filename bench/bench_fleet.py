@@ -19,7 +19,6 @@ import argparse
 import json
 import multiprocessing
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -179,7 +178,7 @@ def main() -> int:
         print(f"  {phase:<11} " + "  ".join(f"{stats[k] if stats[k] is not None else '-':>7}"
                                             for k in ("p50", "p90", "p99", "max")))
     print(f"  outcomes {summary['outcomes']}, errors {summary['errors'] or 'none'}, retries {summary['retries']}")
-    print(f"raw limits measured in the same run:")
+    print("raw limits measured in the same run:")
     print(f"  file-key mTLS handshakes/s, {args.concurrency} clients: {handshakes:.1f} "
           f"-> fleet/raw = {rate / handshakes:.2f}")
     print(f"  SoftHSM ECDSA P-256 signs/s (handle known): {signs:.0f} -> fleet/raw = {rate / signs:.3f}")
