@@ -232,6 +232,7 @@ class StubServer:
             "device", "https", options.host, options.port, app.device_context(),
             lambda stream: http_server.serve_http(stream, on_device, app.limits, app.config.max_body, self.log),
             limits=app.limits, on_not_tls=http_server.plain_http_hint, url_host=app.url_host, log=self.log,
+            one_at_a_time=True,  # the device handlers only wait in TlsStream reads and writes
         )
         self.listeners.append(device)
         service = tls.TlsListener(

@@ -284,8 +284,10 @@ def _quickack(sock: socket.socket) -> None:
 class TlsStream:
     """One server-side TLS connection: handshake, recv, sendall, close, all with deadlines."""
 
-    def __init__(self, sock: socket.socket, context: SSL.Context, quickack: bool = True):
+    def __init__(self, sock: socket.socket, context: SSL.Context, quickack: bool = True,
+                 turn: threading.Lock | None = None):
         self.sock = sock
+        self.turn = turn  # held while working, let go while waiting (see TlsListener)
         # Non-blocking, with the deadlines kept by poll() here: a socket timeout would cost
         # an ioctl per settimeout() and a poll() before every send and recv.
         sock.setblocking(False)
@@ -388,9 +390,13 @@ class TlsStream:
             raise TimeoutError(why)
         if event != select.POLLIN:
             self._poll.modify(self.sock, event)
+        if self.turn is not None:
+            self.turn.release()
         try:
             ready = self._poll.poll(max(1, math.ceil(remaining * 1000)))
         finally:
+            if self.turn is not None:
+                self.turn.acquire()
             if event != select.POLLIN:
                 self._poll.modify(self.sock, select.POLLIN)
         if not ready and time.monotonic() >= deadline:
@@ -453,8 +459,17 @@ class TlsListener:
         url_host: str | None = None,
         log: Callable[[str], None] | None = None,
         quickack: bool = True,
+        one_at_a_time: bool = False,
     ):
         self.name = name
+        # one_at_a_time: the connection threads take turns (a lock held while a thread
+        # works, let go while it waits for its client), so only one of them runs Python at
+        # a time. Why: pyOpenSSL and sqlite3 release the GIL around every C call; with
+        # dozens of runnable threads each release hands the GIL to another thread, a
+        # futex wake and a context switch, ~100 per registration measured. Taking turns
+        # leaves a handful of hand-offs per registration, like an event loop would.
+        # Only for handlers that never block except in TlsStream reads and writes.
+        self._turn = threading.Lock() if one_at_a_time else None
         self.quickack = quickack  # off only to measure what it buys (bench/bench_stub.py)
         self.scheme = scheme
         self.context = context
@@ -549,15 +564,24 @@ class TlsListener:
                 self._threads.discard(threading.current_thread())
 
     def _run(self, sock: socket.socket) -> None:
+        if self._turn is not None:
+            self._turn.acquire()
+        try:
+            self._serve_connection(sock)
+        finally:
+            if self._turn is not None:
+                self._turn.release()
+
+    def _serve_connection(self, sock: socket.socket) -> None:
         stream = None
         try:
             tune_socket(sock, self.quickack)
-            stream = TlsStream(sock, self.context, self.quickack)
+            stream = TlsStream(sock, self.context, self.quickack, self._turn)
             try:
                 stream.handshake(self.limits.handshake_timeout)
             except NotTls as exc:
                 if self.on_not_tls is not None:
-                    self.on_not_tls(sock, exc.data)
+                    self._outside_turn(self.on_not_tls, sock, exc.data)  # blocking send
                 return
             except (TlsClosed, TimeoutError, socket.timeout, SSL.Error, OSError):
                 return  # garbage, silence or a reset during the handshake: just drop it
@@ -571,6 +595,16 @@ class TlsListener:
                 close_socket(sock)
             with self._active_lock:
                 self._active.discard(sock)
+
+    def _outside_turn(self, function, *args) -> None:
+        if self._turn is None:
+            function(*args)
+            return
+        self._turn.release()
+        try:
+            function(*args)
+        finally:
+            self._turn.acquire()
 
 
 def _log_stderr(message: str) -> None:
