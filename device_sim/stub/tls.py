@@ -356,6 +356,10 @@ class TlsStream:
                 break
             except BlockingIOError:
                 self._wait(select.POLLIN, deadline, "client too slow")
+            except OSError:
+                if self.sock.fileno() == -1:  # TlsListener.close() cut this connection
+                    raise TlsClosed() from None
+                raise
         if not data:
             raise TlsClosed()
         return data
