@@ -134,12 +134,15 @@ def check_json_body(request: Request) -> None:
         raise HttpError(415000, f"Content-Type {shown!r} is not supported; send application/json", close=False)
 
 
+# Built once: json.dumps with non-default separators builds a new encoder per call, and
+# an HTTPStatus lookup per response is an Enum call.
+_COMPACT_JSON = json.JSONEncoder(separators=(",", ":"))
+_REASONS = {status.value: status.phrase for status in HTTPStatus}
+
+
 def render_response(reply, keep_alive: bool) -> bytes:
-    body = b"" if reply.body is None else json.dumps(reply.body, separators=(",", ":")).encode()
-    try:
-        reason = HTTPStatus(reply.status).phrase
-    except ValueError:
-        reason = "Unknown"
+    body = b"" if reply.body is None else _COMPACT_JSON.encode(reply.body).encode()
+    reason = _REASONS.get(reply.status, "Unknown")
     lines = [f"HTTP/1.1 {reply.status} {reason}"]
     headers = {k.lower(): v for k, v in (reply.headers or {}).items()}
     if body:
