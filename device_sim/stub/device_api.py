@@ -24,7 +24,6 @@ Decisions where the public documentation is silent (dps-protocol.md section 11):
 
 from __future__ import annotations
 
-import json
 import logging
 import secrets
 import threading
@@ -42,7 +41,7 @@ from .allocation import allocate
 from .cert_input import common_name, sha256_thumbprint
 from .config import StubConfig
 from .enrollment_walk import DISABLED, GROUP, UNAUTHORIZED, decide
-from .errors import DpsError, Reply, error_reply, utc_text
+from .errors import DpsError, Reply, error_reply, json_object, utc_text
 from .store import OperationRow, RegistrationRow, Store
 
 __all__ = ["DeviceApi", "Reply", "validate_registration_id", "new_etag"]
@@ -131,14 +130,7 @@ class DeviceApi:
         if len(body) > self.config.max_body:
             raise DpsError(errors.PAYLOAD_TOO_LARGE,
                            f"the request body is larger than {self.config.max_body} bytes")
-        if not body.strip():
-            return {}
-        try:
-            data = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
-            raise DpsError(errors.BAD_REQUEST, "the request body is not valid JSON") from None
-        if not isinstance(data, dict):
-            raise DpsError(errors.BAD_REQUEST, "the request body must be a JSON object")
+        data = json_object(body, required=False)
         claimed = data.get("registrationId")
         if claimed is not None and (not isinstance(claimed, str)
                                     or claimed.lower() != registration_id.lower()):

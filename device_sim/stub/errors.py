@@ -9,6 +9,7 @@ official list is published.
 
 from __future__ import annotations
 
+import json
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -81,3 +82,18 @@ def error_reply(code: int, message: str, *, now: datetime | None = None,
     all_headers = {"x-ms-error-code": str(code), "x-ms-request-id": tracking_id}
     all_headers.update(headers or {})
     return Reply(code // 1000, body, all_headers)
+
+
+def json_object(body: bytes, required: bool = True) -> dict:
+    """A request body that must be one JSON object (empty allowed unless `required`); DpsError otherwise."""
+    if not body.strip():
+        if required:
+            raise DpsError(BAD_REQUEST, "a JSON object body is required")
+        return {}
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise DpsError(BAD_REQUEST, "the request body is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise DpsError(BAD_REQUEST, "the request body must be a JSON object")
+    return data

@@ -40,7 +40,6 @@ from __future__ import annotations
 import base64
 import binascii
 import email.utils
-import json
 import logging
 import re
 import secrets
@@ -58,7 +57,7 @@ from .cert_input import certificate_info, common_name, parse_certificate, sha256
 from .config import StubConfig
 from .device_api import new_etag, validate_registration_id
 from .enrollment_walk import GROUP, INDIVIDUAL, Entry, ca_problem
-from .errors import DpsError, Reply, error_reply, utc_text
+from .errors import DpsError, Reply, error_reply, json_object, utc_text
 from .sas import SasError, verify_token
 from .store import CaRecord, RegistrationRow, Store
 
@@ -104,19 +103,6 @@ def _rfc1123(moment: datetime) -> str:
     return email.utils.format_datetime(moment.astimezone(timezone.utc), usegmt=True)
 
 
-def _json_object(body: bytes, required: bool = True) -> dict:
-    if not body.strip():
-        if required:
-            raise DpsError(errors.BAD_REQUEST, "a JSON object body is required")
-        return {}
-    try:
-        data = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        raise DpsError(errors.BAD_REQUEST, "the request body is not valid JSON") from None
-    if not isinstance(data, dict):
-        raise DpsError(errors.BAD_REQUEST, "the request body must be a JSON object")
-    return data
-
 
 def _page_args(headers: Mapping[str, str]) -> tuple[str, int]:
     raw_count = headers.get("x-ms-max-item-count") or str(DEFAULT_PAGE)
@@ -144,7 +130,7 @@ def _paged(items: list, keys: list[str], count: int, item_type: str) -> Reply:
 
 
 def _query_body(body: bytes) -> None:
-    data = _json_object(body, required=False)
+    data = json_object(body, required=False)
     query = data.get("query", "*")
     if not isinstance(query, str) or not _QUERY_ALL.match(query):
         raise DpsError(errors.BAD_REQUEST, 'only the query "*" (or SELECT * FROM ...) is '
@@ -277,7 +263,7 @@ class ServiceApi:
         if not _CERT_NAME.match(name):
             raise DpsError(errors.BAD_REQUEST, "a certificate name may contain only letters, "
                            "digits and - . _ (no spaces)")
-        data = _json_object(body)
+        data = json_object(body)
         properties = data.get("properties", data)
         if not isinstance(properties, dict):
             raise DpsError(errors.BAD_REQUEST, "properties must be a JSON object")
@@ -333,7 +319,7 @@ class ServiceApi:
         return Reply(200, self._ca_view(record, code), {})
 
     def verify_ca(self, name, *, headers, body) -> Reply:
-        data = _json_object(body)
+        data = json_object(body)
         text = data.get("certificate")
         if text is None and isinstance(data.get("properties"), dict):
             text = data["properties"].get("certificate")
@@ -387,7 +373,7 @@ class ServiceApi:
         return Reply(200, self._entry_or_404(kind, entry_id).doc["attestation"], {})
 
     def put_entry(self, kind, entry_id, *, headers, body) -> Reply:
-        data = _json_object(body)
+        data = json_object(body)
         with self.store.transaction():
             existing = self.store.get_entry(kind, entry_id)
             if headers.get("if-match") is not None:
@@ -550,7 +536,7 @@ class ServiceApi:
                       count, "Enrollment" if kind == INDIVIDUAL else "EnrollmentGroup")
 
     def bulk(self, kind, *, headers, body) -> Reply:
-        data = _json_object(body)
+        data = json_object(body)
         list_field = "enrollments" if kind == INDIVIDUAL else "enrollmentGroups"
         id_field = "registrationId" if kind == INDIVIDUAL else "enrollmentGroupId"
         mode = data.get("mode")
