@@ -6,11 +6,15 @@ HOME_DIR ?= .device-sim
 
 .PHONY: test demo sysdeps venv bench clean
 
-# System packages: SoftHSM2 (the token used by default, in tests and in the demo).
+# System packages: SoftHSM2 (the token used by default, in tests and in the demo) and
+# OpenSC's PKCS#11 modules (pkcs11-spy: the tests run hsm-setup through a module that is
+# not SoftHSM by name).
+SYSPKGS := softhsm2 opensc-pkcs11
 sysdeps:
-	@if ! command -v softhsm2-util >/dev/null 2>&1; then \
-		echo "installing softhsm2 with apt-get"; \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq softhsm2 >/dev/null; \
+	@missing=$$(for p in $(SYSPKGS); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing $$missing with apt-get"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	fi
 
 $(STAMP): pyproject.toml
