@@ -25,7 +25,7 @@ from __future__ import annotations
 import concurrent.futures
 import io as _io
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from urllib.parse import quote
 
 from awscrt import exceptions as crt_exceptions
@@ -54,7 +54,7 @@ class TlsIdentity:
     module_path: str
     key_label: str
     chain_pem: bytes  # leaf first, then the intermediates (and the root if wanted)
-    pin: str | None
+    pin: str | None = field(repr=False)  # never in a repr, log or traceback
     slot_id: int | None = None
     token_label: str | None = None
 
