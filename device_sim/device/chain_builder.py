@@ -111,7 +111,7 @@ def load_pem_file(path: str | Path) -> list[x509.Certificate]:
         else:
             certs = [x509.load_der_x509_certificate(data)]
     except ValueError:
-        raise UserError(f"{path} holds no readable X.509 certificate (PEM or DER expected)") from None
+        raise UserError(f"{path} holds no X.509 certificate (no readable X.509 PEM or DER in it)") from None
     return certs
 
 

@@ -17,9 +17,9 @@ from pathlib import Path
 from urllib.parse import quote
 
 import requests
-from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from device_sim.device.chain_builder import load_pem_file  # the one certificate-file reader
 from device_sim.stub import sas, server
 from hsm_setup.errors import UserError
 
@@ -64,18 +64,7 @@ def find_endpoint(home: Path, service_url: str | None = None) -> Endpoint:
 
 def read_certificate_pem(path: str | Path) -> str:
     """The first certificate of a PEM or DER file, as PEM text."""
-    try:
-        data = Path(path).read_bytes()
-    except OSError as exc:
-        raise UserError(f"cannot read certificate file {path}: {exc.strerror}") from exc
-    try:
-        if b"-----BEGIN CERTIFICATE-----" in data:
-            cert = x509.load_pem_x509_certificates(data)[0]
-        else:
-            cert = x509.load_der_x509_certificate(data)
-    except ValueError:
-        raise UserError(f"{path} holds no X.509 certificate (PEM or DER expected)") from None
-    return cert.public_bytes(Encoding.PEM).decode("ascii")
+    return load_pem_file(path)[0].public_bytes(Encoding.PEM).decode("ascii")
 
 
 class ServiceClient:
