@@ -70,6 +70,8 @@ def add_subparser(subparsers) -> None:
 
 def cmd_run(args) -> int:
     _check_numbers(args)
+    threads = {} if args.event_loop_threads is None else {"event_loop_threads": args.event_loop_threads}
+    settings = FleetSettings(concurrency=args.concurrency, rate=args.rate, **threads)  # checks its numbers
     home = ensure_home(args.home)
     target = register_cli.resolve_target(args, home)
     for option, path in (("--json", args.json), ("--plot", args.plot)):
@@ -85,9 +87,6 @@ def cmd_run(args) -> int:
                                        chain_to=args.chain_to, chain_files=args.chain_file)
     if target.trust_file:
         fast_trust_defaults(target.trust_file)
-    settings = FleetSettings(concurrency=args.concurrency, rate=args.rate)
-    if args.event_loop_threads:
-        settings.event_loop_threads = args.event_loop_threads
     report = _run_with_progress(devices, target.fleet_target(args.timeout), settings, args.no_progress)
     report.settings = {
         "devices": len(devices), "concurrency": args.concurrency, "rate": args.rate, "timeout": args.timeout,
@@ -107,16 +106,10 @@ def cmd_run(args) -> int:
 
 
 def _check_numbers(args) -> None:
-    if args.concurrency < 1:
-        raise UserError("--concurrency must be at least 1")
-    if args.rate is not None and args.rate <= 0:
-        raise UserError("--rate must be a positive number of devices per second")
     if args.timeout <= 0:
         raise UserError("--timeout must be a positive number of seconds")
     if args.limit is not None and args.limit < 1:
         raise UserError("--limit must be at least 1")
-    if args.event_loop_threads is not None and args.event_loop_threads < 1:
-        raise UserError("--event-loop-threads must be at least 1")
 
 
 def _run_with_progress(devices, target, settings, quiet: bool):

@@ -65,6 +65,14 @@ class FleetSettings:
     rate: float | None = None  # arrivals per second; None = as fast as concurrency allows
     event_loop_threads: int = field(default_factory=lambda: max(1, os.cpu_count() or 1))
 
+    def __post_init__(self):
+        if self.concurrency < 1:
+            raise UserError("--concurrency must be at least 1")
+        if self.rate is not None and self.rate <= 0:
+            raise UserError("--rate must be a positive number of devices per second")
+        if self.event_loop_threads < 1:
+            raise UserError("--event-loop-threads must be at least 1")
+
 
 class _TimedTransport:
     """Passes every call through and notes how long the first register round trip took."""
@@ -169,10 +177,6 @@ def run_fleet(devices: list[FleetDevice], target: FleetTarget, settings: FleetSe
               on_result: Callable[[DeviceResult, Counter], None] | None = None) -> FleetReport:
     """Register `devices`; returns when all finished or, after `stop` is set, when the
     devices already started have finished (the rest are reported as cancelled)."""
-    if settings.concurrency < 1:
-        raise UserError("--concurrency must be at least 1")
-    if settings.rate is not None and settings.rate <= 0:
-        raise UserError("--rate must be a positive number of devices per second")
     stop = stop or threading.Event()
     runtime = CrtRuntime(event_loop_threads=settings.event_loop_threads)
     slots = threading.BoundedSemaphore(settings.concurrency)
