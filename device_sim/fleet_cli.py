@@ -71,7 +71,8 @@ def add_subparser(subparsers) -> None:
 def cmd_run(args) -> int:
     _check_numbers(args)
     threads = {} if args.event_loop_threads is None else {"event_loop_threads": args.event_loop_threads}
-    settings = FleetSettings(concurrency=args.concurrency, rate=args.rate, **threads)  # checks its numbers
+    settings = FleetSettings(concurrency=args.concurrency, timeout=args.timeout, rate=args.rate,
+                             **threads)  # checks its numbers
     home = ensure_home(args.home)
     target = register_cli.resolve_target(args, home)
     for option, path in (("--json", args.json), ("--plot", args.plot)):
@@ -87,7 +88,7 @@ def cmd_run(args) -> int:
                                        chain_to=args.chain_to, chain_files=args.chain_file)
     if target.trust_file:
         fast_trust_defaults(target.trust_file)
-    report = _run_with_progress(devices, target.fleet_target(args.timeout), settings, args.no_progress)
+    report = _run_with_progress(devices, target, settings, args.no_progress)
     report.settings = {
         "devices": len(devices), "concurrency": args.concurrency, "rate": args.rate, "timeout": args.timeout,
         "transport": args.transport, "endpoint": f"{target.host}:{target.port}", "id_scope": target.id_scope,
@@ -106,8 +107,6 @@ def cmd_run(args) -> int:
 
 
 def _check_numbers(args) -> None:
-    if args.timeout <= 0:
-        raise UserError("--timeout must be a positive number of seconds")
     if args.limit is not None and args.limit < 1:
         raise UserError("--limit must be at least 1")
 

@@ -134,12 +134,6 @@ class Target:
         return self.transport_class(self.host, self.port, self.id_scope, registration_id, tls_context,
                                     api_version=self.api_version, **kwargs)
 
-    def fleet_target(self, timeout: float):
-        from device_sim.fleet.runner import FleetTarget  # the fleet area's view of the same options
-
-        return FleetTarget(self.host, self.port, self.id_scope, self.transport_class, self.trust_pem,
-                           self.api_version, self.payload, timeout)
-
 
 def resolve_target(args, home: Path) -> Target:
     """The options of `add_target_arguments` checked and resolved; UserError when unusable."""

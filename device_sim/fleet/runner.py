@@ -26,13 +26,16 @@ import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from device_sim.device import registration as reg
 from device_sim.device.driver import run_registration
 from device_sim.device.transport_https import CrtRuntime, TlsIdentity, client_tls_context
 from device_sim.fleet.report import DeviceResult, FleetReport
 from hsm_setup.errors import UserError
+
+if TYPE_CHECKING:  # the endpoint and request options `device-sim register` resolves, shared
+    from device_sim.register_cli import Target
 
 # Outcome statuses as the fleet report names them (the flow's names, plus setup errors).
 SETUP_ERROR = "setup_error"  # the TLS context could not be made (PIN, key, certificate)
@@ -46,28 +49,17 @@ class FleetDevice:
 
 
 @dataclass
-class FleetTarget:
-    """Where and how every device registers (the same options as `device-sim register`)."""
-
-    host: str
-    port: int
-    id_scope: str
-    transport_class: type
-    trust_pem: bytes | None = None
-    api_version: str | None = None
-    payload: dict | None = None
-    timeout: float = 60.0
-
-
-@dataclass
 class FleetSettings:
     concurrency: int = 64
+    timeout: float = 60.0  # per device: token, TLS, retries and polls included
     rate: float | None = None  # arrivals per second; None = as fast as concurrency allows
     event_loop_threads: int = field(default_factory=lambda: max(1, os.cpu_count() or 1))
 
     def __post_init__(self):
         if self.concurrency < 1:
             raise UserError("--concurrency must be at least 1")
+        if self.timeout <= 0:
+            raise UserError("--timeout must be a positive number of seconds")
         if self.rate is not None and self.rate <= 0:
             raise UserError("--rate must be a positive number of devices per second")
         if self.event_loop_threads < 1:
@@ -133,8 +125,8 @@ def _token_key(device: "FleetDevice"):
     return (device.tls.module_path, device.tls.slot_id, device.tls.token_label)
 
 
-def register_one(device: FleetDevice, target: FleetTarget, runtime: CrtRuntime, run_started: float,
-                 *, logins: TokenLogins | None = None, clock=time.monotonic) -> DeviceResult:
+def register_one(device: FleetDevice, target: Target, timeout: float, runtime: CrtRuntime,
+                 run_started: float, *, logins: TokenLogins | None = None, clock=time.monotonic) -> DeviceResult:
     """One device's whole registration; never raises for a device-level failure."""
     started = clock()
     result = DeviceResult(device.registration_id, SETUP_ERROR, started_s=round(started - run_started, 4))
@@ -147,13 +139,9 @@ def register_one(device: FleetDevice, target: FleetTarget, runtime: CrtRuntime, 
     if logins is not None:
         logins.hold(device, context)
     context_ms = (clock() - started) * 1000
-    kwargs = {"runtime": runtime}
-    if target.api_version:
-        kwargs["api_version"] = target.api_version
-    transport = _TimedTransport(target.transport_class(
-        target.host, target.port, target.id_scope, device.registration_id, context, **kwargs))
+    transport = _TimedTransport(target.new_transport(device.registration_id, context, runtime=runtime))
     flow = reg.RegistrationFlow(device.registration_id, target.payload)
-    budget = max(0.001, target.timeout - context_ms / 1000)
+    budget = max(0.001, timeout - context_ms / 1000)
     outcome, timings = run_registration(flow, transport, budget)
     result.status = outcome.status
     result.total_ms = (clock() - started) * 1000
@@ -172,7 +160,7 @@ def register_one(device: FleetDevice, target: FleetTarget, runtime: CrtRuntime, 
     return result
 
 
-def run_fleet(devices: list[FleetDevice], target: FleetTarget, settings: FleetSettings, *,
+def run_fleet(devices: list[FleetDevice], target: Target, settings: FleetSettings, *,
               stop: threading.Event | None = None,
               on_result: Callable[[DeviceResult, Counter], None] | None = None) -> FleetReport:
     """Register `devices`; returns when all finished or, after `stop` is set, when the
@@ -189,7 +177,8 @@ def run_fleet(devices: list[FleetDevice], target: FleetTarget, settings: FleetSe
 
     def work(index: int) -> None:
         try:
-            result = register_one(devices[index], target, runtime, run_started, logins=logins)
+            result = register_one(devices[index], target, settings.timeout, runtime, run_started,
+                                  logins=logins)
         except Exception as exc:  # a bug must cost one device, not the run
             result = DeviceResult(devices[index].registration_id, "error",
                                   error_message=f"{type(exc).__name__}: {exc}")
