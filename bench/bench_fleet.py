@@ -45,12 +45,12 @@ def cli(env, *args, capture=True) -> subprocess.CompletedProcess:
 
 
 def create_fleet(env, count: int, per_token: int | None, jobs: int) -> float:
-    cli(env, "hsm_setup.cli", "token", "init", "ca")
-    cli(env, "hsm_setup.cli", "ca", "create", "root")
-    cli(env, "hsm_setup.cli", "ca", "create", "line", "--parent", "root")
+    cli(env, "device_sim.cli.hsm_setup", "token", "init", "ca")
+    cli(env, "device_sim.cli.hsm_setup", "ca", "create", "root")
+    cli(env, "device_sim.cli.hsm_setup", "ca", "create", "line", "--parent", "root")
     started = time.perf_counter()
     shards = ("--per-token", per_token) if per_token else ()
-    cli(env, "hsm_setup.cli", "fleet", "create", "--count", count, "--prefix", "bench-", "--ca", "line",
+    cli(env, "device_sim.cli.hsm_setup", "fleet", "create", "--count", count, "--prefix", "bench-", "--ca", "line",
         *shards, "--jobs", jobs, "--no-progress")
     return time.perf_counter() - started
 

@@ -34,7 +34,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from stub_server.stubpki import Pki, write_identity  # noqa: E402
 
-from device_sim.stub import admin, tls  # noqa: E402
+from device_sim.stub import admin
+from device_sim.stub.net import tls  # noqa: E402
 
 API_VERSION = "2021-06-01"
 

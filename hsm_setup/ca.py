@@ -24,7 +24,7 @@ from asn1crypto import x509 as asn1_x509
 from cryptography import x509
 
 from hsm_setup import certificates, keys, tokens
-from hsm_setup.errors import UserError
+from device_sim.common.errors import UserError
 from hsm_setup.key_types import KeySpec, key_spec
 from hsm_setup.signing import TokenSigner
 from hsm_setup.uri import Pkcs11Uri

@@ -15,8 +15,8 @@ from pathlib import Path
 
 from cryptography import x509
 
-from hsm_setup.errors import UserError
-from hsm_setup.registration_id import normalize_registration_id
+from device_sim.common.errors import UserError
+from device_sim.common.registration_id import normalize_registration_id
 from hsm_setup.uri import Pkcs11Uri
 
 DB_NAME = "devices.sqlite"

@@ -24,11 +24,11 @@ from tqdm import tqdm
 
 from hsm_setup import devices, module, tokens
 from hsm_setup.ca import Issuer, open_issuer
-from hsm_setup.errors import UserError
+from device_sim.common.errors import UserError
 from hsm_setup.identities import IdentityFactory, register
 from hsm_setup.interrupts import Interrupted, StopRequest
 from hsm_setup.key_types import KeySpec, key_spec
-from hsm_setup.registration_id import validate_registration_id
+from device_sim.common.registration_id import validate_registration_id
 
 # Small shards keep the one key-label search awscrt makes per device TLS context cheap during
 # `device-sim fleet run` (per context, SoftHSM, token kept logged in: ~0.7 ms at 5 devices a

@@ -18,9 +18,9 @@ from pkcs11 import Attribute
 
 from hsm_setup import certificates, csr, devices, keys, tokens
 from hsm_setup.ca import Issuer
-from hsm_setup.errors import UserError
+from device_sim.common.errors import UserError
 from hsm_setup.key_types import KeySpec
-from hsm_setup.registration_id import validate_registration_id
+from device_sim.common.registration_id import validate_registration_id
 from hsm_setup.signing import TokenSigner
 from hsm_setup.uri import Pkcs11Uri
 

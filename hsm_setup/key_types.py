@@ -11,7 +11,7 @@ import dataclasses
 from pkcs11 import KeyType, Mechanism
 from pkcs11.util.ec import encode_named_curve_parameters
 
-from hsm_setup.errors import UserError
+from device_sim.common.errors import UserError
 
 
 @dataclasses.dataclass(frozen=True)

@@ -15,7 +15,7 @@ from pkcs11 import Attribute, ObjectClass
 from pkcs11.util.ec import encode_ec_public_key
 from pkcs11.util.rsa import encode_rsa_public_key
 
-from hsm_setup.errors import UserError
+from device_sim.common.errors import UserError
 from hsm_setup.key_types import KeySpec
 from hsm_setup import tokens
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pkcs11
 
-from hsm_setup.errors import UserError
+from device_sim.common.errors import UserError
 
 ENV_MODULE = "PKCS11_MODULE"
 ENV_SOFTHSM_CONF = "SOFTHSM2_CONF"

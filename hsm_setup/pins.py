@@ -10,7 +10,7 @@ import os
 import sys
 from pathlib import Path
 
-from hsm_setup.errors import UserError
+from device_sim.common.errors import UserError
 
 ENV_USER_PIN = "PKCS11_PIN"
 ENV_SO_PIN = "PKCS11_SO_PIN"

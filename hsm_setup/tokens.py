@@ -16,7 +16,7 @@ import pkcs11
 from pkcs11 import TokenFlag
 
 from hsm_setup import module
-from hsm_setup.errors import UserError
+from device_sim.common.errors import UserError
 
 LABEL_MAX = 32  # CK_TOKEN_INFO.label is 32 bytes, blank padded
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from urllib.parse import quote, unquote_to_bytes
 
-from hsm_setup.errors import UserError
+from device_sim.common.errors import UserError
 
 SCHEME = "pkcs11:"
 

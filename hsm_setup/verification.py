@@ -11,7 +11,7 @@ from asn1crypto import x509 as asn1_x509
 
 from hsm_setup import certificates, keys, tokens
 from hsm_setup.ca import Issuer
-from hsm_setup.errors import UserError
+from device_sim.common.errors import UserError
 
 DEFAULT_DAYS = 30
 MAX_CODE_LENGTH = 64  # X.509 CN upper bound

@@ -45,7 +45,8 @@ from pathlib import Path
 
 import pytest
 
-from hsm_setup import ca, cli, devices, identities, module, tokens
+from device_sim.cli import hsm_setup as cli
+from hsm_setup import ca, devices, identities, module, tokens
 from hsm_setup.key_types import key_spec
 
 TEST_PIN = "1234"

@@ -17,7 +17,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 
-from hsm_setup.errors import UserError
+from device_sim.common.errors import UserError
 
 ROOT = "root"
 LEAF = "leaf"

@@ -26,7 +26,7 @@ from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from device_sim.device.chain_builder import common_name, describe, fingerprint, is_self_signed, issued_by
-from hsm_setup.registration_id import registration_id_problem
+from device_sim.common.registration_id import registration_id_problem
 
 ERROR = "error"
 WARNING = "warning"

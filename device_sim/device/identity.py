@@ -26,11 +26,11 @@ from pkcs11 import Attribute, ObjectClass
 
 from device_sim.device.chain_builder import common_name, describe
 from hsm_setup import devices, tokens
-from hsm_setup.errors import UserError
+from device_sim.common.errors import UserError
 from hsm_setup.key_types import KeySpec, key_spec
 from hsm_setup.module import load_library, resolve_module
 from hsm_setup.pins import read_pin_file, resolve_pin
-from hsm_setup.registration_id import registration_id_problem
+from device_sim.common.registration_id import registration_id_problem
 from hsm_setup.signing import sign_x509
 from hsm_setup.uri import Pkcs11Uri
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from device_sim.device import registration as reg
 from device_sim.device.driver import Timings
-from hsm_setup.errors import EXIT_USAGE
+from device_sim.common.errors import EXIT_USAGE
 
 # Exit codes of `device-sim register` (documented in docs/device.md and the README).
 EXIT_ASSIGNED = 0

@@ -40,7 +40,7 @@ from device_sim.device.transport import (
     TransportTimeout,
     Unreachable,
 )
-from hsm_setup.errors import UserError
+from device_sim.common.errors import UserError
 
 DEFAULT_API_VERSION = "2021-06-01"
 USER_AGENT = "device-sim/0.1"

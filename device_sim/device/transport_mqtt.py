@@ -46,7 +46,7 @@ from device_sim.device.transport_https import (
     default_runtime,
 )
 from device_sim.mqtt import topics
-from hsm_setup.errors import UserError
+from device_sim.common.errors import UserError
 
 DEFAULT_PORT = 8883
 KEEP_ALIVE_SECONDS = 60

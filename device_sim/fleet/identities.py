@@ -18,7 +18,7 @@ from device_sim.device import chain_builder
 from device_sim.device.transport_https import TlsIdentity
 from device_sim.fleet.runner import FleetDevice
 from hsm_setup import devices as registry
-from hsm_setup.errors import UserError
+from device_sim.common.errors import UserError
 from hsm_setup.uri import Pkcs11Uri
 
 

@@ -10,7 +10,7 @@ import html
 import math
 from pathlib import Path
 
-from hsm_setup.errors import UserError
+from device_sim.common.errors import UserError
 from device_sim.fleet.report import DeviceResult
 
 WIDTH, HEIGHT, PAD = 760, 300, 50

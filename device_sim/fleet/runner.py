@@ -32,10 +32,10 @@ from device_sim.device import registration as reg
 from device_sim.device.driver import run_registration
 from device_sim.device.transport_https import CrtRuntime, TlsIdentity, client_tls_context
 from device_sim.fleet.report import DeviceResult, FleetReport
-from hsm_setup.errors import UserError
+from device_sim.common.errors import UserError
 
 if TYPE_CHECKING:  # the endpoint and request options `device-sim register` resolves, shared
-    from device_sim.register_cli import Target
+    from device_sim.cli.register import Target
 
 # Outcome statuses as the fleet report names them (the flow's names, plus setup errors).
 SETUP_ERROR = "setup_error"  # the TLS context could not be made (PIN, key, certificate)

@@ -20,8 +20,9 @@ import requests
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from device_sim.device.chain_builder import load_pem_file  # the one certificate-file reader
-from device_sim.stub import sas, server
-from hsm_setup.errors import UserError
+from device_sim.stub import server
+from device_sim.stub.core import sas
+from device_sim.common.errors import UserError
 
 API_VERSION = "2021-10-01"
 EXIT_SERVICE_ERROR = 3  # the service answered with an error

@@ -10,7 +10,7 @@ Layout of `<home>/stub/`:
 Extra front ends (MQTT) plug in through `ListenerFactory`: a callable that receives the
 running `StubApp` (core objects, TLS identity, limits) and returns a `Listener` (or None
 when not enabled). Its `url` appears in the ready line as `<name>_url`.
-`device_sim/stub/cli.py` finds such factories in the modules named in LISTENER_MODULES.
+`device_sim/cli/stub.py` finds such factories in the modules named in LISTENER_MODULES.
 """
 
 from __future__ import annotations
@@ -27,14 +27,15 @@ from typing import TYPE_CHECKING, Callable, Protocol, Sequence
 
 from OpenSSL import SSL
 
-from device_sim.stub import http_server, tls
-from device_sim.stub.config import Hub, StubConfig
-from hsm_setup.errors import UserError
+from device_sim.stub.net import http as http_server
+from device_sim.stub.net import tls
+from device_sim.stub.core.config import Hub, StubConfig
+from device_sim.common.errors import UserError
 
 if TYPE_CHECKING:
-    from device_sim.stub.device_api import DeviceApi
-    from device_sim.stub.service_api import ServiceApi
-    from device_sim.stub.store import Store
+    from device_sim.stub.core.device_api import DeviceApi
+    from device_sim.stub.core.service_api import ServiceApi
+    from device_sim.stub.core.store import Store
 
 STATE_SUBDIR = "stub"
 DB_FILE = "stub.db"
@@ -182,9 +183,9 @@ class StubServer:
     def start(self) -> dict:
         # The core is imported here so that the admin commands (which only need the file
         # layout above) do not load the decision engine and the store.
-        from device_sim.stub.device_api import DeviceApi
-        from device_sim.stub.service_api import ServiceApi
-        from device_sim.stub.store import Store
+        from device_sim.stub.core.device_api import DeviceApi
+        from device_sim.stub.core.service_api import ServiceApi
+        from device_sim.stub.core.store import Store
 
         options = self.options
         directory = state_dir(options.home)

@@ -7,7 +7,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from device_sim.device.chain_builder import NamedCert, build_chain, gather_candidates, load_pem_file
 from device_sim.device.chain_lint import ERROR, has_errors, lint_chain
-from hsm_setup.errors import UserError
+from device_sim.common.errors import UserError
 
 from .helpers import FilePki, issue, now, pem
 

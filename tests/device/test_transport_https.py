@@ -14,7 +14,7 @@ from device_sim.device.driver import run_registration
 from device_sim.device.transport import TlsFailure, TransportTimeout, Unreachable
 from device_sim.device.transport_https import CrtRuntime, HttpsTransport, TlsIdentity, client_tls_context
 from hsm_setup import tokens
-from hsm_setup.errors import UserError
+from device_sim.common.errors import UserError
 from .helpers import FilePki, LoopbackTlsServer, http_response, pem, server_identity
 
 

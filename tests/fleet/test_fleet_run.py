@@ -27,7 +27,7 @@ def run(env, program, *args, check=True, timeout=120):
 
 
 def hsm(env, *args, **kw):
-    return run(env, "hsm_setup.cli", *args, **kw)
+    return run(env, "device_sim.cli.hsm_setup", *args, **kw)
 
 
 def fleet_run(env, *args, **kw):

@@ -6,7 +6,7 @@ import pytest
 
 from device_sim.fleet.plot import histogram, write_plot
 from device_sim.fleet.report import DeviceResult, FleetReport, percentile, render_text
-from hsm_setup.errors import UserError
+from device_sim.common.errors import UserError
 
 
 def make(i, status="assigned", total=None, hub="hub-a"):

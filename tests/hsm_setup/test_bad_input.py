@@ -5,7 +5,7 @@ from cryptography import x509
 from pkcs11 import Attribute, ObjectClass
 
 from hsm_setup import certificates, devices
-from hsm_setup.errors import UserError
+from device_sim.common.errors import UserError
 
 
 @pytest.fixture

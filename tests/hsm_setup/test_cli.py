@@ -5,7 +5,7 @@ import json
 import pytest
 from cryptography import x509
 
-from hsm_setup.cli import build_parser
+from device_sim.cli.hsm_setup import build_parser
 
 
 def test_export_device_cert_and_chain(token_pki, run_hsm_setup):

@@ -13,7 +13,7 @@ from cryptography import x509
 from pkcs11 import Attribute, ObjectClass
 
 from hsm_setup import ca, devices, fleet, tokens
-from hsm_setup.errors import UserError
+from device_sim.common.errors import UserError
 
 from .verify import verify_client_chain
 

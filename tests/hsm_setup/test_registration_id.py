@@ -1,7 +1,7 @@
 import pytest
 
-from hsm_setup.errors import UserError
-from hsm_setup.registration_id import (normalize_registration_id, registration_id_problem,
+from device_sim.common.errors import UserError
+from device_sim.common.registration_id import (normalize_registration_id, registration_id_problem,
                                        validate_registration_id)
 
 

@@ -1,7 +1,7 @@
 import pytest
 from hypothesis import given, strategies as st
 
-from hsm_setup.errors import UserError
+from device_sim.common.errors import UserError
 from hsm_setup.uri import Pkcs11Uri
 
 

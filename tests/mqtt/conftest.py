@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from device_sim.stub import tls
+from device_sim.stub.net import tls
 from mqtt_helpers import Pki, RawClient, issue
 
 

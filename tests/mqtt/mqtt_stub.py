@@ -14,8 +14,9 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from device_sim.stub import sas, server
-from device_sim.stub.mqtt_server import listener_factory
+from device_sim.stub import server
+from device_sim.stub.core import sas
+from device_sim.stub.net.mqtt import listener_factory
 
 SERVICE_API_VERSION = "2021-10-01"
 

@@ -90,7 +90,7 @@ def test_busy_mqtt_port_is_a_one_line_error(tmp_path):
 
 def test_emulator_without_mqtt_is_named_when_mqtt_is_asked_for():
     from device_sim.device.transport_mqtt import emulator_url
-    from hsm_setup.errors import UserError
+    from device_sim.common.errors import UserError
 
     assert emulator_url({"mqtt_url": "mqtts://localhost:8883"}) == "mqtts://localhost:8883"
     with pytest.raises(UserError, match="--no-mqtt"):

@@ -23,9 +23,9 @@ from device_sim.mqtt.codec import (
     Subscribe,
     encode,
 )
-from device_sim.stub import tls
-from device_sim.stub.mqtt_server import response_publish, start_mqtt_listener
-from device_sim.stub.errors import Reply
+from device_sim.stub.net import tls
+from device_sim.stub.net.mqtt import response_publish, start_mqtt_listener
+from device_sim.stub.core.errors import Reply
 
 from mqtt_helpers import write_identity
 

@@ -14,10 +14,10 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from device_sim.mqtt import topics
 from device_sim.mqtt.codec import Connack, Connect, Disconnect, Pingreq, Pingresp, Puback, Publish, Suback, Subscribe, encode
-from device_sim.stub.config import StubConfig
-from device_sim.stub.device_api import DeviceApi
-from device_sim.stub.mqtt_server import DpsMqttSession, SessionClosed
-from device_sim.stub.store import Store
+from device_sim.stub.core.config import StubConfig
+from device_sim.stub.core.device_api import DeviceApi
+from device_sim.stub.net.mqtt import DpsMqttSession, SessionClosed
+from device_sim.stub.core.store import Store
 
 SCOPE = "0ne00FUZZ"
 USER = f"{SCOPE}/registrations/dev-a/api-version=2021-06-01"

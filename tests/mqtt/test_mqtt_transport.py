@@ -18,7 +18,7 @@ from device_sim.device.driver import run_registration
 from device_sim.device.transport_mqtt import MqttTransport
 from device_sim.mqtt import topics
 from device_sim.mqtt.codec import Connack, Decoder, Puback, Publish, Suback, Subscribe, encode
-from device_sim.stub import tls
+from device_sim.stub.net import tls
 from mqtt_helpers import pem
 
 ASSIGNING = json.dumps({"operationId": "op-1", "status": "assigning"}).encode()

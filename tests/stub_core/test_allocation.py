@@ -2,9 +2,9 @@
 
 from collections import Counter
 
-from device_sim.stub.allocation import (BACK_TO_INITIAL, INITIAL, MIGRATED, RESET, allocate,
+from device_sim.stub.core.allocation import (BACK_TO_INITIAL, INITIAL, MIGRATED, RESET, allocate,
                                         choose_hub)
-from device_sim.stub.config import Hub, StubConfig
+from device_sim.stub.core.config import Hub, StubConfig
 
 CONFIG = StubConfig(hubs=[Hub("a.example", weight=1), Hub("b.example", weight=3),
                           Hub("quiet.example", apply_allocation_policy=False)])

@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from device_sim.stub.allocation import INITIAL, MIGRATED
-from device_sim.stub.config import Hub
-from device_sim.stub.device_api import DeviceApi
+from device_sim.stub.core.allocation import INITIAL, MIGRATED
+from device_sim.stub.core.config import Hub
+from device_sim.stub.core.device_api import DeviceApi
 
 from .env import API, SCOPE, Env
 from .pki import Device, Issuer

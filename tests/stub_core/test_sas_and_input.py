@@ -5,9 +5,9 @@ from urllib.parse import quote_plus
 
 import pytest
 
-from device_sim.stub.cert_input import parse_certificate
-from device_sim.stub.errors import DpsError
-from device_sim.stub.sas import SasError, covers, make_token, verify_token
+from device_sim.stub.core.cert_input import parse_certificate
+from device_sim.stub.core.errors import DpsError
+from device_sim.stub.core.sas import SasError, covers, make_token, verify_token
 
 from .pki import Issuer, b64_der, b64_pem, pem
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from device_sim.stub.sas import make_token
+from device_sim.stub.core.sas import make_token
 
 from .env import KEY, Env
 from .pki import Device, Issuer, b64_der, b64_pem, pem

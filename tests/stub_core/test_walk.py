@@ -2,8 +2,8 @@
 
 import datetime as dt
 
-from device_sim.stub.cert_input import sha256_thumbprint as tp
-from device_sim.stub.enrollment_walk import (ASSIGN, DISABLED, GROUP, INDIVIDUAL, UNAUTHORIZED,
+from device_sim.stub.core.cert_input import sha256_thumbprint as tp
+from device_sim.stub.core.enrollment_walk import (ASSIGN, DISABLED, GROUP, INDIVIDUAL, UNAUTHORIZED,
                                              Entry, MemoryView, decide)
 
 from .pki import NOW, Device, Issuer, leaf_with_validity

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from device_sim.stub import http_server, tls
-from device_sim.stub.errors import Reply
+from device_sim.stub.net import http as http_server
+from device_sim.stub.net import tls
+from device_sim.stub.core.errors import Reply
 
 from .stubpki import Pki, write_identity
 

@@ -26,13 +26,13 @@ def test_token_ca_proof_of_possession_then_a_token_device_registers(token_emulat
 
     verification = tmp_path / "verification.pem"
     made = cli("ca", "verification-cert", "root", "--code", code, "--out", verification,
-               env=token_pki.env(), program="hsm_setup.cli")
+               env=token_pki.env(), program="device_sim.cli.hsm_setup")
     assert made.returncode == 0 and verification.exists()
 
     # A certificate with the right CN but from another key must not pass.
     wrong = tmp_path / "wrong.pem"
     cli("ca", "verification-cert", "intermediate", "--code", code, "--out", wrong,
-        env=token_pki.env(), program="hsm_setup.cli")
+        env=token_pki.env(), program="device_sim.cli.hsm_setup")
     refused = emulator.admin("ca", "verify", "token-root", wrong, check=False)
     assert refused.returncode == 3 and "Traceback" not in refused.stderr
 

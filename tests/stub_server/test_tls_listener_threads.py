@@ -6,7 +6,8 @@ import socket
 import threading
 import time
 
-from device_sim.stub import http_server, tls
+from device_sim.stub.net import http as http_server
+from device_sim.stub.net import tls
 
 from .conftest import EchoDeviceApi, client_context, read_response, tls_connect
 from .test_transport import request_bytes

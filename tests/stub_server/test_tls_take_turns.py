@@ -10,7 +10,8 @@ import time
 
 import pytest
 
-from device_sim.stub import http_server, tls
+from device_sim.stub.net import http as http_server
+from device_sim.stub.net import tls
 
 from .conftest import EchoDeviceApi, client_context
 from .test_transport import *  # noqa: F401,F403 - the transport tests, collected again here

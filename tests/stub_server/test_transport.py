@@ -16,7 +16,8 @@ import time
 
 import pytest
 
-from device_sim.stub import http_server, tls
+from device_sim.stub.net import http as http_server
+from device_sim.stub.net import tls
 
 from .conftest import client_context, read_response, tls_connect
 from .stubpki import write_identity

@@ -34,7 +34,7 @@ from datetime import datetime, timezone
 
 from cryptography import x509
 
-from hsm_setup.registration_id import MAX_LENGTH, registration_id_problem
+from device_sim.common.registration_id import MAX_LENGTH, registration_id_problem
 
 from . import errors
 from .allocation import allocate

@@ -9,14 +9,15 @@ import json
 import signal
 import threading
 
-from hsm_setup.errors import UserError
-from hsm_setup.home import add_home_argument, ensure_home, resolve_home
+from device_sim.common.errors import UserError
+from device_sim.cli.options import add_home_argument
+from device_sim.common.home import ensure_home, resolve_home
 
 # Modules adding another front end to `stub serve`. Each provides
 #   add_serve_arguments(parser)            its options (e.g. --mqtt-port)
 #   listener_factory(args) -> server.ListenerFactory | None
 # and is skipped while it does not exist yet.
-LISTENER_MODULES = ("device_sim.stub.mqtt_server",)
+LISTENER_MODULES = ("device_sim.stub.net.mqtt",)
 
 RECORD_KINDS = {"group": "enrollmentGroups", "enroll": "enrollments"}
 
@@ -77,7 +78,7 @@ def _add_serve(verbs) -> None:
 
 
 def _parse_hubs(values):
-    from device_sim.stub.config import Hub
+    from device_sim.stub.core.config import Hub
 
     if not values:
         return None
@@ -91,7 +92,8 @@ def _parse_hubs(values):
 
 
 def run_serve(args) -> int:
-    from device_sim.stub import server, tls
+    from device_sim.stub import server
+    from device_sim.stub.net import tls
 
     home = ensure_home(args.home)
     for name, port in (("--port", args.port), ("--service-port", args.service_port)):

@@ -16,8 +16,9 @@ from device_sim.device.outcome import EXIT_TABLE, as_json, exit_code, human_summ
 from device_sim.device.registration import RegistrationFlow
 from device_sim.device.transport_https import (DEFAULT_API_VERSION, HttpsTransport, TlsIdentity,
                                                client_tls_context)
-from hsm_setup.errors import UserError
-from hsm_setup.home import add_home_argument, ensure_home
+from device_sim.common.errors import UserError
+from device_sim.cli.options import add_home_argument
+from device_sim.common.home import ensure_home
 
 GLOBAL_ENDPOINT = "global.azure-devices-provisioning.net"
 DEFAULT_TIMEOUT = 60.0

@@ -10,8 +10,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from device_sim.device import chain_builder, chain_lint
 from device_sim.device.identity import load_identity
-from device_sim.register_cli import add_identity_arguments
-from hsm_setup.home import ensure_home
+from device_sim.cli.register import add_identity_arguments
+from device_sim.common.home import ensure_home
 
 EXIT_LINT_FAILED = 1
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 
-from hsm_setup.errors import UserError
+from device_sim.common.errors import UserError
 
 MAX_LENGTH = 128
 MAX_CN_LENGTH = 64

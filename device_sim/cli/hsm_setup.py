@@ -12,8 +12,10 @@ import sys
 from pathlib import Path
 
 from hsm_setup import ca, certificates, devices, fleet, identities, module, tokens, verification
-from hsm_setup.errors import UserError, run_cli
-from hsm_setup.home import add_home_argument, ensure_home
+from device_sim.cli.runner import run_cli
+from device_sim.common.errors import UserError
+from device_sim.cli.options import add_home_argument
+from device_sim.common.home import ensure_home
 from hsm_setup.interrupts import StopRequest
 from hsm_setup.key_types import add_key_argument, key_spec
 from hsm_setup.pins import ENV_SO_PIN, PinBook, resolve_pin

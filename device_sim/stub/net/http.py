@@ -23,9 +23,9 @@ from urllib.parse import parse_qsl, unquote
 from cryptography import x509
 from OpenSSL import SSL
 
-from device_sim.stub import errors
-from device_sim.stub.errors import Reply, error_reply
-from device_sim.stub.tls import Limits, TlsClosed, TlsStream
+from device_sim.stub.core import errors
+from device_sim.stub.core.errors import Reply, error_reply
+from device_sim.stub.net.tls import Limits, TlsClosed, TlsStream
 
 MAX_HEAD = 16 * 1024  # request line + headers
 MAX_HEADERS = 100

@@ -20,13 +20,3 @@ def ensure_home(arg: str | os.PathLike | None = None) -> Path:
     home = resolve_home(arg)
     home.mkdir(parents=True, exist_ok=True, mode=0o700)
     return home
-
-
-def add_home_argument(parser) -> None:
-    """The `--home` option every command that touches state takes."""
-    parser.add_argument(
-        "--home",
-        metavar="DIR",
-        default=None,
-        help=f"state directory (default: ${ENV_HOME} or ./{DEFAULT_HOME})",
-    )

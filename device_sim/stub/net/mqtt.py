@@ -57,8 +57,8 @@ from device_sim.mqtt.codec import (
     Subscribe,
     encode,
 )
-from device_sim.stub.tls import Limits, TlsListener, device_context
-from hsm_setup.errors import UserError
+from device_sim.stub.net.tls import Limits, TlsListener, device_context
+from device_sim.common.errors import UserError
 
 READ_CHUNK = 64 * 1024
 # MQTT 3.1.1 §3.1.2.10: the server drops a client silent for one and a half keep-alives.

@@ -10,14 +10,15 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from device_sim import register_cli
+from device_sim.cli import register as register_cli
 from device_sim.device import chain_builder
 from device_sim.fleet import identities, plot
 from device_sim.fleet.report import render_text
 from device_sim.fleet.runner import FleetSettings, fast_trust_defaults, run_fleet
 from hsm_setup import module, pins
-from hsm_setup.errors import UserError
-from hsm_setup.home import add_home_argument, ensure_home
+from device_sim.common.errors import UserError
+from device_sim.cli.options import add_home_argument
+from device_sim.common.home import ensure_home
 
 DEFAULT_CONCURRENCY = 64
 DEFAULT_TIMEOUT = 60.0

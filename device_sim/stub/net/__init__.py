@@ -1,0 +1,1 @@
+"""The emulator's network edges: TLS, HTTP and MQTT front ends over `stub.core`."""
