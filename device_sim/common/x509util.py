@@ -1,0 +1,144 @@
+"""Facts about X.509 certificates that the device, the emulator and hsm_setup all need,
+decided once: the subject CN, thumbprints, who issued whom, what makes a CA certificate
+fit to issue, and reading certificate text.
+
+The rules come from DPS X.509 attestation (docs/x509-rules.md): the leaf's single subject
+CN is the registration ID; a CA certificate must say CA:TRUE, allow keyCertSign when it
+has a keyUsage, and respect its pathLenConstraint.
+"""
+
+from __future__ import annotations
+
+import functools
+from datetime import datetime
+from pathlib import Path
+from typing import Sequence
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+
+PEM_MARK = b"-----BEGIN"
+
+
+class CertificateError(ValueError):
+    """Certificate text that cannot be read; the message says what was expected."""
+
+
+def common_name(cert: x509.Certificate) -> str | None:
+    """The subject CN when there is exactly one, else None (several CNs name no device)."""
+    try:
+        names = cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+    except ValueError:  # a subject cryptography cannot decode
+        return None
+    if len(names) != 1:
+        return None
+    value = names[0].value
+    return value if isinstance(value, str) else value.decode("utf-8", "replace")
+
+
+def describe(cert: x509.Certificate) -> str:
+    """`CN=...`, else the whole subject: how messages name a certificate."""
+    cn = common_name(cert)
+    if cn:
+        return f"CN={cn}"
+    try:
+        return cert.subject.rfc4514_string() or "(empty subject)"
+    except ValueError:
+        return "(unreadable subject)"
+
+
+# Every device of a group presents the same CA certificates and a connection's polls look
+# its leaf up again. Certificates hash and compare by their DER, so a remembered
+# thumbprint is exactly the one that would be computed (~9 us saved per certificate).
+@functools.lru_cache(maxsize=4096)
+def sha256_thumbprint(cert: x509.Certificate) -> str:
+    """Upper-case hex SHA-256 over the DER: the key every index of the emulator uses."""
+    return cert.fingerprint(hashes.SHA256()).hex().upper()
+
+
+def sha1_thumbprint(cert: x509.Certificate) -> str:
+    return cert.fingerprint(hashes.SHA1()).hex().upper()
+
+
+def is_self_issued(cert: x509.Certificate) -> bool:
+    return cert.issuer == cert.subject
+
+
+def signature_verifies(child: x509.Certificate, parent: x509.Certificate) -> bool:
+    """True when `parent`'s key made `child`'s signature (names are not compared)."""
+    try:
+        child.verify_directly_issued_by(parent)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
+
+
+def issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+    """True when `issuer`'s name and key made `cert`."""
+    return cert.issuer == issuer.subject and signature_verifies(cert, issuer)
+
+
+def is_self_signed(cert: x509.Certificate) -> bool:
+    return is_self_issued(cert) and signature_verifies(cert, cert)
+
+
+def in_validity(cert: x509.Certificate, now: datetime) -> bool:
+    return cert.not_valid_before_utc <= now <= cert.not_valid_after_utc
+
+
+def ca_problem(cert: x509.Certificate, issued_below: int = 0) -> str | None:
+    """Why `cert` may not issue a chain with `issued_below` CA certificates under it, or
+    None. Malformed extensions (duplicates, bad encodings) are a problem, not an exception."""
+    try:
+        extensions = cert.extensions
+    except ValueError as exc:  # cryptography's DuplicateExtension and decoding errors
+        return f"has unreadable extensions ({exc})"
+    try:
+        basic = extensions.get_extension_for_class(x509.BasicConstraints).value
+    except x509.ExtensionNotFound:
+        return "is not a CA certificate (no basicConstraints)"
+    if not basic.ca:
+        return "is not a CA certificate (basicConstraints CA:FALSE)"
+    if basic.path_length is not None and basic.path_length < issued_below:
+        return f"has pathLenConstraint {basic.path_length} but {issued_below} CA(s) below it"
+    try:
+        usage = extensions.get_extension_for_class(x509.KeyUsage).value
+    except x509.ExtensionNotFound:
+        return None
+    if not usage.key_cert_sign:
+        return "is not allowed to sign certificates (keyUsage lacks keyCertSign)"
+    return None
+
+
+def is_ca(cert: x509.Certificate) -> bool:
+    return ca_problem(cert) is None
+
+
+def load_certificates(data: bytes, source: str = "input") -> list[x509.Certificate]:
+    """Every certificate in PEM text, or the one in DER; CertificateError naming `source`."""
+    try:
+        if PEM_MARK in data:
+            certs = x509.load_pem_x509_certificates(data)
+        else:
+            certs = [x509.load_der_x509_certificate(data)]
+    except ValueError:
+        raise CertificateError(f"{source} holds no X.509 certificate (no readable X.509 PEM or DER in it)") from None
+    return certs
+
+
+def load_certificate_file(path: str | Path) -> list[x509.Certificate]:
+    """Every certificate in a PEM (or single DER) file; CertificateError naming the file."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise CertificateError(f"cannot read certificate file {path}: {exc.strerror}") from None
+    return load_certificates(data, str(path))
+
+
+def to_pem(certs: Sequence[x509.Certificate]) -> bytes:
+    return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs)
+
+
+def to_der(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.DER)
