@@ -18,11 +18,14 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 
+from device_sim.common.errors import UserError
+
 PEM_MARK = b"-----BEGIN"
 
 
-class CertificateError(ValueError):
-    """Certificate text that cannot be read; the message says what was expected."""
+class CertificateError(UserError, ValueError):
+    """Certificate text that cannot be read; the message says what was expected (a
+    `UserError`, so a CLI shows it as one line; the emulator answers it with a 400)."""
 
 
 def common_name(cert: x509.Certificate) -> str | None:
