@@ -1,0 +1,109 @@
+"""`device-sim stub serve`: run the local DPS emulator until SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import signal
+import threading
+
+from device_sim.cli.options import add_home_argument
+from device_sim.common.errors import UserError
+from device_sim.common.home import ensure_home
+
+# Modules adding another front end to `stub serve`. Each provides
+#   add_serve_arguments(parser)            its options (e.g. --mqtt-port)
+#   listener_factory(args) -> server.ListenerFactory | None
+# and is skipped while it does not exist yet.
+LISTENER_MODULES = ("device_sim.stub.net.mqtt",)
+
+
+# --------------------------------------------------------------------------- serve
+
+
+def _listener_modules():
+    for name in LISTENER_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:
+                raise
+            continue
+        if hasattr(module, "add_serve_arguments") and hasattr(module, "listener_factory"):
+            yield module
+
+
+def add_serve(verbs) -> None:
+    parser = verbs.add_parser(
+        "serve", help="run the emulator until SIGTERM/SIGINT",
+        description="Run the local DPS emulator. Prints one JSON line on stdout when ready "
+                    "(device_url, service_url, id_scope, ca_cert, service_key_file, pid, ...); "
+                    "state (SQLite, CA, service key) lives in <home>/stub/.",
+    )
+    add_home_argument(parser)
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=0, help="device API (HTTPS) port; 0 picks a free one (default)")
+    parser.add_argument("--service-port", type=int, default=0, help="service API (HTTPS) port; 0 picks a free one")
+    parser.add_argument("--id-scope", help="ID scope (default: the one chosen on first start)")
+    parser.add_argument("--hub", action="append", metavar="NAME[=WEIGHT]",
+                        help="linked IoT hub host name, repeatable (default: the ones chosen before, "
+                             "else stub-hub-1.azure-devices.net)")
+    parser.add_argument("--assignment-delay", type=float, default=0.0, metavar="S",
+                        help="seconds an operation stays 'assigning' (default 0)")
+    parser.add_argument("--retry-after", type=int, default=1, metavar="S", help="Retry-After seconds on 202 (default 1)")
+    parser.add_argument("--throttle", type=int, default=0, metavar="N",
+                        help="answer the first N device requests of each registration ID with 429 (default 0)")
+    parser.add_argument("--server-name", action="append", default=[], metavar="NAME",
+                        help="extra DNS name or IP for the server certificate (localhost and 127.0.0.1 are always in it)")
+    parser.add_argument("--max-connections", type=int, default=512, metavar="N",
+                        help="connections served at once per port; more wait in the backlog (default 512)")
+    for module in _listener_modules():
+        module.add_serve_arguments(parser)
+    parser.set_defaults(func=run_serve)
+
+
+def _parse_hubs(values):
+    from device_sim.stub.core.config import Hub
+
+    if not values:
+        return None
+    hubs = []
+    for value in values:
+        name, sep, weight = value.partition("=")
+        if sep and not weight.isdigit():
+            raise UserError(f"--hub {value!r}: weight must be a whole number 1..1000 (NAME=WEIGHT)")
+        hubs.append(Hub(name.strip(), int(weight) if sep else 1))
+    return hubs
+
+
+def run_serve(args) -> int:
+    from device_sim.stub import server
+    from device_sim.stub.net import tls
+
+    home = ensure_home(args.home)
+    for name, port in (("--port", args.port), ("--service-port", args.service_port)):
+        if not 0 <= port <= 65535:
+            raise UserError(f"{name} {port} is not a TCP port (0..65535)")
+    if args.max_connections < 1:
+        raise UserError("--max-connections must be at least 1")
+    options = server.ServeOptions(
+        home=home, host=args.host, port=args.port, service_port=args.service_port,
+        server_names=args.server_name, id_scope=args.id_scope, hubs=_parse_hubs(args.hub),
+        assignment_delay=args.assignment_delay, retry_after=args.retry_after, throttle=args.throttle,
+        limits=tls.Limits(max_connections=args.max_connections),
+    )
+    factories = [f for f in (m.listener_factory(args) for m in _listener_modules()) if f is not None]
+    stub = server.StubServer(options, factories)
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    try:
+        ready = stub.start()
+    except ValueError as exc:  # the core refuses the configuration
+        stub.close()
+        raise UserError(f"bad emulator settings: {exc}") from None
+    print(json.dumps(ready), flush=True)
+    stub.serve_until(stop)
+    return 0
+
+
