@@ -222,8 +222,12 @@ class SoftwareTpm:
     ``primary_id`` (tpm2_ptool's primary object), ``startup_seconds``.
     """
 
-    def __init__(self, workdir: Path, *, label: str, user_pin: str, so_pin: str):
+    def __init__(self, workdir: Path, *, label: str, user_pin: str, so_pin: str,
+                 max_transients: int | None = None):
         self.workdir = Path(workdir)
+        if max_transients is not None and not 1 <= max_transients <= 100:
+            raise ValueError("max_transients: tpm2-abrmd accepts 1..100")
+        self.max_transients = max_transients
         self.token_label = label
         self.user_pin = user_pin
         self.so_pin = so_pin
@@ -245,9 +249,10 @@ class SoftwareTpm:
     @classmethod
     @contextlib.contextmanager
     def start(cls, workdir, *, label: str = "tpm", user_pin: str = "1234",
-              so_pin: str = "87654321", timeout: float = 30.0):
+              so_pin: str = "87654321", timeout: float = 30.0, max_transients: int | None = None):
         """Context manager: a started token, stopped (every process ended) on exit."""
-        tpm = cls.launch(workdir, label=label, user_pin=user_pin, so_pin=so_pin, timeout=timeout)
+        tpm = cls.launch(workdir, label=label, user_pin=user_pin, so_pin=so_pin, timeout=timeout,
+                         max_transients=max_transients)
         try:
             yield tpm
         finally:
@@ -255,12 +260,19 @@ class SoftwareTpm:
 
     @classmethod
     def launch(cls, workdir, *, label: str = "tpm", user_pin: str = "1234",
-               so_pin: str = "87654321", timeout: float = 30.0) -> "SoftwareTpm":
+               so_pin: str = "87654321", timeout: float = 30.0,
+               max_transients: int | None = None) -> "SoftwareTpm":
         """Start everything and return the running token; the caller must call `stop()`.
+
+        `max_transients`: tpm2-abrmd's limit of loaded TPM objects per client connection,
+        1..100 (its default, 27, is what a real TPM host has too). tpm2-pkcs11 1.9 keeps
+        two loaded per key pair it generated, and one per key it signed with, until
+        C_Finalize: one process makes about 13 key pairs by default, about 50 with 100.
 
         On any failure every process started so far is ended before TpmStartError is raised.
         """
-        tpm = cls(workdir, label=label, user_pin=user_pin, so_pin=so_pin)
+        tpm = cls(workdir, label=label, user_pin=user_pin, so_pin=so_pin,
+                  max_transients=max_transients)
         began = time.monotonic()
         try:
             tpm._start(deadline=began + timeout)
@@ -352,6 +364,8 @@ class SoftwareTpm:
         argv = [self._programs["tpm2-abrmd"], "--session", "--logger=stdout", f"--tcti={self.tcti}"]
         if os.geteuid() == 0:
             argv.append("--allow-root")  # it refuses to run as root without it
+        if self.max_transients is not None:
+            argv.append(f"--max-transients={int(self.max_transients)}")
         proc = self._spawn("tpm2-abrmd", argv, env)
         query = [self._programs["dbus-send"], "--session", "--print-reply",
                  "--dest=org.freedesktop.DBus", "/org/freedesktop/DBus",

@@ -2,12 +2,14 @@
 
 ``software_tpm`` (session scope)
     One running `device_sim.testing.tpm.SoftwareTpm` with a token labelled "tpm" (user
-    PIN ``TEST_PIN``, SO PIN ``TEST_SO_PIN``). Its environment is put into os.environ for
+    PIN ``TEST_PIN``, SO PIN ``TEST_SO_PIN``), its resource manager allowing 100 loaded
+    objects per client (its maximum) instead of 27. Its environment is put into os.environ for
     the whole session, before any test loads libtpm2_pkcs11.so in this process (the
     module reads it in C_Initialize only), and restored afterwards.
 
 ``fresh_tpm`` (function scope)
-    A TPM of its own for a test that breaks it (kill_tpm). Do NOT use it in this process
+    A TPM of its own (tpm2-abrmd defaults) for a test that breaks it (kill_tpm) or
+    measures its limits. Do NOT use it in this process
     through the module: the session TPM owns libtpm2_pkcs11.so here; use it from a
     subprocess with ``{**os.environ, **fresh_tpm.env}``.
 
@@ -35,19 +37,36 @@ TOKEN_LABEL = "tpm"
 
 @pytest.fixture(scope="session")
 def software_tpm(tmp_path_factory):
+    # This process generates and uses a few dozen keys under one C_Initialize; tpm2-pkcs11
+    # keeps each loaded, and tpm2-abrmd's default of 27 loaded objects per client would
+    # stop it after about 13 key pairs (test_tpm_token pins that limit down); 100 (the
+    # most tpm2-abrmd accepts) allows about 50.
     tpm = SoftwareTpm.launch(tmp_path_factory.mktemp("software-tpm"), label=TOKEN_LABEL,
-                             user_pin=TEST_PIN, so_pin=TEST_SO_PIN)
+                             user_pin=TEST_PIN, so_pin=TEST_SO_PIN, max_transients=100)
     saved = {name: os.environ.get(name) for name in tpm.env}
     tpm.apply_env()
     try:
         yield tpm
     finally:
+        _finalize_module(tpm.module_path)
         tpm.stop()
         for name, value in saved.items():
             if value is None:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
+
+
+def _finalize_module(path: str) -> None:
+    """C_Finalize the module in this process while its TPM still runs (else the exit-time
+    C_Finalize floods stderr with failed Esys_FlushContext calls)."""
+    import pkcs11
+    from hsm_setup import tokens
+
+    tokens.forget_sessions()
+    loaded = pkcs11._loaded.get(path)  # python-pkcs11's per-path library objects
+    if loaded is not None and loaded.initialized:
+        loaded.finalize()
 
 
 @pytest.fixture
