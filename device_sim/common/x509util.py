@@ -119,6 +119,8 @@ def ca_problem(cert: x509.Certificate, issued_below: int = 0) -> str | None:
     return None
 
 
+# Remembered like the thumbprint: a fleet's devices present the same CA certificates.
+@functools.lru_cache(maxsize=4096)
 def unreadable_reason(cert: x509.Certificate) -> str | None:
     """Why some part the rules read (names, validity, extensions, key) cannot be decoded,
     or None. cryptography decodes these lazily, so a certificate that loaded may still

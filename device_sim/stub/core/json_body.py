@@ -39,15 +39,15 @@ def text_deeper_than(text: str, limit: int) -> bool:
 
 def deeper_than(value: object, limit: int) -> bool:
     """True when a parsed JSON value nests more than `limit` arrays/objects."""
-    pending = [(value, 1)]
-    while pending:
-        item, depth = pending.pop()
-        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
-        if children is None:
-            continue
+    level = [value] if isinstance(value, (dict, list)) else []
+    depth = 0
+    while level:  # one pass per nesting level, holding only the containers
+        depth += 1
         if depth > limit:
             return True
-        pending.extend((child, depth + 1) for child in children)
+        level = [child for item in level
+                 for child in (item.values() if isinstance(item, dict) else item)
+                 if isinstance(child, (dict, list))]
     return False
 
 
