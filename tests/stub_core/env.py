@@ -9,7 +9,7 @@ from pathlib import Path
 from device_sim.stub.core.config import Hub, StubConfig
 from device_sim.stub.core.device_api import DeviceApi
 from device_sim.stub.core.sas import make_token
-from device_sim.stub.core.service_api import SERVICE_API_VERSION, ServiceApi
+from device_sim.stub.core.service import SERVICE_API_VERSION, ServiceApi
 from device_sim.stub.core.store import Store
 
 from .pki import pem
@@ -95,5 +95,5 @@ class Env:
 
 
 def device_cn(cert):
-    from device_sim.stub.core.cert_input import common_name
+    from device_sim.common.x509util import common_name
     return common_name(cert)

@@ -182,7 +182,7 @@ def test_state_survives_a_restart_and_kill_9(tmp_path, pki):
     second = Emulator(home)
     assert second.ready["id_scope"] == scope
     assert second.ready["ca_cert"] == first.ready["ca_cert"]
-    (tmp_path / "leaf.pem").write_bytes(pki.device("dev-after").pem)
+    (tmp_path / "leaf.pem").write_bytes(pki.device("dev-individual").pem)
     second.admin("enroll", "create", "dev-individual", "--cert", tmp_path / "leaf.pem")
     second.stop(signal.SIGKILL)  # no clean shutdown: acknowledged writes must still be there
 
