@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 from datetime import datetime
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -111,6 +111,39 @@ def ca_problem(cert: x509.Certificate, issued_below: int = 0) -> str | None:
         return None
     if not usage.key_cert_sign:
         return "is not allowed to sign certificates (keyUsage lacks keyCertSign)"
+    return None
+
+
+def _label(cert: x509.Certificate, index: int) -> str:
+    return f"certificate {index} ({common_name(cert) or cert.subject.rfc4514_string()})"
+
+
+def chain_problem(chain: Sequence[x509.Certificate], now: datetime, *,
+                  signed_by: Callable[[x509.Certificate, x509.Certificate], bool] = signature_verifies) -> str | None:
+    """The first reason `chain` (leaf first, exactly as a device sent it) is not a valid
+    chain, else None: every certificate inside its validity, each one issued (name and
+    signature) by the next, each issuer fit to be a CA, a self-issued top self-signed.
+    Nothing is re-ordered or completed. `signed_by(child, parent)` checks one signature
+    (a caller checking many chains over the same CAs may pass a remembering one).
+    """
+    if not chain:
+        return "the chain is empty"
+    for index, cert in enumerate(chain):
+        if not in_validity(cert, now):
+            return f"{_label(cert, index)} is outside its validity period"
+    for index in range(len(chain) - 1):
+        child, parent = chain[index], chain[index + 1]
+        problem = ca_problem(parent, index)
+        if problem:
+            return f"{_label(parent, index + 1)} {problem}"
+        if child.issuer != parent.subject:
+            return (f"{_label(child, index)} was not issued by the next certificate sent "
+                    "(send the chain leaf first, in issuing order)")
+        if not signed_by(child, parent):
+            return f"{_label(child, index)} signature does not verify with its issuer"
+    top = chain[-1]
+    if is_self_issued(top) and not signed_by(top, top):
+        return f"{_label(top, len(chain) - 1)} self-signature does not verify"
     return None
 
 
