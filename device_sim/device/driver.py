@@ -79,7 +79,7 @@ def _fitted_delay(action: reg.Send, left: float) -> float | None:
     """The wait before `action`, or None when it cannot happen before the deadline."""
     if action.delay < left:
         return action.delay
-    if action.reconnect and left > LAST_TRY_S:
+    if action.reconnect and left > 2 * LAST_TRY_S:  # after that last try, too little is left for another
         return left - LAST_TRY_S
     return None
 

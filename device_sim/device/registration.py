@@ -295,28 +295,37 @@ class RegistrationFlow:
                                     error_message=f"the service answered an unknown operation status {status!r}"))
 
     def expire(self, reason: str) -> Done:
-        """The deadline passed before a final answer: how the registration ended.
+        """The deadline passed before a final answer, and the pending `Send` will not be
+        sent: how the registration ended.
 
         While connection failures were being retried the device ends with what they mean
         (`unreachable` for refused connections, ...); otherwise with `timeout`.
         """
+        if self._last is not None and self._done is None:
+            self.requests -= 1  # counts say what was sent, not what was planned
+            if self._last.retry:
+                self.retries_by_cause[self._last.cause] -= 1
+                self.retries_by_cause += Counter()  # drop causes that fell to zero
+        return self._expired(reason)
+
+    def _expired(self, reason: str) -> Done:
         failure = self._failure
         if failure is not None:
             return self._finish(Outcome(RETRIED_CONNECTION_CAUSES[failure.cause], self.operation_id,
-                                        error_message=f"{failure.message}; still failing after "
-                                        f"{self.reconnects} retries ({reason})"))
+                                        error_message=f"{failure.message}; {self.reconnects} connection "
+                                        f"attempt(s) in a row failed ({reason})"))
         return self._finish(Outcome(TIMEOUT, self.operation_id, error_message=reason))
 
     def _connection_failed(self, failure: ConnectionFailed) -> Send | Done:
         """Retry what can pass (an outage, a restart, a drop); end on what cannot."""
         if failure.cause == NO_ANSWER:
-            return self.expire(failure.message)  # the transport waited all the time that was left
+            return self._expired(failure.message)  # the transport waited all the time that was left
         if failure.cause not in RETRIED_CONNECTION_CAUSES:
             status = FINAL_CONNECTION_CAUSES.get(failure.cause, PROTOCOL_ERROR)
             return self._finish(Outcome(status, self.operation_id, error_message=failure.message))
         self._failure = failure
         self.reconnects += 1
-        wait = min(self.policy.reconnect_base * 2 ** (self.reconnects - 1), self.policy.reconnect_cap)
+        wait = min(self.policy.reconnect_base * 2 ** min(self.reconnects - 1, 30), self.policy.reconnect_cap)
         wait += self.rng.uniform(0, wait * self.policy.reconnect_jitter)
         # The last request again: once DPS gave an operation id that is a poll, so a device
         # whose connection dropped after register resumes its operation instead of registering again.
@@ -327,7 +336,7 @@ class RegistrationFlow:
         self.retries += 1
         retry_after = parse_retry_after(response.headers, self.policy.retry_after_cap)
         if retry_after is None:
-            wait = min(self.policy.backoff_base * 2 ** (self.retries - 1), self.policy.backoff_cap)
+            wait = min(self.policy.backoff_base * 2 ** min(self.retries - 1, 30), self.policy.backoff_cap)
         else:
             wait = retry_after
         wait += self.rng.uniform(0, wait * self.policy.jitter)
