@@ -1,7 +1,7 @@
 """DPS wire constants the device and the emulator both speak (docs/device.md, docs/emulator.md).
 
-Only names and values of the protocol: API versions and the registration statuses. No
-behaviour of either side lives here.
+Only names and values of the protocol: API versions, the registration and provisioning
+statuses, and the Retry-After rule. No behaviour of either side lives here.
 """
 
 from __future__ import annotations
@@ -22,3 +22,16 @@ UNASSIGNED = "unassigned"
 # `provisioningStatus` of an enrollment or enrollment group.
 ENABLED = "enabled"
 PROVISIONING_STATUSES = (ENABLED, DISABLED)
+
+
+def parse_retry_after(value: str | None) -> int | None:
+    """Retry-After (HTTP header or MQTT topic property) as integer seconds, else None.
+
+    Only the delta-seconds form: the HTTP-date form is ignored, as the DPS SDKs do.
+    """
+    if value is None:
+        return None
+    text = str(value).strip()
+    if text.startswith("-") and text[1:].isascii() and text[1:].isdigit():
+        return 0  # a negative delay means "now"
+    return int(text) if text.isascii() and text.isdigit() else None

@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 from datetime import datetime
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
@@ -134,6 +134,43 @@ def unreadable_reason(cert: x509.Certificate) -> str | None:
         cert.signature_hash_algorithm
     except _UNREADABLE as exc:
         return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def _label(cert: x509.Certificate, index: int) -> str:
+    return f"certificate {index} ({describe(cert)})"
+
+
+def chain_problem(chain: Sequence[x509.Certificate], now: datetime, *,
+                  signed_by: Callable[[x509.Certificate, x509.Certificate], bool] = signature_verifies) -> str | None:
+    """The first reason `chain` (leaf first, exactly as a device sent it) is not a valid
+    chain, else None: every certificate inside its validity, each one issued (name and
+    signature) by the next, each issuer fit to be a CA, a self-issued top self-signed.
+    Nothing is re-ordered or completed. `signed_by(child, parent)` checks one signature
+    (a caller checking many chains over the same CAs may pass a remembering one).
+    """
+    if not chain:
+        return "the chain is empty"
+    for index, cert in enumerate(chain):
+        unreadable = unreadable_reason(cert)
+        if unreadable:
+            return f"certificate {index} cannot be read ({unreadable})"
+    for index, cert in enumerate(chain):
+        if not in_validity(cert, now):
+            return f"{_label(cert, index)} is outside its validity period"
+    for index in range(len(chain) - 1):
+        child, parent = chain[index], chain[index + 1]
+        problem = ca_problem(parent, index)
+        if problem:
+            return f"{_label(parent, index + 1)} {problem}"
+        if child.issuer != parent.subject:
+            return (f"{_label(child, index)} was not issued by the next certificate sent "
+                    "(send the chain leaf first, in issuing order)")
+        if not signed_by(child, parent):
+            return f"{_label(child, index)} signature does not verify with its issuer"
+    top = chain[-1]
+    if is_self_issued(top) and not signed_by(top, top):
+        return f"{_label(top, len(chain) - 1)} self-signature does not verify"
     return None
 
 

@@ -21,8 +21,9 @@ from .helpers import FilePki, LoopbackTlsServer, http_response, pem, server_iden
 class Device:
     """The bits of token_pki's device-ec-p256 these tests need."""
 
-    def __init__(self, pki):
+    def __init__(self, pki, runtime):
         record = pki.device("device-ec-p256")
+        self.runtime = runtime
         self.pki_fixture = pki
         self.token_label = record.token_label
         self.key_label = record.label
@@ -36,10 +37,15 @@ class Device:
         self.pin = pki.pin
 
 
+@pytest.fixture(scope="module")
+def crt_runtime():
+    return CrtRuntime()
+
+
 @pytest.fixture()
-def device(token_pki):
+def device(token_pki, crt_runtime):
     token_pki.lib()  # other tests may have pointed SoftHSM at another state directory meanwhile
-    return Device(token_pki)
+    return Device(token_pki, crt_runtime)
 
 
 @pytest.fixture(scope="module")
@@ -50,12 +56,12 @@ def server_pki():
 def tls_context(device, chain=None, trust=None, server_root=None):
     identity = TlsIdentity(device.module_path, device.key_label, chain or pem(device.leaf, device.inter),
                            device.pin, slot_id=device.slot_id)
-    return client_tls_context(identity, trust or pem(server_root))
+    return client_tls_context(identity, trust or pem(server_root), device.runtime)
 
 
 def transport_for(device, port, server_pki, **kw):
     return HttpsTransport("localhost", port, "0ne0000TEST", "dev-1",
-                          tls_context(device, server_root=server_pki.root, **kw))
+                          tls_context(device, server_root=server_pki.root, **kw), runtime=device.runtime)
 
 
 def assigned_body(op="op-1"):
@@ -91,7 +97,7 @@ def test_endpoint_given_as_an_ip_address_is_verified_against_the_ip_san(device, 
     server = LoopbackTlsServer(*server_cert, responses=[http_response(200, assigned_body())])
     try:
         transport = HttpsTransport("127.0.0.1", server.port, "0ne0000TEST", "dev-1",
-                                   tls_context(device, server_root=server_pki.root))
+                                   tls_context(device, server_root=server_pki.root), runtime=device.runtime)
         outcome, _ = run_registration(reg.RegistrationFlow("dev-1"), transport, 10)
     finally:
         server.close()

@@ -36,10 +36,9 @@ from typing import Protocol
 
 from cryptography import x509
 
-from device_sim.common import dps
-from device_sim.common.x509util import (ca_problem, common_name, describe, in_validity,
-                                        is_self_issued, sha256_thumbprint, signature_verifies,
-                                        unreadable_reason)
+from device_sim.common import dps, x509util
+from device_sim.common.x509util import (ca_problem, common_name, in_validity, is_self_issued,
+                                        sha256_thumbprint, signature_verifies)
 
 ASSIGN = "assign"
 DISABLED = dps.DISABLED
@@ -130,37 +129,21 @@ class Decision:
     leaf_thumbprint: str | None = None
 
 
-def _label(cert: x509.Certificate, index: int) -> str:
-    return f"certificate {index} ({describe(cert)})"
-
-
 def chain_problem(chain: Sequence[x509.Certificate], thumbprints: Sequence[str],
                   now: datetime, signatures: SignatureCache) -> str | None:
-    """The first reason the presented chain is not a valid chain as sent, else None."""
-    for index, cert in enumerate(chain):
-        unreadable = unreadable_reason(cert)
-        if unreadable:
-            return f"certificate {index} cannot be read ({unreadable})"
-    for index, cert in enumerate(chain):
-        if not in_validity(cert, now):
-            return f"{_label(cert, index)} is outside its validity period"
-    for index in range(len(chain) - 1):
-        child, parent = chain[index], chain[index + 1]
-        problem = ca_problem(parent, index)
-        if problem:
-            return f"{_label(parent, index + 1)} {problem}"
-        if child.issuer != parent.subject:
-            return (f"{_label(child, index)} was not issued by the next certificate sent "
-                    "(send the chain leaf first, in issuing order)")
-        memo = (thumbprints[index], thumbprints[index + 1]) if index else None
-        if not signatures.verifies(child, parent, memo):
-            return f"{_label(child, index)} signature does not verify with its issuer"
-    top = chain[-1]
-    if is_self_issued(top):
-        key = (thumbprints[-1], thumbprints[-1])
-        if not signatures.verifies(top, top, key if len(chain) > 1 else None):
-            return f"{_label(top, len(chain) - 1)} self-signature does not verify"
-    return None
+    """The first reason the presented chain is not a valid chain as sent, else None: the
+    rules of `x509util.chain_problem` (which `chain lint` applies too), with CA-to-CA links
+    remembered (a leaf's own signature is checked each time)."""
+    leaf = chain[0] if chain else None
+    index_of = {id(cert): index for index, cert in enumerate(chain)}
+
+    def signed_by(child: x509.Certificate, parent: x509.Certificate) -> bool:
+        if child is leaf:
+            return signatures.verifies(child, parent)
+        return signatures.verifies(child, parent, (thumbprints[index_of[id(child)]],
+                                                   thumbprints[index_of[id(parent)]]))
+
+    return x509util.chain_problem(chain, now, signed_by=signed_by)
 
 
 def _store_signer_verified(top: x509.Certificate, top_thumbprint: str, view: StoreView,
