@@ -18,7 +18,7 @@ from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
 from pkcs11.util.ec import encode_named_curve_parameters
 
 from hsm_setup import keys, tokens
-from hsm_setup.errors import UserError
+from device_sim.common.errors import UserError
 from hsm_setup.key_types import KEY_TYPES, KeySpec, key_spec
 
 BIN = Path(sys.executable).parent
