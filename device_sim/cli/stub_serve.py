@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 import signal
 import threading
@@ -10,27 +9,10 @@ import threading
 from device_sim.cli.options import add_home_argument
 from device_sim.common.errors import UserError
 from device_sim.common.home import ensure_home
-
-# Modules adding another front end to `stub serve`. Each provides
-#   add_serve_arguments(parser)            its options (e.g. --mqtt-port)
-#   listener_factory(args) -> server.ListenerFactory | None
-# and is skipped while it does not exist yet.
-LISTENER_MODULES = ("device_sim.stub.net.mqtt",)
+from device_sim.stub.net import mqtt
 
 
 # --------------------------------------------------------------------------- serve
-
-
-def _listener_modules():
-    for name in LISTENER_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name != name:
-                raise
-            continue
-        if hasattr(module, "add_serve_arguments") and hasattr(module, "listener_factory"):
-            yield module
 
 
 def add_serve(verbs) -> None:
@@ -57,8 +39,7 @@ def add_serve(verbs) -> None:
                         help="extra DNS name or IP for the server certificate (localhost and 127.0.0.1 are always in it)")
     parser.add_argument("--max-connections", type=int, default=512, metavar="N",
                         help="connections served at once per port; more wait in the backlog (default 512)")
-    for module in _listener_modules():
-        module.add_serve_arguments(parser)
+    _add_mqtt_arguments(parser)
     parser.set_defaults(func=run_serve)
 
 
@@ -78,7 +59,7 @@ def _parse_hubs(values):
 
 def run_serve(args) -> int:
     from device_sim.stub import server
-    from device_sim.stub.net import tls
+    from device_sim.stub.net.listener import Limits
 
     home = ensure_home(args.home)
     for name, port in (("--port", args.port), ("--service-port", args.service_port)):
@@ -90,9 +71,9 @@ def run_serve(args) -> int:
         home=home, host=args.host, port=args.port, service_port=args.service_port,
         server_names=args.server_name, id_scope=args.id_scope, hubs=_parse_hubs(args.hub),
         assignment_delay=args.assignment_delay, retry_after=args.retry_after, throttle=args.throttle,
-        limits=tls.Limits(max_connections=args.max_connections),
+        limits=Limits(max_connections=args.max_connections),
     )
-    factories = [f for f in (m.listener_factory(args) for m in _listener_modules()) if f is not None]
+    factories = [f for f in (_mqtt_listener_factory(args),) if f is not None]
     stub = server.StubServer(options, factories)
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -107,3 +88,31 @@ def run_serve(args) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- front ends
+
+
+def _add_mqtt_arguments(parser) -> None:
+    parser.add_argument("--mqtt-port", type=int, default=mqtt.DEFAULT_PORT, metavar="PORT",
+                        help=f"DPS MQTT (TLS) port; 0 picks a free one (default {mqtt.DEFAULT_PORT}, "
+                             "the port the Azure SDKs use)")
+    parser.add_argument("--no-mqtt", action="store_true", help="do not serve MQTT")
+
+
+def _mqtt_listener_factory(args):
+    """The MQTT `server.ListenerFactory` for `stub serve`, or None with --no-mqtt."""
+    if args.no_mqtt:
+        return None
+    port = args.mqtt_port
+    if not 0 <= port <= 65535:
+        raise UserError(f"--mqtt-port {port} is not a TCP port (0..65535)")
+    bind = mqtt.listener_factory(port)
+
+    def factory(app):
+        try:
+            return bind(app)
+        except OSError as exc:
+            # stub serve turns an OSError into its one-line "cannot listen" error.
+            raise OSError(exc.errno, f"{exc.strerror} (--mqtt-port 0 picks a free port, "
+                                     "--no-mqtt turns MQTT off)") from None
+
+    return factory

@@ -1,25 +1,18 @@
 """Assembly of one emulator process: state directory, core, listeners, ready line, shutdown.
 
-Layout of `<home>/stub/`:
-  stub.db            SQLite (WAL) store: CA certificates, enrollments, registrations
-  settings.json      ID scope and hubs chosen on first start (reused after a restart)
-  service.key        service API key, base64, mode 600 (the SAS signing key; never printed)
-  tls/ca.pem         CA clients must trust; tls/server.pem + server.key: the server identity
-  endpoint.json      written while serving: what the admin commands need to find the server
+The files it keeps below `<home>/stub/` are named in `stub/layout.py`.
 
 Extra front ends (MQTT) plug in through `ListenerFactory`: a callable that receives the
 running `StubApp` (core objects, TLS identity, limits) and returns a `Listener` (or None
 when not enabled). Its `url` appears in the ready line as `<name>_url`.
-`device_sim/cli/stub.py` finds such factories in the modules named in LISTENER_MODULES.
+`device_sim/cli/stub_serve.py` passes the factories of the front ends asked for.
 """
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import secrets
-import sys
 import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,22 +20,23 @@ from typing import TYPE_CHECKING, Callable, Protocol, Sequence
 
 from OpenSSL import SSL
 
-from device_sim.stub.net import http as http_server
-from device_sim.stub.net import tls
-from device_sim.stub.core.config import Hub, StubConfig
 from device_sim.common.errors import UserError
+from device_sim.common.files import write_atomic
+from device_sim.stub.core.config import Hub, StubConfig
+from device_sim.stub.layout import StateLayout, ensure_service_key, read_service_key
+# stub/admin.py still reads these names here; once it imports stub.layout this line goes.
+from device_sim.stub.layout import ENDPOINT_FILE, SERVICE_KEY_FILE, TLS_SUBDIR, state_dir  # noqa: F401
+from device_sim.stub.net import http as http_server
+from device_sim.stub.net.listener import Limits, TlsListener
+from device_sim.stub.net.log import log_stderr
+from device_sim.stub.net.server_pki import ServerIdentity, ensure_server_identity
+from device_sim.stub.net.tls_context import device_context, service_context
 
 if TYPE_CHECKING:
     from device_sim.stub.core.device_api import DeviceApi
     from device_sim.stub.core.service_api import ServiceApi
     from device_sim.stub.core.store import Store
 
-STATE_SUBDIR = "stub"
-DB_FILE = "stub.db"
-SETTINGS_FILE = "settings.json"
-SERVICE_KEY_FILE = "service.key"
-ENDPOINT_FILE = "endpoint.json"
-TLS_SUBDIR = "tls"
 DEFAULT_HUB = "stub-hub-1.azure-devices.net"
 
 
@@ -67,7 +61,7 @@ class ServeOptions:
     assignment_delay: float = 0.0
     retry_after: int = 1
     throttle: int = 0
-    limits: tls.Limits = field(default_factory=tls.Limits)
+    limits: Limits = field(default_factory=Limits)
 
 
 @dataclass
@@ -79,22 +73,18 @@ class StubApp:
     store: Store
     device_api: DeviceApi
     service_api: ServiceApi
-    identity: tls.ServerIdentity
+    identity: ServerIdentity
     host: str
     url_host: str
-    limits: tls.Limits
+    limits: Limits
     log: Callable[[str], None]
 
     def device_context(self) -> SSL.Context:
         """pyOpenSSL context for device ports (asks for any client chain, accepts any)."""
-        return tls.device_context(self.identity)
+        return device_context(self.identity)
 
 
 ListenerFactory = Callable[[StubApp], "Listener | None"]
-
-
-def state_dir(home: Path) -> Path:
-    return home / STATE_SUBDIR
 
 
 def new_id_scope() -> str:
@@ -103,7 +93,7 @@ def new_id_scope() -> str:
 
 
 def load_settings(directory: Path) -> dict:
-    path = directory / SETTINGS_FILE
+    path = StateLayout.at(directory).settings
     if not path.exists():
         return {}
     try:
@@ -122,7 +112,7 @@ def resolve_config(directory: Path, options: ServeOptions) -> StubConfig:
         try:
             hubs = [Hub(**hub) for hub in settings["hubs"]]
         except TypeError:
-            raise UserError(f"{directory / SETTINGS_FILE} has malformed hubs; fix it, delete it, "
+            raise UserError(f"{StateLayout.at(directory).settings} has malformed hubs; fix it, delete it, "
                             "or pass --hub") from None
     else:
         hubs = [Hub(DEFAULT_HUB)]
@@ -134,45 +124,15 @@ def resolve_config(directory: Path, options: ServeOptions) -> StubConfig:
         throttle=options.throttle,
     )  # validates: a bad value raises ValueError before anything is remembered
     settings = {"id_scope": id_scope, "hubs": [asdict(hub) for hub in hubs]}
-    _write_atomic(directory / SETTINGS_FILE, json.dumps(settings, indent=2) + "\n")
+    write_atomic(StateLayout.at(directory).settings, json.dumps(settings, indent=2) + "\n")
     return config
-
-
-def ensure_service_key(directory: Path) -> Path:
-    """The service API key: 32 random bytes, base64, created once with mode 600."""
-    path = directory / SERVICE_KEY_FILE
-    if not path.exists():
-        text = base64.b64encode(secrets.token_bytes(32)).decode() + "\n"
-        fd = os.open(path.with_name(path.name + ".tmp"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        os.replace(path.with_name(path.name + ".tmp"), path)
-    return path
-
-
-def read_service_key(path: Path) -> bytes:
-    try:
-        return base64.b64decode(path.read_text().strip(), validate=True)
-    except (OSError, ValueError) as exc:
-        raise UserError(f"cannot read the service key {path}: {type(exc).__name__}; "
-                        "delete it to make a new one") from exc
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _log_stderr(message: str) -> None:
-    print(f"device-sim stub: {message}", file=sys.stderr, flush=True)
 
 
 class StubServer:
     """One emulator: build with options, `start()` returns the ready info, `close()` stops."""
 
     def __init__(self, options: ServeOptions, extra_listeners: Sequence[ListenerFactory] = (),
-                 log: Callable[[str], None] = _log_stderr):
+                 log: Callable[[str], None] = log_stderr):
         self.options = options
         self.extra_listeners = list(extra_listeners)
         self.log = log
@@ -188,12 +148,13 @@ class StubServer:
         from device_sim.stub.core.store import Store
 
         options = self.options
-        directory = state_dir(options.home)
+        layout = StateLayout.of(options.home)
+        directory = layout.root
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         config = resolve_config(directory, options)
-        key_path = ensure_service_key(directory)
-        identity = tls.ensure_server_identity(directory / TLS_SUBDIR, options.server_names)
-        store = Store(directory / DB_FILE)
+        key_path = ensure_service_key(layout.service_key)
+        identity = ensure_server_identity(layout.tls_dir, options.server_names)
+        store = Store(layout.database)
         url_host = "localhost" if options.host in ("127.0.0.1", "::1", "localhost", "0.0.0.0", "::") else options.host
         self.app = app = StubApp(
             state_dir=directory,
@@ -222,22 +183,22 @@ class StubServer:
             "home": str(options.home),
             "pid": os.getpid(),
         }
-        _write_atomic(directory / ENDPOINT_FILE, json.dumps(self.ready, indent=2) + "\n")
+        write_atomic(layout.endpoint, json.dumps(self.ready, indent=2) + "\n")
         return self.ready
 
     def _start_listeners(self, app: StubApp) -> None:
         options = self.options
         on_device = http_server.device_handler(app.device_api)
         on_service = http_server.service_handler(app.service_api)
-        device = tls.TlsListener(
+        device = TlsListener(
             "device", "https", options.host, options.port, app.device_context(),
             lambda stream: http_server.serve_http(stream, on_device, app.limits, app.config.max_body, self.log),
             limits=app.limits, on_not_tls=http_server.plain_http_hint, url_host=app.url_host, log=self.log,
             one_at_a_time=True,  # the device handlers only wait in TlsStream reads and writes
         )
         self.listeners.append(device)
-        service = tls.TlsListener(
-            "service", "https", options.host, options.service_port, tls.service_context(app.identity),
+        service = TlsListener(
+            "service", "https", options.host, options.service_port, service_context(app.identity),
             lambda stream: http_server.serve_http(stream, on_service, app.limits, app.config.max_body, self.log),
             limits=app.limits, on_not_tls=http_server.plain_http_hint, url_host=app.url_host, log=self.log,
         )
@@ -262,7 +223,7 @@ class StubServer:
             self.app = None
 
     def _remove_endpoint_file(self) -> None:
-        path = state_dir(self.options.home) / ENDPOINT_FILE
+        path = StateLayout.of(self.options.home).endpoint
         try:
             if json.loads(path.read_text()).get("pid") == os.getpid():
                 path.unlink()

@@ -16,7 +16,7 @@ from device_sim.mqtt import topics
 from device_sim.mqtt.codec import Connack, Connect, Disconnect, Pingreq, Pingresp, Puback, Publish, Suback, Subscribe, encode
 from device_sim.stub.core.config import StubConfig
 from device_sim.stub.core.device_api import DeviceApi
-from device_sim.stub.net.mqtt import DpsMqttSession, SessionClosed
+from device_sim.stub.net.mqtt_session import DpsMqttSession, SessionClosed
 from device_sim.stub.core.store import Store
 
 SCOPE = "0ne00FUZZ"

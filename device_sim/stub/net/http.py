@@ -1,4 +1,4 @@
-"""HTTP/1.1 front ends of the emulator: device API and service API over `tls.TlsListener`.
+"""HTTP/1.1 front ends of the emulator: device API and service API over `listener.TlsListener`.
 
 The HTTP reader is deliberately small: request line, headers, Content-Length bodies,
 keep-alive. Chunked bodies are refused (411/501): DPS clients send Content-Length, and a
@@ -25,7 +25,8 @@ from OpenSSL import SSL
 
 from device_sim.stub.core import errors
 from device_sim.stub.core.errors import Reply, error_reply
-from device_sim.stub.net.tls import Limits, TlsClosed, TlsStream
+from device_sim.stub.net.listener import Limits
+from device_sim.stub.net.tls_stream import TlsClosed, TlsStream
 
 MAX_HEAD = 16 * 1024  # request line + headers
 MAX_HEADERS = 100
