@@ -8,6 +8,7 @@ touches another. docs/emulator.md ("MQTT") lists what each packet gets.
 
 from __future__ import annotations
 
+import time
 from typing import Callable
 
 from OpenSSL import SSL
@@ -36,17 +37,25 @@ def serve_mqtt(stream, api, limits: Limits, max_packet_size: int = DEFAULT_MAX_P
 
 
 def _serve(stream, session: DpsMqttSession, decoder: Decoder, limits: Limits, log) -> None:
-    timeout = limits.request_timeout  # until CONNECT has arrived
+    # Deadlines are absolute, not per read: a client trickling one byte at a time must still
+    # complete CONNECT within request_timeout, and afterwards a whole packet within each
+    # keep-alive window (MQTT 3.1.1 §3.1.2.10 counts control packets, not bytes).
+    deadline = time.monotonic() + limits.request_timeout
     while True:
-        try:
-            data = stream.recv(READ_CHUNK, timeout)
-        except TimeoutError:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
             return  # keep-alive expired, or no CONNECT in time
+        try:
+            data = stream.recv(READ_CHUNK, remaining)
+        except TimeoutError:
+            return
         if not data:
             return
         decoder.receive_data(data)
+        received = False
         try:
             while (packet := decoder.next_packet()) is not None:
+                received = True
                 stream.sendall(b"".join(encode(p) for p in session.receive(packet)))
         except ProtocolError as exc:
             _note(log, f"mqtt: closing connection: malformed packet: {exc}")
@@ -57,8 +66,9 @@ def _serve(stream, session: DpsMqttSession, decoder: Decoder, limits: Limits, lo
             if exc.reason != "client disconnected":
                 _note(log, f"mqtt: closing connection: {exc.reason}")
             return
-        if session.connected:
-            timeout = session.keep_alive * KEEP_ALIVE_FACTOR if session.keep_alive else MAX_SILENCE
+        if received and session.connected:
+            window = session.keep_alive * KEEP_ALIVE_FACTOR if session.keep_alive else MAX_SILENCE
+            deadline = time.monotonic() + window
 
 
 def _note(log: Callable[[str], None] | None, message: str) -> None:

@@ -15,11 +15,30 @@ Authentication (decided here because MQTT refuses at CONNECT, before any request
                                                   on register, exactly as HTTPS answers 401
 
 IDs compare case-insensitively (DPS registration IDs are case-insensitive). A password
-is ignored: X.509 devices send none and SAS is not emulated. Every protocol violation
-(malformed or oversized packet, a packet before CONNECT, a second CONNECT, PUBLISH to a
-topic that is not one of the two DPS requests, QoS 2, a server-to-client packet type)
-closes that connection without an answer, as MQTT 3.1.1 prescribes; a SUBSCRIBE to a
-filter other than `$dps/registrations/res/#` is answered with SUBACK failure (0x80).
+is ignored: X.509 devices send none and SAS is not emulated.
+
+Every packet type a client may send, and its answer (MQTT 3.1.1 section in brackets):
+
+    CONNECT (first)          CONNACK as above [3.2]
+    CONNECT (again)          close [3.1.0-2]
+    PUBLISH QoS 0 / 1        the DPS answer PUBLISH once subscribed; PUBACK first for QoS 1 [3.3.4]
+    PUBLISH QoS 2            close: DPS takes no QoS 2, and a server that will not perform a
+                             PUBLISH may close instead of acknowledging it [3.3.5]
+    PUBLISH to another topic close (the same rule: not a DPS request)
+    PUBACK                   nothing (the device acknowledged one of our QoS 1 answers) [3.4]
+    PUBREC, PUBREL, PUBCOMP  close: they only follow a QoS 2 PUBLISH, and none was exchanged
+                             (the codec refuses them as a protocol error) [4.8]
+    SUBSCRIBE                SUBACK: QoS min(asked, 1) for `$dps/registrations/res/#`, 0x80
+                             for any other filter [3.8.4, 3.9.3]; a reserved QoS value (3)
+                             is a malformed packet and closes [3.8.3-4]
+    UNSUBSCRIBE              UNSUBACK with its packet identifier, even for filters never
+                             subscribed; the DPS answers stop once the response filter is
+                             gone [3.10.4]
+    PINGREQ                  PINGRESP [3.12.4]
+    DISCONNECT               close, silently [3.14.4]
+    CONNACK, SUBACK, UNSUBACK, PINGRESP (server-to-client types), reserved types 0 and 15,
+    a packet before CONNECT, a malformed or oversized packet:  close without an answer
+                             [4.8, 3.1.0-1]
 """
 
 from __future__ import annotations
@@ -45,6 +64,8 @@ from device_sim.mqtt.codec import (
     Publish,
     Suback,
     Subscribe,
+    Unsuback,
+    Unsubscribe,
 )
 
 
@@ -118,12 +139,16 @@ class DpsMqttSession:
                 return self._publish(packet)
             case Subscribe():
                 return [self._subscribe(packet)]
+            case Unsubscribe():
+                return [self._unsubscribe(packet)]
             case Puback():
                 return []  # the device acknowledged one of our QoS 1 responses
             case Pingreq():
                 return [Pingresp()]
             case Disconnect():
                 raise SessionClosed("client disconnected")
+            case Connect():
+                raise SessionClosed("a second CONNECT")
         raise SessionClosed(f"unexpected {type(packet).__name__} from a client")
 
     def _connect(self, packet: Connect) -> list[Packet]:
@@ -136,6 +161,8 @@ class DpsMqttSession:
         return [Connack(ConnackCode.ACCEPTED, session_present=False)]
 
     def _subscribe(self, packet: Subscribe) -> Suback:
+        if any(qos > 2 for _, qos in packet.topics):
+            raise SessionClosed("SUBSCRIBE asking for QoS 3 (malformed, MQTT 3.1.1 3.8.3-4)")
         codes = []
         for topic_filter, qos in packet.topics:
             if topic_filter == topics.RESPONSE_FILTER:
@@ -145,6 +172,11 @@ class DpsMqttSession:
             else:
                 codes.append(SUBACK_FAILURE)
         return Suback(packet.packet_id, tuple(codes))
+
+    def _unsubscribe(self, packet: Unsubscribe) -> Unsuback:
+        if topics.RESPONSE_FILTER in packet.topics:
+            self.granted_qos = None
+        return Unsuback(packet.packet_id)
 
     def _publish(self, packet: Publish) -> list[Packet]:
         if packet.qos == 2:
