@@ -33,6 +33,7 @@ MAX_HEADERS = 100
 DEFAULT_MAX_BODY = 96 * 1024  # DPS's published maximum message size
 JSON_TYPE = "application/json; charset=utf-8"
 TOKEN = re.compile(rb"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+DIGITS = re.compile(r"[0-9]+\Z")
 
 
 # --------------------------------------------------------------------------- values
@@ -104,8 +105,9 @@ def body_length(method: str, headers: Mapping[str, str], max_body: int) -> int:
     raw = headers.get("content-length")
     if raw is None:
         return 0
-    if not raw.isdigit():
-        raise HttpError(400000, "Content-Length is not a number")
+    # Only ASCII digits: str.isdigit() also takes "²" or "٣", which int() then refuses.
+    if not DIGITS.match(raw):
+        raise HttpError(400000, "Content-Length is not a number; send the body size in ASCII digits")
     length = int(raw)
     if length > max_body:
         raise HttpError(413000, f"request body of {length} bytes exceeds the {max_body}-byte limit")
@@ -167,27 +169,36 @@ def _header_case(name: str) -> str:
 
 
 class _Reader:
-    """Buffered reads from a TlsStream with the head/body limits of one request."""
+    """Buffered reads from a TlsStream with the head/body limits of one request.
+
+    Deadlines are absolute, never per read (docs/emulator.md, "HTTP"): between requests the
+    connection may idle for `idle_timeout`; from the first byte of a request, its head and
+    body together must arrive within `request_timeout`, however the bytes trickle in.
+    """
 
     def __init__(self, stream: TlsStream):
         self.stream = stream
         self.buffer = b""
+        self.request_deadline: float | None = None
 
     def read_head(self, limits: Limits) -> bytes | None:
         """Bytes up to the blank line; None if the client closed or idled out between requests."""
-        timeout = limits.idle_timeout
+        idle_deadline = time.monotonic() + limits.idle_timeout
+        self.request_deadline = None
         while True:
+            started = bool(self.buffer.strip())
+            if started and self.request_deadline is None:
+                self.request_deadline = time.monotonic() + limits.request_timeout
             end = self.buffer.find(b"\r\n\r\n")
             if end >= 0:
                 head, self.buffer = self.buffer[:end], self.buffer[end + 4 :]
                 return head
             if len(self.buffer) > MAX_HEAD:
                 raise HttpError(431000, f"request head exceeds {MAX_HEAD} bytes")
-            started = bool(self.buffer.strip())
             if not started:
                 self.buffer = b""  # tolerate stray CRLFs between requests
             try:
-                chunk = self.stream.recv(MAX_HEAD, timeout if not started else limits.request_timeout)
+                chunk = self._recv(MAX_HEAD, self.request_deadline if started else idle_deadline)
             except (TimeoutError, socket.timeout):
                 if started:
                     raise HttpError(408000, "request not completed in time")
@@ -198,10 +209,10 @@ class _Reader:
                 return None
             self.buffer += chunk
 
-    def read_body(self, length: int, limits: Limits) -> bytes:
+    def read_body(self, length: int) -> bytes:
         while len(self.buffer) < length:
             try:
-                chunk = self.stream.recv(length - len(self.buffer), limits.request_timeout)
+                chunk = self._recv(length - len(self.buffer), self.request_deadline)
             except (TimeoutError, socket.timeout):
                 raise HttpError(408000, "request body not completed in time")
             if not chunk:
@@ -210,6 +221,12 @@ class _Reader:
         body, self.buffer = self.buffer[:length], self.buffer[length:]
         return body
 
+    def _recv(self, size: int, deadline: float) -> bytes:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("deadline passed")
+        return self.stream.recv(size, remaining)
+
 
 def read_request(reader: _Reader, limits: Limits, max_body: int) -> Request | None:
     head = reader.read_head(limits)
@@ -217,7 +234,7 @@ def read_request(reader: _Reader, limits: Limits, max_body: int) -> Request | No
         return None
     method, target, version, headers = parse_head(head)
     length = body_length(method, headers, max_body)
-    body = reader.read_body(length, limits)
+    body = reader.read_body(length)
     path, query = split_target(target)
     return Request(method, target, path, query, headers, body, wants_keep_alive(version, headers))
 

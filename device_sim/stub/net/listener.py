@@ -6,6 +6,8 @@ per-connection handler; `Limits` holds the deadlines and bounds they share.
 
 from __future__ import annotations
 
+import os
+import select
 import socket
 import threading
 import time
@@ -17,6 +19,9 @@ from OpenSSL import SSL
 from device_sim.stub.net.log import log_stderr
 from device_sim.stub.net.tls_stream import NotTls, TlsClosed, TlsStream, close_socket, tune_socket
 
+# Wake one waiter per connection; older kernels without it still work, with a herd.
+EPOLLEXCLUSIVE = getattr(select, "EPOLLEXCLUSIVE", 0)
+
 
 @dataclass
 class Limits:
@@ -26,6 +31,9 @@ class Limits:
     idle_timeout: float = 60.0  # between requests on a kept-alive connection
     request_timeout: float = 15.0  # to receive one whole request once it has started
     max_connections: int = 512
+    # A connection thread left waiting for this long exits (the last one stays), so the
+    # threads, and their stacks, of a flood are released once it is over.
+    spare_thread_timeout: float = 30.0
 
 
 ConnectionHandler = Callable[[TlsStream], None]
@@ -43,8 +51,12 @@ class TlsListener:
     got, and goes back to accept(). A new thread is started only when a connection is taken
     and no other thread is left waiting in accept(). Against a thread started per
     connection this saves the thread creation and the accept-thread-to-worker hand-off
-    (two context switches) on every connection. The kernel wakes one blocked accept() per
-    connection (no thundering herd); close() wakes them all with shutdown().
+    (two context switches) on every connection. A thread that waited
+    `limits.spare_thread_timeout` without a connection exits, unless it is the last one.
+
+    Each thread waits in its own epoll with EPOLLEXCLUSIVE on the listening socket, so the
+    kernel wakes one waiter per connection (no thundering herd) and the wait can time out;
+    close() wakes them all through a pipe registered in every one of them.
     """
 
     def __init__(
@@ -83,6 +95,8 @@ class TlsListener:
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._sock.bind((host, port))
         self._sock.listen(1024)
+        self._sock.setblocking(False)  # threads wait in epoll; a lost race to accept is EAGAIN
+        self._wake_read, self._wake_write = os.pipe()
         self.port = self._sock.getsockname()[1]
         shown = url_host or host
         if ":" in shown:
@@ -108,7 +122,7 @@ class TlsListener:
         """Stop accepting and cut every open connection; returns when the threads ended."""
         self._stop.set()
         try:
-            self._sock.shutdown(socket.SHUT_RDWR)  # wakes every thread blocked in accept()
+            os.write(self._wake_write, b"x")  # wakes every waiting thread; never read
         except OSError:
             pass
         with self._active_lock:
@@ -122,6 +136,11 @@ class TlsListener:
             if thread is not threading.current_thread():
                 thread.join(timeout=max(0.0, deadline - time.monotonic()))
         close_socket(self._sock)
+        for fd in (self._wake_read, self._wake_write):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
     def _spawn(self) -> None:
         """Start one more thread that waits in accept(); counted as waiting from now on."""
@@ -134,35 +153,64 @@ class TlsListener:
         thread.start()
 
     def _serve_loop(self) -> None:
+        waiter = select.epoll()
         try:
+            waiter.register(self._sock.fileno(), select.EPOLLIN | EPOLLEXCLUSIVE)
+            waiter.register(self._wake_read, select.EPOLLIN)
             while not self._stop.is_set():
-                try:
-                    sock, _ = self._sock.accept()
-                except OSError as exc:
-                    if self._stop.is_set():
+                sock = self._next_connection(waiter)
+                if sock is None:
+                    if self._stop.is_set() or self._retire():
                         return
-                    self.log(f"{self.name}: accept failed: {exc}")
-                    time.sleep(0.05)
                     continue
                 with self._pool_lock:
                     self._waiting -= 1
                     grow = self._waiting == 0
                 if grow:
-                    self._spawn()  # keep one thread in accept() while this one serves
+                    self._spawn()  # keep one thread waiting while this one serves
                 with self._active_lock:
                     self._active.add(sock)
                 if self._stop.is_set():
                     close_socket(sock)  # close() may have missed it
                     with self._active_lock:
                         self._active.discard(sock)
+                    with self._pool_lock:
+                        self._waiting += 1
                     return
                 self._run(sock)
                 with self._pool_lock:
                     self._waiting += 1
         finally:
+            waiter.close()
             with self._pool_lock:
-                self._waiting -= 1
-                self._threads.discard(threading.current_thread())
+                if threading.current_thread() in self._threads:
+                    self._waiting -= 1
+                    self._threads.discard(threading.current_thread())
+
+    def _next_connection(self, waiter) -> socket.socket | None:
+        """A new connection, or None after a spare-thread timeout, a lost race or close()."""
+        if not waiter.poll(self.limits.spare_thread_timeout):
+            return None
+        try:
+            sock, _ = self._sock.accept()
+        except (BlockingIOError, InterruptedError):
+            return None  # another thread took it (EPOLLEXCLUSIVE may wake more than one)
+        except OSError as exc:
+            if not self._stop.is_set():
+                self.log(f"{self.name}: accept failed: {exc}")
+                time.sleep(0.05)
+            return None
+        sock.setblocking(True)  # TlsStream and the plain-text hint set their own modes
+        return sock
+
+    def _retire(self) -> bool:
+        """After a wait without a connection: exit when another thread is waiting too."""
+        with self._pool_lock:
+            if self._waiting <= 1:
+                return False
+            self._waiting -= 1
+            self._threads.discard(threading.current_thread())
+            return True
 
     def _run(self, sock: socket.socket) -> None:
         if self._turn is not None:
