@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import signal
 import threading
+from pathlib import Path
 
 from device_sim.cli.options import add_home_argument
 from device_sim.common.errors import UserError
@@ -37,6 +38,13 @@ def add_serve(verbs) -> None:
                         help="answer the first N device requests of each registration ID with 429 (default 0)")
     parser.add_argument("--server-name", action="append", default=[], metavar="NAME",
                         help="extra DNS name or IP for the server certificate (localhost and 127.0.0.1 are always in it)")
+    parser.add_argument("--tls-cert", type=Path, metavar="FILE",
+                        help="the server certificate to present (PEM, leaf first) instead of the generated "
+                             "one; needs --tls-key; nothing in <home>/stub/tls/ is touched")
+    parser.add_argument("--tls-key", type=Path, metavar="FILE", help="the key of --tls-cert (PEM, unencrypted)")
+    parser.add_argument("--tls-chain", type=Path, metavar="FILE",
+                        help="CA certificates for --tls-cert (intermediates are sent, the file is the "
+                             "ready line's ca_cert)")
     parser.add_argument("--max-connections", type=int, default=512, metavar="N",
                         help="connections served at once per port; more wait in the backlog (default 512)")
     _add_mqtt_arguments(parser)
@@ -59,7 +67,7 @@ def _parse_hubs(values):
 
 def run_serve(args) -> int:
     from device_sim.stub import server
-    from device_sim.stub.net.listener import Limits
+    from device_sim.stub.net.listener import Limits, ListenError
 
     home = ensure_home(args.home)
     for name, port in (("--port", args.port), ("--service-port", args.service_port)):
@@ -67,9 +75,11 @@ def run_serve(args) -> int:
             raise UserError(f"{name} {port} is not a TCP port (0..65535)")
     if args.max_connections < 1:
         raise UserError("--max-connections must be at least 1")
+    _check_tls_options(args)
     options = server.ServeOptions(
         home=home, host=args.host, port=args.port, service_port=args.service_port,
-        server_names=args.server_name, id_scope=args.id_scope, hubs=_parse_hubs(args.hub),
+        server_names=args.server_name, tls_cert=args.tls_cert, tls_key=args.tls_key, tls_chain=args.tls_chain,
+        id_scope=args.id_scope, hubs=_parse_hubs(args.hub),
         assignment_delay=args.assignment_delay, retry_after=args.retry_after, throttle=args.throttle,
         limits=Limits(max_connections=args.max_connections),
     )
@@ -80,12 +90,43 @@ def run_serve(args) -> int:
         signal.signal(signum, lambda *_: stop.set())
     try:
         ready = stub.start()
+    except ListenError as exc:
+        raise UserError(_listen_error_text(exc)) from None
+    except OSError as exc:
+        raise UserError(f"cannot listen on {args.host}: {exc.strerror or exc}") from None
     except ValueError as exc:  # the core refuses the configuration
         stub.close()
         raise UserError(f"bad emulator settings: {exc}") from None
     print(json.dumps(ready), flush=True)
     stub.serve_until(stop)
     return 0
+
+
+def _check_tls_options(args) -> None:
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise UserError("--tls-cert and --tls-key go together: give the certificate and its key")
+    if args.tls_chain is not None and args.tls_cert is None:
+        raise UserError("--tls-chain belongs to --tls-cert; give the certificate and key too")
+    if args.tls_cert is not None and args.server_name:
+        raise UserError("--server-name names the generated certificate; with --tls-cert the names "
+                        "are the ones in that certificate")
+
+
+# The option that moves each listener, and how the error names it.
+LISTENER_OPTIONS = {
+    "device": ("device API", "--port"),
+    "service": ("service API", "--service-port"),
+    "mqtt": ("MQTT", "--mqtt-port"),
+}
+
+
+def _listen_error_text(exc) -> str:
+    """One line naming the port, why it cannot be used, and the option to change."""
+    what, option = LISTENER_OPTIONS.get(exc.name, (exc.name, "--port"))
+    text = f"{what} port {exc.port} {exc.reason}: cannot listen on {exc.host}:{exc.port}; {option} 0 picks a free port"
+    if exc.name == "mqtt":
+        text += ", --no-mqtt turns MQTT off"
+    return text
 
 
 # --------------------------------------------------------------------------- front ends
@@ -105,14 +146,4 @@ def _mqtt_listener_factory(args):
     port = args.mqtt_port
     if not 0 <= port <= 65535:
         raise UserError(f"--mqtt-port {port} is not a TCP port (0..65535)")
-    bind = mqtt.listener_factory(port)
-
-    def factory(app):
-        try:
-            return bind(app)
-        except OSError as exc:
-            # stub serve turns an OSError into its one-line "cannot listen" error.
-            raise OSError(exc.errno, f"{exc.strerror} (--mqtt-port 0 picks a free port, "
-                                     "--no-mqtt turns MQTT off)") from None
-
-    return factory
+    return mqtt.listener_factory(port)

@@ -29,7 +29,7 @@ from device_sim.stub.layout import ENDPOINT_FILE, SERVICE_KEY_FILE, TLS_SUBDIR, 
 from device_sim.stub.net import http as http_server
 from device_sim.stub.net.listener import Limits, TlsListener
 from device_sim.stub.net.log import log_stderr
-from device_sim.stub.net.server_pki import ServerIdentity, ensure_server_identity
+from device_sim.stub.net.server_pki import ServerIdentity, ensure_server_identity, supplied_identity
 from device_sim.stub.net.tls_context import device_context, service_context
 
 if TYPE_CHECKING:
@@ -56,6 +56,10 @@ class ServeOptions:
     port: int = 0  # 0 = pick a free port
     service_port: int = 0
     server_names: Sequence[str] = ()
+    # A bench's own server identity; None = the generated one in <home>/stub/tls/.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_chain: Path | None = None
     id_scope: str | None = None  # None = the one from settings.json, else a new one
     hubs: Sequence[Hub] | None = None  # None = from settings.json, else one default hub
     assignment_delay: float = 0.0
@@ -128,6 +132,19 @@ def resolve_config(directory: Path, options: ServeOptions) -> StubConfig:
     return config
 
 
+WILDCARD_HOSTS = ("0.0.0.0", "::", "")
+
+
+def server_identity(layout: StateLayout, options: ServeOptions) -> ServerIdentity:
+    """The supplied identity when given, else the generated one, naming the listen address."""
+    if options.tls_cert is not None:
+        return supplied_identity(options.tls_cert, options.tls_key, options.tls_chain)
+    names = list(options.server_names)
+    if options.host not in WILDCARD_HOSTS:
+        names.append(options.host)  # so clients dialling that address can verify it
+    return ensure_server_identity(layout.tls_dir, names)
+
+
 class StubServer:
     """One emulator: build with options, `start()` returns the ready info, `close()` stops."""
 
@@ -153,7 +170,7 @@ class StubServer:
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         config = resolve_config(directory, options)
         key_path = ensure_service_key(layout.service_key)
-        identity = ensure_server_identity(layout.tls_dir, options.server_names)
+        identity = server_identity(layout, options)
         store = Store(layout.database)
         url_host = "localhost" if options.host in ("127.0.0.1", "::1", "localhost", "0.0.0.0", "::") else options.host
         self.app = app = StubApp(
@@ -170,14 +187,13 @@ class StubServer:
         )
         try:
             self._start_listeners(app)
-        except OSError as exc:
+        except OSError:
             self.close()
-            raise UserError(f"cannot listen on {options.host}: {exc.strerror or exc}; "
-                            "choose another --host/--port (0 picks a free port)") from exc
+            raise  # a ListenError names the port; the CLI adds which option to change
         self.ready = {
             **{f"{listener.name}_url": listener.url for listener in self.listeners},
             "id_scope": config.id_scope,
-            "ca_cert": str(identity.ca_cert),
+            "ca_cert": None if identity.ca_cert is None else str(identity.ca_cert),
             "service_key_file": str(key_path),
             "service_host": config.service_host,
             "home": str(options.home),

@@ -6,6 +6,7 @@ per-connection handler; `Limits` holds the deadlines and bounds they share.
 
 from __future__ import annotations
 
+import errno
 import os
 import select
 import socket
@@ -34,6 +35,33 @@ class Limits:
     # A connection thread left waiting for this long exits (the last one stays), so the
     # threads, and their stacks, of a flood are released once it is over.
     spare_thread_timeout: float = 30.0
+
+
+class ListenError(OSError):
+    """A listener could not take its address; `reason` says why in a few words."""
+
+    def __init__(self, name: str, host: str, port: int, cause: OSError):
+        if cause.errno == errno.EADDRINUSE:
+            reason = "is in use"
+        elif cause.errno == errno.EACCES:
+            reason = "needs privileges (below 1024: root or CAP_NET_BIND_SERVICE)"
+        else:
+            reason = f"cannot be used ({cause.strerror or cause})"
+        super().__init__(cause.errno, f"port {port} {reason}: cannot listen on {host}:{port} ({name})")
+        self.name, self.host, self.port, self.reason = name, host, port, reason
+
+
+def _bound_socket(name: str, host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(1024)
+    except OSError as exc:
+        sock.close()
+        raise ListenError(name, host, port, exc) from None
+    return sock
 
 
 ConnectionHandler = Callable[[TlsStream], None]
@@ -90,11 +118,7 @@ class TlsListener:
         self.limits = limits or Limits()
         self.on_not_tls = on_not_tls
         self.log = log or log_stderr
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self._sock = socket.socket(family, socket.SOCK_STREAM)
-        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._sock.bind((host, port))
-        self._sock.listen(1024)
+        self._sock = _bound_socket(name, host, port)
         self._sock.setblocking(False)  # threads wait in epoll; a lost race to accept is EAGAIN
         self._wake_read, self._wake_write = os.pipe()
         self.port = self._sock.getsockname()[1]

@@ -9,8 +9,9 @@ at the TLS layer and hand the application the chain the device actually sent. CP
 from __future__ import annotations
 
 from cryptography import x509
-from OpenSSL import SSL
+from OpenSSL import SSL, crypto
 
+from device_sim.common.x509util import is_self_signed, load_certificate_file
 from device_sim.stub.net.server_pki import ServerIdentity
 
 
@@ -27,11 +28,23 @@ def _base_context(identity: ServerIdentity) -> SSL.Context:
     context.use_certificate_chain_file(str(identity.cert))
     context.use_privatekey_file(str(identity.key))
     context.check_privatekey()
+    if identity.chain is not None:
+        _add_chain(context, identity)
     # No session resumption: a resumed session carries no peer chain, and every connection
     # must show the emulator the chain the device presents now.
     context.set_options(SSL.OP_NO_TICKET | SSL.OP_NO_COMPRESSION)
     context.set_session_cache_mode(SSL.SESS_CACHE_OFF)
     return context
+
+
+def _add_chain(context: SSL.Context, identity: ServerIdentity) -> None:
+    # Intermediates from a supplied chain file follow the leaf; the root is left out, as
+    # clients must already hold it, and so is what the certificate file itself carries.
+    sent = load_certificate_file(identity.cert)
+    for cert in load_certificate_file(identity.chain):
+        if cert not in sent and not is_self_signed(cert):
+            context.add_extra_chain_cert(crypto.X509.from_cryptography(cert))
+            sent.append(cert)
 
 
 def device_context(identity: ServerIdentity) -> SSL.Context:
