@@ -27,6 +27,12 @@ def add_serve(verbs) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=0, help="device API (HTTPS) port; 0 picks a free one (default)")
     parser.add_argument("--service-port", type=int, default=0, help="service API (HTTPS) port; 0 picks a free one")
+    parser.add_argument("--service-on-device-port", action="store_true",
+                        help="serve the service API on the device port too (for service SDKs that "
+                             "only dial 443); service_connection_string then names that port")
+    parser.add_argument("--service-connection-string", action="store_true",
+                        help="add service_connection_string (HostName=...;SharedAccessKey=..., what the "
+                             "service SDKs take) to the ready line; it carries the service key")
     parser.add_argument("--id-scope", help="ID scope (default: the one chosen on first start)")
     parser.add_argument("--hub", action="append", metavar="NAME[=WEIGHT]",
                         help="linked IoT hub host name, repeatable (default: the ones chosen before, "
@@ -79,6 +85,8 @@ def run_serve(args) -> int:
     options = server.ServeOptions(
         home=home, host=args.host, port=args.port, service_port=args.service_port,
         server_names=args.server_name, tls_cert=args.tls_cert, tls_key=args.tls_key, tls_chain=args.tls_chain,
+        service_on_device_port=args.service_on_device_port,
+        service_connection_string=args.service_connection_string,
         id_scope=args.id_scope, hubs=_parse_hubs(args.hub),
         assignment_delay=args.assignment_delay, retry_after=args.retry_after, throttle=args.throttle,
         limits=Limits(max_connections=args.max_connections),

@@ -5,7 +5,8 @@
       settings.json    ID scope and hubs chosen on first start (reused after a restart)
       service.key      service API key, base64, mode 600 (the SAS signing key; never printed)
       endpoint.json    written while `stub serve` runs: its ready line, for the admin verbs
-                       and for `device-sim register --emulator`
+                       and for `device-sim register --emulator` (mode 600: the service
+                       connection string in it carries the key)
       tls/ca.pem       the CA clients trust; tls/ca.key its key (mode 600)
       tls/server.pem   the server certificate, tls/server.key its key (mode 600)
 

@@ -10,6 +10,7 @@ when not enabled). Its `url` appears in the ready line as `<name>_url`.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import secrets
@@ -38,6 +39,8 @@ if TYPE_CHECKING:
     from device_sim.stub.core.store import Store
 
 DEFAULT_HUB = "stub-hub-1.azure-devices.net"
+# The policy name DPS gives its built-in full-access key; service SDKs expect it.
+SERVICE_KEY_NAME = "provisioningserviceowner"
 
 
 class Listener(Protocol):
@@ -60,6 +63,9 @@ class ServeOptions:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_chain: Path | None = None
+    service_on_device_port: bool = False  # the device port answers service API paths too
+    # The ready line carries the service key only when asked: by default no secret is printed.
+    service_connection_string: bool = False
     id_scope: str | None = None  # None = the one from settings.json, else a new one
     hubs: Sequence[Hub] | None = None  # None = from settings.json, else one default hub
     assignment_delay: float = 0.0
@@ -199,13 +205,25 @@ class StubServer:
             "home": str(options.home),
             "pid": os.getpid(),
         }
-        write_atomic(layout.endpoint, json.dumps(self.ready, indent=2) + "\n")
+        if options.service_connection_string:
+            self.ready["service_connection_string"] = self._service_connection_string(app)
+        # Private: the connection string carries the service key.
+        write_atomic(layout.endpoint, json.dumps(self.ready, indent=2) + "\n", private=True)
         return self.ready
+
+    def _service_connection_string(self, app: StubApp) -> str:
+        """What the service SDKs take: host and port of a listener serving the service API."""
+        name = "device" if self.options.service_on_device_port else "service"
+        port = next(listener.port for listener in self.listeners if listener.name == name)
+        key = base64.b64encode(app.service_api.service_key).decode()
+        return f"HostName={app.url_host}:{port};SharedAccessKeyName={SERVICE_KEY_NAME};SharedAccessKey={key}"
 
     def _start_listeners(self, app: StubApp) -> None:
         options = self.options
-        on_device = http_server.device_handler(app.device_api)
         on_service = http_server.service_handler(app.service_api)
+        on_device = http_server.device_handler(app.device_api)
+        if options.service_on_device_port:
+            on_device = http_server.device_or_service_handler(on_device, on_service)
         device = TlsListener(
             "device", "https", options.host, options.port, app.device_context(),
             lambda stream: http_server.serve_http(stream, on_device, app.limits, app.config.max_body, self.log),

@@ -382,3 +382,20 @@ def service_handler(service_api) -> RequestHandler:
         return service_api.handle(request.method, request.path, request.query, request.headers, request.body)
 
     return handle
+
+
+# The first path segment of every service API route (compared case-insensitively). A device
+# path starts with an ID scope ("0ne" + hex digits), so the two never overlap.
+SERVICE_HEADS = frozenset({"certificates", "enrollments", "enrollmentgroups", "registrations"})
+
+
+def device_or_service_handler(on_device: RequestHandler, on_service: RequestHandler) -> RequestHandler:
+    """One port for both APIs (for clients that can only dial 443): routed by the first segment."""
+
+    def handle(request: Request, chain: Sequence[x509.Certificate]):
+        head = request.path.split("/", 2)[1]  # parse_head made sure the path starts with "/"
+        if unquote(head).lower() in SERVICE_HEADS:
+            return on_service(request, chain)
+        return on_device(request, chain)
+
+    return handle
