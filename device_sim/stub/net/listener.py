@@ -224,7 +224,8 @@ class TlsListener:
                 self.log(f"{self.name}: accept failed: {exc}")
                 time.sleep(0.05)
             return None
-        sock.setblocking(True)  # TlsStream and the plain-text hint set their own modes
+        # Left as accept() made it (blocking at the OS level, so no extra syscall here):
+        # TlsStream and the plain-text hint set the mode they need.
         return sock
 
     def _retire(self) -> bool:
