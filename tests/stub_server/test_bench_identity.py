@@ -156,6 +156,18 @@ def test_serve_with_a_supplied_certificate_presents_it_and_names_the_chain(tmp_p
     assert (files / "server.pem").read_bytes() == leaf.pem
 
 
+def test_relative_paths_are_made_absolute_in_the_identity(tmp_path, pki, monkeypatch):
+    from device_sim.stub.net.server_pki import supplied_identity
+
+    leaf = server_leaf(pki.root)
+    (tmp_path / "s.pem").write_bytes(leaf.pem)
+    (tmp_path / "s.key").write_bytes(leaf.key_pem)
+    (tmp_path / "c.pem").write_bytes(pki.root.pem)
+    monkeypatch.chdir(tmp_path)
+    identity = supplied_identity("s.pem", "s.key", "c.pem")
+    assert identity.ca_cert == tmp_path / "c.pem" and identity.cert.is_absolute() and identity.key.is_absolute()
+
+
 def test_serve_without_a_chain_has_no_ca_cert(tmp_path, pki):
     leaf = server_leaf(pki.root)
     (tmp_path / "s.pem").write_bytes(leaf.pem)

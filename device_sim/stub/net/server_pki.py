@@ -85,13 +85,16 @@ def ensure_server_identity(tls_dir: Path, extra_names: Sequence[str] = ()) -> Se
     return identity
 
 
-def supplied_identity(cert: Path, key: Path, chain: Path | None = None) -> ServerIdentity:
+def supplied_identity(cert: Path | str, key: Path | str, chain: Path | str | None = None) -> ServerIdentity:
     """A server identity a user brings (a bench's own certificate): checked, never copied.
 
     `chain` holds the certificates clients need beyond the leaf (intermediates and the
     trust anchor); it is what clients are told to trust, and its non-root certificates are
     sent after the leaf.
     """
+    # Absolute, because the ready line and endpoint.json are read from other directories.
+    cert, key = Path(cert).absolute(), Path(key).absolute()
+    chain = None if chain is None else Path(chain).absolute()
     leaf = check_supplied(cert, key)
     if chain is not None:
         anchors = load_certificate_file(chain)
