@@ -35,7 +35,9 @@ sys.path.insert(0, str(ROOT / "tests"))
 from stub_server.stubpki import Pki, write_identity  # noqa: E402
 
 from device_sim.stub import admin
-from device_sim.stub.net import tls  # noqa: E402
+from device_sim.stub.net.listener import TlsListener  # noqa: E402
+from device_sim.stub.net.server_pki import ensure_server_identity  # noqa: E402
+from device_sim.stub.net.tls_context import device_context  # noqa: E402
 
 API_VERSION = "2021-06-01"
 
@@ -128,15 +130,15 @@ def quickack_effect(ca_dir: Path, chain: Path, key: Path, rounds: int = 30) -> d
     from awscrt import io as crt_io
     from OpenSSL import SSL
 
-    identity = tls.ensure_server_identity(ca_dir)
+    identity = ensure_server_identity(ca_dir)
     options = crt_io.TlsContextOptions.create_client_with_mtls_from_path(str(chain), str(key))
     options.override_default_trust_store_from_path(None, str(identity.ca_cert))
     client = crt_io.ClientTlsContext(options)
     rates = {}
     for quickack in (True, False):
-        context = tls.device_context(identity)
+        context = device_context(identity)
         context.set_max_proto_version(SSL.TLS1_2_VERSION)  # awscrt with PKCS#11 keys is TLS 1.2 only
-        listener = tls.TlsListener("bench", "https", "127.0.0.1", 0, context,
+        listener = TlsListener("bench", "https", "127.0.0.1", 0, context,
                                    lambda stream: stream.recv(1, 5), quickack=quickack)
         listener.start()
         try:

@@ -2,35 +2,18 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 import signal
 import threading
+from pathlib import Path
 
 from device_sim.cli.options import add_home_argument
 from device_sim.common.errors import UserError
 from device_sim.common.home import ensure_home
-
-# Modules adding another front end to `stub serve`. Each provides
-#   add_serve_arguments(parser)            its options (e.g. --mqtt-port)
-#   listener_factory(args) -> server.ListenerFactory | None
-# and is skipped while it does not exist yet.
-LISTENER_MODULES = ("device_sim.stub.net.mqtt",)
+from device_sim.stub.net import mqtt
 
 
 # --------------------------------------------------------------------------- serve
-
-
-def _listener_modules():
-    for name in LISTENER_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name != name:
-                raise
-            continue
-        if hasattr(module, "add_serve_arguments") and hasattr(module, "listener_factory"):
-            yield module
 
 
 def add_serve(verbs) -> None:
@@ -44,6 +27,12 @@ def add_serve(verbs) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=0, help="device API (HTTPS) port; 0 picks a free one (default)")
     parser.add_argument("--service-port", type=int, default=0, help="service API (HTTPS) port; 0 picks a free one")
+    parser.add_argument("--service-on-device-port", action="store_true",
+                        help="serve the service API on the device port too (for service SDKs that "
+                             "only dial 443); service_connection_string then names that port")
+    parser.add_argument("--service-connection-string", action="store_true",
+                        help="add service_connection_string (HostName=...;SharedAccessKey=..., what the "
+                             "service SDKs take) to the ready line; it carries the service key")
     parser.add_argument("--id-scope", help="ID scope (default: the one chosen on first start)")
     parser.add_argument("--hub", action="append", metavar="NAME[=WEIGHT]",
                         help="linked IoT hub host name, repeatable (default: the ones chosen before, "
@@ -55,10 +44,16 @@ def add_serve(verbs) -> None:
                         help="answer the first N device requests of each registration ID with 429 (default 0)")
     parser.add_argument("--server-name", action="append", default=[], metavar="NAME",
                         help="extra DNS name or IP for the server certificate (localhost and 127.0.0.1 are always in it)")
+    parser.add_argument("--tls-cert", type=Path, metavar="FILE",
+                        help="the server certificate to present (PEM, leaf first) instead of the generated "
+                             "one; needs --tls-key; nothing in <home>/stub/tls/ is touched")
+    parser.add_argument("--tls-key", type=Path, metavar="FILE", help="the key of --tls-cert (PEM, unencrypted)")
+    parser.add_argument("--tls-chain", type=Path, metavar="FILE",
+                        help="CA certificates for --tls-cert (intermediates are sent, the file is the "
+                             "ready line's ca_cert)")
     parser.add_argument("--max-connections", type=int, default=512, metavar="N",
                         help="connections served at once per port; more wait in the backlog (default 512)")
-    for module in _listener_modules():
-        module.add_serve_arguments(parser)
+    _add_mqtt_arguments(parser)
     parser.set_defaults(func=run_serve)
 
 
@@ -78,7 +73,7 @@ def _parse_hubs(values):
 
 def run_serve(args) -> int:
     from device_sim.stub import server
-    from device_sim.stub.net import tls
+    from device_sim.stub.net.listener import Limits, ListenError
 
     home = ensure_home(args.home)
     for name, port in (("--port", args.port), ("--service-port", args.service_port)):
@@ -86,19 +81,27 @@ def run_serve(args) -> int:
             raise UserError(f"{name} {port} is not a TCP port (0..65535)")
     if args.max_connections < 1:
         raise UserError("--max-connections must be at least 1")
+    _check_tls_options(args)
     options = server.ServeOptions(
         home=home, host=args.host, port=args.port, service_port=args.service_port,
-        server_names=args.server_name, id_scope=args.id_scope, hubs=_parse_hubs(args.hub),
+        server_names=args.server_name, tls_cert=args.tls_cert, tls_key=args.tls_key, tls_chain=args.tls_chain,
+        service_on_device_port=args.service_on_device_port,
+        service_connection_string=args.service_connection_string,
+        id_scope=args.id_scope, hubs=_parse_hubs(args.hub),
         assignment_delay=args.assignment_delay, retry_after=args.retry_after, throttle=args.throttle,
-        limits=tls.Limits(max_connections=args.max_connections),
+        limits=Limits(max_connections=args.max_connections),
     )
-    factories = [f for f in (m.listener_factory(args) for m in _listener_modules()) if f is not None]
+    factories = [f for f in (_mqtt_listener_factory(args),) if f is not None]
     stub = server.StubServer(options, factories)
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
     try:
         ready = stub.start()
+    except ListenError as exc:
+        raise UserError(_listen_error_text(exc)) from None
+    except OSError as exc:
+        raise UserError(f"cannot listen on {args.host}: {exc.strerror or exc}") from None
     except ValueError as exc:  # the core refuses the configuration
         stub.close()
         raise UserError(f"bad emulator settings: {exc}") from None
@@ -107,3 +110,48 @@ def run_serve(args) -> int:
     return 0
 
 
+def _check_tls_options(args) -> None:
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise UserError("--tls-cert and --tls-key go together: give the certificate and its key")
+    if args.tls_chain is not None and args.tls_cert is None:
+        raise UserError("--tls-chain belongs to --tls-cert; give the certificate and key too")
+    if args.tls_cert is not None and args.server_name:
+        raise UserError("--server-name names the generated certificate; with --tls-cert the names "
+                        "are the ones in that certificate")
+
+
+# The option that moves each listener, and how the error names it.
+LISTENER_OPTIONS = {
+    "device": ("device API", "--port"),
+    "service": ("service API", "--service-port"),
+    "mqtt": ("MQTT", "--mqtt-port"),
+}
+
+
+def _listen_error_text(exc) -> str:
+    """One line naming the port, why it cannot be used, and the option to change."""
+    what, option = LISTENER_OPTIONS.get(exc.name, (exc.name, "--port"))
+    text = f"{what} port {exc.port} {exc.reason}: cannot listen on {exc.host}:{exc.port}; {option} 0 picks a free port"
+    if exc.name == "mqtt":
+        text += ", --no-mqtt turns MQTT off"
+    return text
+
+
+# --------------------------------------------------------------------------- front ends
+
+
+def _add_mqtt_arguments(parser) -> None:
+    parser.add_argument("--mqtt-port", type=int, default=mqtt.DEFAULT_PORT, metavar="PORT",
+                        help=f"DPS MQTT (TLS) port; 0 picks a free one (default {mqtt.DEFAULT_PORT}, "
+                             "the port the Azure SDKs use)")
+    parser.add_argument("--no-mqtt", action="store_true", help="do not serve MQTT")
+
+
+def _mqtt_listener_factory(args):
+    """The MQTT `server.ListenerFactory` for `stub serve`, or None with --no-mqtt."""
+    if args.no_mqtt:
+        return None
+    port = args.mqtt_port
+    if not 0 <= port <= 65535:
+        raise UserError(f"--mqtt-port {port} is not a TCP port (0..65535)")
+    return mqtt.listener_factory(port)

@@ -1,8 +1,10 @@
 """MQTT 3.1.1 packets as values, and bytes <-> packets without any I/O (sans-IO).
 
 Only the packets the DPS MQTT API uses are modelled: CONNECT, CONNACK, SUBSCRIBE, SUBACK,
-PUBLISH, PUBACK, PINGREQ, PINGRESP, DISCONNECT, both directions, so the same code serves
-the emulator (decodes what devices send) and the device (decodes what DPS sends).
+UNSUBSCRIBE, UNSUBACK, PUBLISH, PUBACK, PINGREQ, PINGRESP, DISCONNECT, both directions, so
+the same code serves the emulator (decodes what devices send) and the device (decodes what
+DPS sends). The QoS 2 packets (PUBREC, PUBREL, PUBCOMP) are refused as ProtocolError: DPS
+never takes part in a QoS 2 exchange, so a peer that sends one broke the protocol.
 
 We keep our own small codec because no maintained PyPI package offers a broker-free
 MQTT 3.1.1 codec for both directions (mqtt-codec: last release 2019; amqtt and gmqtt tie
@@ -41,6 +43,8 @@ class PacketType(IntEnum):
     PUBACK = 4
     SUBSCRIBE = 8
     SUBACK = 9
+    UNSUBSCRIBE = 10
+    UNSUBACK = 11
     PINGREQ = 12
     PINGRESP = 13
     DISCONNECT = 14
@@ -115,6 +119,17 @@ class Suback:
 
 
 @dataclass(frozen=True)
+class Unsubscribe:
+    packet_id: int
+    topics: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Unsuback:
+    packet_id: int
+
+
+@dataclass(frozen=True)
 class Pingreq:
     pass
 
@@ -129,7 +144,8 @@ class Disconnect:
     pass
 
 
-Packet = Connect | Connack | Publish | Puback | Subscribe | Suback | Pingreq | Pingresp | Disconnect
+Packet = (Connect | Connack | Publish | Puback | Subscribe | Suback
+          | Unsubscribe | Unsuback | Pingreq | Pingresp | Disconnect)
 
 
 # ---------------------------------------------------------------- encoding
@@ -213,6 +229,11 @@ def encode(packet: Packet) -> bytes:
             return _frame(PacketType.SUBSCRIBE, 0x02, _packet_id(packet.packet_id) + body)
         case Suback():
             return _frame(PacketType.SUBACK, 0, _packet_id(packet.packet_id) + bytes(packet.return_codes))
+        case Unsubscribe():
+            body = b"".join(_string(f) for f in packet.topics)
+            return _frame(PacketType.UNSUBSCRIBE, 0x02, _packet_id(packet.packet_id) + body)
+        case Unsuback():
+            return _frame(PacketType.UNSUBACK, 0, _packet_id(packet.packet_id))
         case Pingreq():
             return _frame(PacketType.PINGREQ, 0, b"")
         case Pingresp():
@@ -334,6 +355,19 @@ def _decode_subscribe(r: _Reader) -> Subscribe:
     return Subscribe(packet_id, tuple(topics))
 
 
+def _decode_unsubscribe(r: _Reader) -> Unsubscribe:
+    packet_id = r.packet_id()
+    topics = []
+    while r.pos < len(r.data):
+        topic = r.string()
+        if not topic:
+            raise ProtocolError("UNSUBSCRIBE entry has an empty filter")
+        topics.append(topic)
+    if not topics:
+        raise ProtocolError("UNSUBSCRIBE without topic filters")
+    return Unsubscribe(packet_id, tuple(topics))
+
+
 def _decode_suback(r: _Reader) -> Suback:
     packet_id = r.packet_id()
     codes = tuple(r.rest())
@@ -357,7 +391,9 @@ def _decode_empty(packet: Packet, r: _Reader) -> Packet:
 
 
 # Fixed-header flag nibble every type except PUBLISH must carry (MQTT 3.1.1 §2.2.2).
-_REQUIRED_FLAGS = {PacketType.SUBSCRIBE: 0x02}
+_REQUIRED_FLAGS = {PacketType.SUBSCRIBE: 0x02, PacketType.UNSUBSCRIBE: 0x02}
+# The packets whose body is exactly a packet identifier.
+_ID_ONLY = {PacketType.PUBACK: Puback, PacketType.UNSUBACK: Unsuback}
 
 
 def decode_packet(first_byte: int, body: bytes) -> Packet:
@@ -372,17 +408,19 @@ def decode_packet(first_byte: int, body: bytes) -> Packet:
         return _decode_publish(flags, r)
     if flags != _REQUIRED_FLAGS.get(kind, 0):
         raise ProtocolError(f"{kind.name} has invalid header flags {flags:#x}")
+    if kind in _ID_ONLY:
+        packet = _ID_ONLY[kind](r.packet_id())
+        r.done()
+        return packet
     match kind:
         case PacketType.CONNECT:
             return _decode_connect(r)
         case PacketType.CONNACK:
             return _decode_connack(r)
-        case PacketType.PUBACK:
-            packet = Puback(r.packet_id())
-            r.done()
-            return packet
         case PacketType.SUBSCRIBE:
             return _decode_subscribe(r)
+        case PacketType.UNSUBSCRIBE:
+            return _decode_unsubscribe(r)
         case PacketType.SUBACK:
             return _decode_suback(r)
         case PacketType.PINGREQ:

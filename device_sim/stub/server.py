@@ -1,16 +1,11 @@
 """Assembly of one emulator process: state directory, core, listeners, ready line, shutdown.
 
-Layout of `<home>/stub/`:
-  stub.db            SQLite (WAL) store: CA certificates, enrollments, registrations
-  settings.json      ID scope and hubs chosen on first start (reused after a restart)
-  service.key        service API key, base64, mode 600 (the SAS signing key; never printed)
-  tls/ca.pem         CA clients must trust; tls/server.pem + server.key: the server identity
-  endpoint.json      written while serving: what the admin commands need to find the server
+The files it keeps below `<home>/stub/` are named in `stub/layout.py`.
 
 Extra front ends (MQTT) plug in through `ListenerFactory`: a callable that receives the
 running `StubApp` (core objects, TLS identity, limits) and returns a `Listener` (or None
 when not enabled). Its `url` appears in the ready line as `<name>_url`.
-`device_sim/cli/stub.py` finds such factories in the modules named in LISTENER_MODULES.
+`device_sim/cli/stub_serve.py` passes the factories of the front ends asked for.
 """
 
 from __future__ import annotations
@@ -19,7 +14,6 @@ import base64
 import json
 import os
 import secrets
-import sys
 import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,23 +21,26 @@ from typing import TYPE_CHECKING, Callable, Protocol, Sequence
 
 from OpenSSL import SSL
 
-from device_sim.stub.net import http as http_server
-from device_sim.stub.net import tls
-from device_sim.stub.core.config import Hub, StubConfig
 from device_sim.common.errors import UserError
+from device_sim.common.files import write_atomic
+from device_sim.stub.core.config import Hub, StubConfig
+from device_sim.stub.layout import StateLayout, ensure_service_key, read_service_key
+# stub/admin.py still reads these names here; once it imports stub.layout this line goes.
+from device_sim.stub.layout import ENDPOINT_FILE, SERVICE_KEY_FILE, TLS_SUBDIR, state_dir  # noqa: F401
+from device_sim.stub.net import http as http_server
+from device_sim.stub.net.listener import Limits, TlsListener
+from device_sim.stub.net.log import log_stderr
+from device_sim.stub.net.server_pki import ServerIdentity, ensure_server_identity, supplied_identity
+from device_sim.stub.net.tls_context import device_context, service_context
 
 if TYPE_CHECKING:
     from device_sim.stub.core.device_api import DeviceApi
     from device_sim.stub.core.service import ServiceApi
     from device_sim.stub.core.store import Store
 
-STATE_SUBDIR = "stub"
-DB_FILE = "stub.db"
-SETTINGS_FILE = "settings.json"
-SERVICE_KEY_FILE = "service.key"
-ENDPOINT_FILE = "endpoint.json"
-TLS_SUBDIR = "tls"
 DEFAULT_HUB = "stub-hub-1.azure-devices.net"
+# The policy name DPS gives its built-in full-access key; service SDKs expect it.
+SERVICE_KEY_NAME = "provisioningserviceowner"
 
 
 class Listener(Protocol):
@@ -62,12 +59,19 @@ class ServeOptions:
     port: int = 0  # 0 = pick a free port
     service_port: int = 0
     server_names: Sequence[str] = ()
+    # A bench's own server identity; None = the generated one in <home>/stub/tls/.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_chain: Path | None = None
+    service_on_device_port: bool = False  # the device port answers service API paths too
+    # The ready line carries the service key only when asked: by default no secret is printed.
+    service_connection_string: bool = False
     id_scope: str | None = None  # None = the one from settings.json, else a new one
     hubs: Sequence[Hub] | None = None  # None = from settings.json, else one default hub
     assignment_delay: float = 0.0
     retry_after: int = 1
     throttle: int = 0
-    limits: tls.Limits = field(default_factory=tls.Limits)
+    limits: Limits = field(default_factory=Limits)
 
 
 @dataclass
@@ -79,22 +83,18 @@ class StubApp:
     store: Store
     device_api: DeviceApi
     service_api: ServiceApi
-    identity: tls.ServerIdentity
+    identity: ServerIdentity
     host: str
     url_host: str
-    limits: tls.Limits
+    limits: Limits
     log: Callable[[str], None]
 
     def device_context(self) -> SSL.Context:
         """pyOpenSSL context for device ports (asks for any client chain, accepts any)."""
-        return tls.device_context(self.identity)
+        return device_context(self.identity)
 
 
 ListenerFactory = Callable[[StubApp], "Listener | None"]
-
-
-def state_dir(home: Path) -> Path:
-    return home / STATE_SUBDIR
 
 
 def new_id_scope() -> str:
@@ -103,7 +103,7 @@ def new_id_scope() -> str:
 
 
 def load_settings(directory: Path) -> dict:
-    path = directory / SETTINGS_FILE
+    path = StateLayout.at(directory).settings
     if not path.exists():
         return {}
     try:
@@ -122,7 +122,7 @@ def resolve_config(directory: Path, options: ServeOptions) -> StubConfig:
         try:
             hubs = [Hub(**hub) for hub in settings["hubs"]]
         except TypeError:
-            raise UserError(f"{directory / SETTINGS_FILE} has malformed hubs; fix it, delete it, "
+            raise UserError(f"{StateLayout.at(directory).settings} has malformed hubs; fix it, delete it, "
                             "or pass --hub") from None
     else:
         hubs = [Hub(DEFAULT_HUB)]
@@ -134,45 +134,28 @@ def resolve_config(directory: Path, options: ServeOptions) -> StubConfig:
         throttle=options.throttle,
     )  # validates: a bad value raises ValueError before anything is remembered
     settings = {"id_scope": id_scope, "hubs": [asdict(hub) for hub in hubs]}
-    _write_atomic(directory / SETTINGS_FILE, json.dumps(settings, indent=2) + "\n")
+    write_atomic(StateLayout.at(directory).settings, json.dumps(settings, indent=2) + "\n")
     return config
 
 
-def ensure_service_key(directory: Path) -> Path:
-    """The service API key: 32 random bytes, base64, created once with mode 600."""
-    path = directory / SERVICE_KEY_FILE
-    if not path.exists():
-        text = base64.b64encode(secrets.token_bytes(32)).decode() + "\n"
-        fd = os.open(path.with_name(path.name + ".tmp"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        os.replace(path.with_name(path.name + ".tmp"), path)
-    return path
+WILDCARD_HOSTS = ("0.0.0.0", "::", "")
 
 
-def read_service_key(path: Path) -> bytes:
-    try:
-        return base64.b64decode(path.read_text().strip(), validate=True)
-    except (OSError, ValueError) as exc:
-        raise UserError(f"cannot read the service key {path}: {type(exc).__name__}; "
-                        "delete it to make a new one") from exc
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _log_stderr(message: str) -> None:
-    print(f"device-sim stub: {message}", file=sys.stderr, flush=True)
+def server_identity(layout: StateLayout, options: ServeOptions) -> ServerIdentity:
+    """The supplied identity when given, else the generated one, naming the listen address."""
+    if options.tls_cert is not None:
+        return supplied_identity(options.tls_cert, options.tls_key, options.tls_chain)
+    names = list(options.server_names)
+    if options.host not in WILDCARD_HOSTS:
+        names.append(options.host)  # so clients dialling that address can verify it
+    return ensure_server_identity(layout.tls_dir, names)
 
 
 class StubServer:
     """One emulator: build with options, `start()` returns the ready info, `close()` stops."""
 
     def __init__(self, options: ServeOptions, extra_listeners: Sequence[ListenerFactory] = (),
-                 log: Callable[[str], None] = _log_stderr):
+                 log: Callable[[str], None] = log_stderr):
         self.options = options
         self.extra_listeners = list(extra_listeners)
         self.log = log
@@ -188,12 +171,13 @@ class StubServer:
         from device_sim.stub.core.store import Store
 
         options = self.options
-        directory = state_dir(options.home)
+        layout = StateLayout.of(options.home)
+        directory = layout.root
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         config = resolve_config(directory, options)
-        key_path = ensure_service_key(directory)
-        identity = tls.ensure_server_identity(directory / TLS_SUBDIR, options.server_names)
-        store = Store(directory / DB_FILE)
+        key_path = ensure_service_key(layout.service_key)
+        identity = server_identity(layout, options)
+        store = Store(layout.database)
         url_host = "localhost" if options.host in ("127.0.0.1", "::1", "localhost", "0.0.0.0", "::") else options.host
         self.app = app = StubApp(
             state_dir=directory,
@@ -209,35 +193,46 @@ class StubServer:
         )
         try:
             self._start_listeners(app)
-        except OSError as exc:
+        except OSError:
             self.close()
-            raise UserError(f"cannot listen on {options.host}: {exc.strerror or exc}; "
-                            "choose another --host/--port (0 picks a free port)") from exc
+            raise  # a ListenError names the port; the CLI adds which option to change
         self.ready = {
             **{f"{listener.name}_url": listener.url for listener in self.listeners},
             "id_scope": config.id_scope,
-            "ca_cert": str(identity.ca_cert),
+            "ca_cert": None if identity.ca_cert is None else str(identity.ca_cert),
             "service_key_file": str(key_path),
             "service_host": config.service_host,
             "home": str(options.home),
             "pid": os.getpid(),
         }
-        _write_atomic(directory / ENDPOINT_FILE, json.dumps(self.ready, indent=2) + "\n")
+        if options.service_connection_string:
+            self.ready["service_connection_string"] = self._service_connection_string(app)
+        # Private: the connection string carries the service key.
+        write_atomic(layout.endpoint, json.dumps(self.ready, indent=2) + "\n", private=True)
         return self.ready
+
+    def _service_connection_string(self, app: StubApp) -> str:
+        """What the service SDKs take: host and port of a listener serving the service API."""
+        name = "device" if self.options.service_on_device_port else "service"
+        port = next(listener.port for listener in self.listeners if listener.name == name)
+        key = base64.b64encode(app.service_api.service_key).decode()
+        return f"HostName={app.url_host}:{port};SharedAccessKeyName={SERVICE_KEY_NAME};SharedAccessKey={key}"
 
     def _start_listeners(self, app: StubApp) -> None:
         options = self.options
-        on_device = http_server.device_handler(app.device_api)
         on_service = http_server.service_handler(app.service_api)
-        device = tls.TlsListener(
+        on_device = http_server.device_handler(app.device_api)
+        if options.service_on_device_port:
+            on_device = http_server.device_or_service_handler(on_device, on_service)
+        device = TlsListener(
             "device", "https", options.host, options.port, app.device_context(),
             lambda stream: http_server.serve_http(stream, on_device, app.limits, app.config.max_body, self.log),
             limits=app.limits, on_not_tls=http_server.plain_http_hint, url_host=app.url_host, log=self.log,
             one_at_a_time=True,  # the device handlers only wait in TlsStream reads and writes
         )
         self.listeners.append(device)
-        service = tls.TlsListener(
-            "service", "https", options.host, options.service_port, tls.service_context(app.identity),
+        service = TlsListener(
+            "service", "https", options.host, options.service_port, service_context(app.identity),
             lambda stream: http_server.serve_http(stream, on_service, app.limits, app.config.max_body, self.log),
             limits=app.limits, on_not_tls=http_server.plain_http_hint, url_host=app.url_host, log=self.log,
         )
@@ -262,7 +257,7 @@ class StubServer:
             self.app = None
 
     def _remove_endpoint_file(self) -> None:
-        path = state_dir(self.options.home) / ENDPOINT_FILE
+        path = StateLayout.of(self.options.home).endpoint
         try:
             if json.loads(path.read_text()).get("pid") == os.getpid():
                 path.unlink()

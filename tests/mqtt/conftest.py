@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from device_sim.stub.net import tls
+from device_sim.stub.net.server_pki import ServerIdentity, ensure_server_identity
 from mqtt_helpers import Pki, RawClient, issue
 
 
@@ -16,8 +16,8 @@ def pki() -> Pki:
 
 
 @pytest.fixture(scope="session")
-def server_identity(tmp_path_factory) -> tls.ServerIdentity:
-    return tls.ensure_server_identity(tmp_path_factory.mktemp("mqtt-tls"))
+def server_identity(tmp_path_factory) -> ServerIdentity:
+    return ensure_server_identity(tmp_path_factory.mktemp("mqtt-tls"))
 
 
 @pytest.fixture

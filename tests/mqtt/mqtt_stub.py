@@ -6,7 +6,6 @@ token), so the tests use the same rules as `device-sim stub group/enroll`.
 
 from __future__ import annotations
 
-import argparse
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,6 +83,6 @@ def start_stub(home: Path, **options) -> Stub:
     """The emulator as `stub serve` assembles it, every port picked free; polls wait 0 s."""
     options.setdefault("retry_after", 0)
     serve = server.ServeOptions(home=home, port=0, service_port=0, **options)
-    factory = listener_factory(argparse.Namespace(mqtt_port=0, no_mqtt=False))
+    factory = listener_factory(0)
     stub_server = server.StubServer(serve, [factory], log=lambda message: None)
     return Stub(stub_server, stub_server.start())

@@ -23,8 +23,9 @@ from device_sim.mqtt.codec import (
     Subscribe,
     encode,
 )
-from device_sim.stub.net import tls
-from device_sim.stub.net.mqtt import response_publish, start_mqtt_listener
+from device_sim.stub.net.listener import Limits
+from device_sim.stub.net.mqtt import start_mqtt_listener
+from device_sim.stub.net.mqtt_session import response_publish
 from device_sim.stub.core.errors import Reply
 
 from mqtt_helpers import write_identity
@@ -37,7 +38,7 @@ RES = "$dps/registrations/res/#"
 @pytest.fixture(scope="module")
 def listener(server_identity):
     logged: list[str] = []
-    limits = tls.Limits(handshake_timeout=2.0, request_timeout=1.0, max_connections=16)
+    limits = Limits(handshake_timeout=2.0, request_timeout=1.0, max_connections=16)
     listener = start_mqtt_listener(None, server_identity, port=0, limits=limits, max_packet_size=4096,
                                    log=logged.append)
     listener.logged = logged

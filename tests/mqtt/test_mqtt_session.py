@@ -13,10 +13,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from device_sim.mqtt import topics
-from device_sim.mqtt.codec import Connack, Connect, Disconnect, Pingreq, Pingresp, Puback, Publish, Suback, Subscribe, encode
+from device_sim.mqtt.codec import Connack, Connect, Disconnect, Pingreq, Pingresp, Puback, Publish, Suback, Subscribe, Unsuback, Unsubscribe, encode
 from device_sim.stub.core.config import StubConfig
 from device_sim.stub.core.device_api import DeviceApi
-from device_sim.stub.net.mqtt import DpsMqttSession, SessionClosed
+from device_sim.stub.net.mqtt_session import DpsMqttSession, SessionClosed
 from device_sim.stub.core.store import Store
 
 SCOPE = "0ne00FUZZ"
@@ -58,6 +58,9 @@ packets = st.one_of(
                        min_size=1, max_size=3).map(tuple)),
     st.just(Pingreq()), st.just(Disconnect()), st.builds(Puback, st.integers(1, 0xFFFF)),
     st.just(Connect("dev-a", USER)), st.just(Connack(0)), st.just(Pingresp()),
+    st.builds(Unsubscribe, st.integers(1, 0xFFFF),
+              st.lists(st.sampled_from([topics.RESPONSE_FILTER, "a/#"]), min_size=1, max_size=2).map(tuple)),
+    st.builds(Unsuback, st.integers(1, 0xFFFF)),
 )
 
 
@@ -90,4 +93,8 @@ def test_session_answers_or_closes_whatever_arrives(api, chain, connect_first, s
             assert isinstance(answer[0], Suback) and len(answer[0].return_codes) == len(packet.topics)
         elif isinstance(packet, Pingreq):
             assert answer == [Pingresp()]
+        elif isinstance(packet, Unsubscribe):
+            assert answer == [Unsuback(packet.packet_id)]
+            if topics.RESPONSE_FILTER in packet.topics:
+                assert session.granted_qos is None
     assert session.connected or not sequence

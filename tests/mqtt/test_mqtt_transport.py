@@ -1,6 +1,6 @@
 """The device's MQTT transport against scripted servers: what each server misbehaviour becomes.
 
-The servers are the emulator's own TLS listener (`tls.TlsListener`, real TLS) running a
+The servers are the emulator's own TLS listener (`TlsListener`, real TLS) running a
 script written with our codec instead of the DPS session. The client key is a file key
 here: these tests are about the MQTT edge, the token path is covered in test_mqtt_device.py.
 """
@@ -19,7 +19,8 @@ from device_sim.device.transport_https import CrtRuntime
 from device_sim.device.transport_mqtt import MqttTransport
 from device_sim.mqtt import topics
 from device_sim.mqtt.codec import Connack, Decoder, Puback, Publish, Suback, Subscribe, encode
-from device_sim.stub.net import tls
+from device_sim.stub.net.listener import Limits, TlsListener
+from device_sim.stub.net.tls_context import device_context
 from mqtt_helpers import pem
 
 RUNTIME = CrtRuntime()  # the awscrt event loop every device of this module runs on
@@ -84,8 +85,8 @@ def scripted(server_identity):
             seen.append(s)
             script(s)
             time.sleep(0.2)  # let the client read the last packets before the close
-        listener = tls.TlsListener("script", "mqtts", "127.0.0.1", 0, tls.device_context(server_identity),
-                                   handler, limits=tls.Limits(handshake_timeout=5), log=lambda m: None)
+        listener = TlsListener("script", "mqtts", "127.0.0.1", 0, device_context(server_identity),
+                                   handler, limits=Limits(handshake_timeout=5), log=lambda m: None)
         listener.start()
         listeners.append(listener)
         return listener

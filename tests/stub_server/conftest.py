@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 
 from device_sim.stub.net import http as http_server
-from device_sim.stub.net import tls
+from device_sim.stub.net.listener import Limits, TlsListener
+from device_sim.stub.net.server_pki import ServerIdentity, ensure_server_identity
+from device_sim.stub.net.tls_context import device_context
 from device_sim.stub.core.errors import Reply
 
 from .stubpki import Pki, write_identity
@@ -21,8 +23,8 @@ def pki() -> Pki:
 
 
 @pytest.fixture(scope="session")
-def server_identity(tmp_path_factory) -> tls.ServerIdentity:
-    return tls.ensure_server_identity(tmp_path_factory.mktemp("stub-tls"))
+def server_identity(tmp_path_factory) -> ServerIdentity:
+    return ensure_server_identity(tmp_path_factory.mktemp("stub-tls"))
 
 
 class EchoDeviceApi:
@@ -50,11 +52,11 @@ class EchoDeviceApi:
 @pytest.fixture
 def echo_listener(server_identity):
     """A device-port listener with short deadlines in front of the echo stand-in."""
-    limits = tls.Limits(handshake_timeout=1.0, idle_timeout=1.0, request_timeout=1.0, max_connections=32)
+    limits = Limits(handshake_timeout=1.0, idle_timeout=1.0, request_timeout=1.0, max_connections=32)
     handler = http_server.device_handler(EchoDeviceApi())
     logged: list[str] = []
-    listener = tls.TlsListener(
-        "device", "https", "127.0.0.1", 0, tls.device_context(server_identity),
+    listener = TlsListener(
+        "device", "https", "127.0.0.1", 0, device_context(server_identity),
         lambda stream: http_server.serve_http(stream, handler, limits, 96 * 1024, logged.append),
         limits=limits, on_not_tls=http_server.plain_http_hint, url_host="localhost", log=logged.append,
     )

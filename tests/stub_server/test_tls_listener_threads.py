@@ -7,7 +7,8 @@ import threading
 import time
 
 from device_sim.stub.net import http as http_server
-from device_sim.stub.net import tls
+from device_sim.stub.net.listener import Limits, TlsListener
+from device_sim.stub.net.tls_context import device_context
 
 from .conftest import EchoDeviceApi, client_context, read_response, tls_connect
 from .test_transport import request_bytes
@@ -17,12 +18,12 @@ def listener_threads(name: str) -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name == f"{name}-conn" and t.is_alive()]
 
 
-def start_listener(server_identity, name: str, max_connections: int) -> tls.TlsListener:
-    limits = tls.Limits(handshake_timeout=2.0, idle_timeout=1.0, request_timeout=1.0,
+def start_listener(server_identity, name: str, max_connections: int) -> TlsListener:
+    limits = Limits(handshake_timeout=2.0, idle_timeout=1.0, request_timeout=1.0,
                         max_connections=max_connections)
     handler = http_server.device_handler(EchoDeviceApi())
-    listener = tls.TlsListener(
-        name, "https", "127.0.0.1", 0, tls.device_context(server_identity),
+    listener = TlsListener(
+        name, "https", "127.0.0.1", 0, device_context(server_identity),
         lambda stream: http_server.serve_http(stream, handler, limits, 1024, None),
         limits=limits, log=lambda message: None)
     listener.start()
@@ -74,7 +75,7 @@ def test_max_connections_bounds_threads_and_extra_clients_wait(server_identity):
 
 def test_close_cuts_open_connections_quietly_and_promptly(server_identity):
     logged: list[str] = []
-    listener = tls.TlsListener("cut", "https", "127.0.0.1", 0, tls.device_context(server_identity),
+    listener = TlsListener("cut", "https", "127.0.0.1", 0, device_context(server_identity),
                                lambda stream: stream.recv(1, 5), log=logged.append)
     listener.start()
     context = client_context(server_identity.ca_cert)

@@ -11,7 +11,8 @@ import time
 import pytest
 
 from device_sim.stub.net import http as http_server
-from device_sim.stub.net import tls
+from device_sim.stub.net.listener import Limits, TlsListener
+from device_sim.stub.net.tls_context import device_context
 
 from .conftest import EchoDeviceApi, client_context
 from .test_transport import *  # noqa: F401,F403 - the transport tests, collected again here
@@ -21,11 +22,11 @@ from .test_transport import ask
 @pytest.fixture
 def echo_listener(server_identity):
     """The transport suite's listener, with the connection threads taking turns."""
-    limits = tls.Limits(handshake_timeout=1.0, idle_timeout=1.0, request_timeout=1.0, max_connections=32)
+    limits = Limits(handshake_timeout=1.0, idle_timeout=1.0, request_timeout=1.0, max_connections=32)
     handler = http_server.device_handler(EchoDeviceApi())
     logged: list[str] = []
-    listener = tls.TlsListener(
-        "device", "https", "127.0.0.1", 0, tls.device_context(server_identity),
+    listener = TlsListener(
+        "device", "https", "127.0.0.1", 0, device_context(server_identity),
         lambda stream: http_server.serve_http(stream, handler, limits, 96 * 1024, logged.append),
         limits=limits, on_not_tls=http_server.plain_http_hint, url_host="localhost", log=logged.append,
         one_at_a_time=True,
@@ -56,10 +57,10 @@ class CountingApi(EchoDeviceApi):
 
 def test_handlers_of_different_connections_never_run_at_once(server_identity):
     api = CountingApi()
-    limits = tls.Limits(handshake_timeout=5.0, idle_timeout=5.0, request_timeout=5.0, max_connections=32)
+    limits = Limits(handshake_timeout=5.0, idle_timeout=5.0, request_timeout=5.0, max_connections=32)
     handler = http_server.device_handler(api)
-    listener = tls.TlsListener(
-        "turns", "https", "127.0.0.1", 0, tls.device_context(server_identity),
+    listener = TlsListener(
+        "turns", "https", "127.0.0.1", 0, device_context(server_identity),
         lambda stream: http_server.serve_http(stream, handler, limits, 1024, None),
         limits=limits, log=lambda message: None, one_at_a_time=True)
     listener.start()

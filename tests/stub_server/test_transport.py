@@ -17,7 +17,7 @@ import time
 import pytest
 
 from device_sim.stub.net import http as http_server
-from device_sim.stub.net import tls
+from device_sim.stub.net.server_pki import ensure_server_identity
 
 from .conftest import client_context, read_response, tls_connect
 from .stubpki import write_identity
@@ -77,9 +77,9 @@ def test_server_certificate_names_localhost_and_loopback_ip(echo_listener, serve
 
 
 def test_extra_server_name_reissues_the_server_certificate_from_the_same_ca(tmp_path):
-    first = tls.ensure_server_identity(tmp_path)
+    first = ensure_server_identity(tmp_path)
     ca_before = first.ca_cert.read_bytes()
-    again = tls.ensure_server_identity(tmp_path, ["stub.example.test", "10.1.2.3"])
+    again = ensure_server_identity(tmp_path, ["stub.example.test", "10.1.2.3"])
     assert again.ca_cert.read_bytes() == ca_before
     from cryptography import x509
 

@@ -1,4 +1,4 @@
-"""HTTP/1.1 front ends of the emulator: device API and service API over `tls.TlsListener`.
+"""HTTP/1.1 front ends of the emulator: device API and service API over `listener.TlsListener`.
 
 The HTTP reader is deliberately small: request line, headers, Content-Length bodies,
 keep-alive. Chunked bodies are refused (411/501): DPS clients send Content-Length, and a
@@ -25,13 +25,15 @@ from OpenSSL import SSL
 
 from device_sim.stub.core import errors
 from device_sim.stub.core.errors import Reply, error_reply
-from device_sim.stub.net.tls import Limits, TlsClosed, TlsStream
+from device_sim.stub.net.listener import Limits
+from device_sim.stub.net.tls_stream import TlsClosed, TlsStream
 
 MAX_HEAD = 16 * 1024  # request line + headers
 MAX_HEADERS = 100
 DEFAULT_MAX_BODY = 96 * 1024  # DPS's published maximum message size
 JSON_TYPE = "application/json; charset=utf-8"
 TOKEN = re.compile(rb"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+DIGITS = re.compile(r"[0-9]+\Z")
 
 
 # --------------------------------------------------------------------------- values
@@ -103,8 +105,9 @@ def body_length(method: str, headers: Mapping[str, str], max_body: int) -> int:
     raw = headers.get("content-length")
     if raw is None:
         return 0
-    if not raw.isdigit():
-        raise HttpError(400000, "Content-Length is not a number")
+    # Only ASCII digits: str.isdigit() also takes "²" or "٣", which int() then refuses.
+    if not DIGITS.match(raw):
+        raise HttpError(400000, "Content-Length is not a number; send the body size in ASCII digits")
     length = int(raw)
     if length > max_body:
         raise HttpError(413000, f"request body of {length} bytes exceeds the {max_body}-byte limit")
@@ -166,27 +169,36 @@ def _header_case(name: str) -> str:
 
 
 class _Reader:
-    """Buffered reads from a TlsStream with the head/body limits of one request."""
+    """Buffered reads from a TlsStream with the head/body limits of one request.
+
+    Deadlines are absolute, never per read (docs/emulator.md, "HTTP"): between requests the
+    connection may idle for `idle_timeout`; from the first byte of a request, its head and
+    body together must arrive within `request_timeout`, however the bytes trickle in.
+    """
 
     def __init__(self, stream: TlsStream):
         self.stream = stream
         self.buffer = b""
+        self.request_deadline: float | None = None
 
     def read_head(self, limits: Limits) -> bytes | None:
         """Bytes up to the blank line; None if the client closed or idled out between requests."""
-        timeout = limits.idle_timeout
+        idle_deadline = time.monotonic() + limits.idle_timeout
+        self.request_deadline = None
         while True:
+            started = bool(self.buffer.strip())
+            if started and self.request_deadline is None:
+                self.request_deadline = time.monotonic() + limits.request_timeout
             end = self.buffer.find(b"\r\n\r\n")
             if end >= 0:
                 head, self.buffer = self.buffer[:end], self.buffer[end + 4 :]
                 return head
             if len(self.buffer) > MAX_HEAD:
                 raise HttpError(431000, f"request head exceeds {MAX_HEAD} bytes")
-            started = bool(self.buffer.strip())
             if not started:
                 self.buffer = b""  # tolerate stray CRLFs between requests
             try:
-                chunk = self.stream.recv(MAX_HEAD, timeout if not started else limits.request_timeout)
+                chunk = self._recv(MAX_HEAD, self.request_deadline if started else idle_deadline)
             except (TimeoutError, socket.timeout):
                 if started:
                     raise HttpError(408000, "request not completed in time")
@@ -197,10 +209,10 @@ class _Reader:
                 return None
             self.buffer += chunk
 
-    def read_body(self, length: int, limits: Limits) -> bytes:
+    def read_body(self, length: int) -> bytes:
         while len(self.buffer) < length:
             try:
-                chunk = self.stream.recv(length - len(self.buffer), limits.request_timeout)
+                chunk = self._recv(length - len(self.buffer), self.request_deadline)
             except (TimeoutError, socket.timeout):
                 raise HttpError(408000, "request body not completed in time")
             if not chunk:
@@ -209,6 +221,12 @@ class _Reader:
         body, self.buffer = self.buffer[:length], self.buffer[length:]
         return body
 
+    def _recv(self, size: int, deadline: float) -> bytes:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("deadline passed")
+        return self.stream.recv(size, remaining)
+
 
 def read_request(reader: _Reader, limits: Limits, max_body: int) -> Request | None:
     head = reader.read_head(limits)
@@ -216,7 +234,7 @@ def read_request(reader: _Reader, limits: Limits, max_body: int) -> Request | No
         return None
     method, target, version, headers = parse_head(head)
     length = body_length(method, headers, max_body)
-    body = reader.read_body(length, limits)
+    body = reader.read_body(length)
     path, query = split_target(target)
     return Request(method, target, path, query, headers, body, wants_keep_alive(version, headers))
 
@@ -362,5 +380,22 @@ def service_handler(service_api) -> RequestHandler:
     def handle(request: Request, chain: Sequence[x509.Certificate]):
         check_json_body(request)
         return service_api.handle(request.method, request.path, request.query, request.headers, request.body)
+
+    return handle
+
+
+# The first path segment of every service API route (compared case-insensitively). A device
+# path starts with an ID scope ("0ne" + hex digits), so the two never overlap.
+SERVICE_HEADS = frozenset({"certificates", "enrollments", "enrollmentgroups", "registrations"})
+
+
+def device_or_service_handler(on_device: RequestHandler, on_service: RequestHandler) -> RequestHandler:
+    """One port for both APIs (for clients that can only dial 443): routed by the first segment."""
+
+    def handle(request: Request, chain: Sequence[x509.Certificate]):
+        head = request.path.split("/", 2)[1]  # parse_head made sure the path starts with "/"
+        if unquote(head).lower() in SERVICE_HEADS:
+            return on_service(request, chain)
+        return on_device(request, chain)
 
     return handle
