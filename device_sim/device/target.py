@@ -16,6 +16,7 @@ from urllib.parse import urlparse
 from device_sim.common import x509util
 from device_sim.common.dps import DEVICE_API_VERSION
 from device_sim.common.errors import UserError
+from device_sim.stub.layout import StateLayout
 
 GLOBAL_ENDPOINT = "global.azure-devices-provisioning.net"
 
@@ -26,7 +27,6 @@ _SCHEMES = {HTTPS: ("https", 443), MQTT: ("mqtts", 8883)}
 
 # The emulator's ready line, kept in its state directory while it runs. Until the emulator
 # publishes its state-directory names (stub/layout.py), the path is spelled here.
-ENDPOINT_FILE = Path("stub") / "endpoint.json"
 
 # What a TargetError is about, so a CLI can name its own option.
 ENDPOINT = "endpoint"
@@ -85,7 +85,7 @@ def parse_endpoint(text: str, transport: str = HTTPS) -> tuple[str, int]:
 
 
 def endpoint_file(home: Path) -> Path:
-    return home / ENDPOINT_FILE
+    return StateLayout.of(home).endpoint
 
 
 def emulator_endpoint(home: Path) -> dict:

@@ -22,7 +22,7 @@ import requests
 from device_sim.common import dps
 from device_sim.common.errors import UserError
 from device_sim.common.x509util import load_certificate_file, to_pem
-from device_sim.stub import server
+from device_sim.stub.layout import StateLayout, read_service_key
 from device_sim.stub.core import sas
 
 API_VERSION = dps.SERVICE_API_VERSION
@@ -41,8 +41,8 @@ class Endpoint:
 def find_endpoint(home: Path, service_url: str | None = None) -> Endpoint:
     """Where the service API is: `--service-url` (with the home's CA and key files) or the
     endpoint file a running `stub serve --home` wrote."""
-    directory = server.state_dir(home)
-    endpoint_file = directory / server.ENDPOINT_FILE
+    layout = StateLayout.of(home)
+    endpoint_file = layout.endpoint
     recorded: dict = {}
     if endpoint_file.exists():
         try:
@@ -56,8 +56,8 @@ def find_endpoint(home: Path, service_url: str | None = None) -> Endpoint:
             f"`device-sim stub serve --home {home}` or pass --service-url",
             exit_code=EXIT_UNREACHABLE,
         )
-    ca_cert = Path(recorded.get("ca_cert") or directory / server.TLS_SUBDIR / "ca.pem")
-    key_file = Path(recorded.get("service_key_file") or directory / server.SERVICE_KEY_FILE)
+    ca_cert = Path(recorded.get("ca_cert") or layout.ca_cert)
+    key_file = Path(recorded.get("service_key_file") or layout.service_key)
     for path, what in ((ca_cert, "server CA file"), (key_file, "service key file")):
         if not path.exists():
             raise UserError(f"{what} {path} is missing; point --home at the emulator's state directory")
@@ -74,7 +74,7 @@ class ServiceClient:
 
     def __init__(self, endpoint: Endpoint, timeout: float = 15.0):
         self.endpoint = endpoint
-        self.key = server.read_service_key(endpoint.service_key_file)
+        self.key = read_service_key(endpoint.service_key_file)
         self.timeout = timeout
         self.session = requests.Session()
 

@@ -11,10 +11,12 @@ when not enabled). Its `url` appears in the ready line as `<name>_url`.
 from __future__ import annotations
 
 import base64
+import datetime
 import json
 import os
 import secrets
 import threading
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Protocol, Sequence
@@ -25,8 +27,6 @@ from device_sim.common.errors import UserError
 from device_sim.common.files import write_atomic
 from device_sim.stub.core.config import Hub, StubConfig
 from device_sim.stub.layout import StateLayout, ensure_service_key, read_service_key
-# stub/admin.py still reads these names here; once it imports stub.layout this line goes.
-from device_sim.stub.layout import ENDPOINT_FILE, SERVICE_KEY_FILE, TLS_SUBDIR, state_dir  # noqa: F401
 from device_sim.stub.net import http as http_server
 from device_sim.stub.net.listener import Limits, TlsListener
 from device_sim.stub.net.log import log_stderr
@@ -162,6 +162,7 @@ class StubServer:
         self.app: StubApp | None = None
         self.listeners: list[Listener] = []
         self.ready: dict = {}
+        self.started = time.time()
 
     def start(self) -> dict:
         # The core is imported here so that the admin commands (which only need the file
@@ -184,7 +185,7 @@ class StubServer:
             config=config,
             store=store,
             device_api=DeviceApi(store, config),
-            service_api=ServiceApi(store, config, read_service_key(key_path)),
+            service_api=ServiceApi(store, config, read_service_key(key_path), server_status=self.status),
             identity=identity,
             host=options.host,
             url_host=url_host,
@@ -196,6 +197,11 @@ class StubServer:
         except OSError:
             self.close()
             raise  # a ListenError names the port; the CLI adds which option to change
+        # A service SDK signs its SAS for the HostName it dialled, port included.
+        config.service_ports = tuple(listener.port for listener in self.listeners
+                                     if listener.name == "service"
+                                     or (listener.name == "device" and options.service_on_device_port))
+        self.started = time.time()
         self.ready = {
             **{f"{listener.name}_url": listener.url for listener in self.listeners},
             "id_scope": config.id_scope,
@@ -210,6 +216,15 @@ class StubServer:
         # Private: the connection string carries the service key.
         write_atomic(layout.endpoint, json.dumps(self.ready, indent=2) + "\n", private=True)
         return self.ready
+
+    def status(self) -> dict:
+        """The server's part of `stub status`: listeners and uptime (the counts are the core's)."""
+        return {
+            "listeners": {listener.name: listener.url for listener in self.listeners},
+            "startedUtc": datetime.datetime.fromtimestamp(self.started, datetime.timezone.utc)
+                          .strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "uptimeSeconds": round(time.time() - self.started),
+        }
 
     def _service_connection_string(self, app: StubApp) -> str:
         """What the service SDKs take: host and port of a listener serving the service API."""

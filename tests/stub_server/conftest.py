@@ -36,7 +36,7 @@ class EchoDeviceApi:
             raise RuntimeError("handler bug")
         return Reply(200, body, {"x-test": "1"})
 
-    def register(self, id_scope, registration_id, api_version, chain, body):
+    def register(self, id_scope, registration_id, api_version, chain, body, host=None):
         return self._echo("register", chain, id_scope=id_scope, registration_id=registration_id,
                           api_version=api_version, body=body.decode())
 

@@ -118,3 +118,28 @@ def test_serve_option_names_the_device_port_in_the_connection_string(tmp_path):
     finally:
         assert emulator.stop() == 0
     assert "SharedAccessKey" not in (tmp_path / "serve.log").read_text()  # never logged
+
+
+def test_a_sas_signed_for_the_connection_strings_host_and_port_is_accepted(started):
+    """Service SDKs sign `sr` = the HostName they dialled (`localhost%3APORT` from make_token,
+    as the Python service SDK sends it; the raw form is covered in tests/stub_core)."""
+    stub, ready = started(service_connection_string=True)
+    fields = parse_connection_string(ready["service_connection_string"])
+    token = sas.make_token(fields["HostName"], base64.b64decode(fields["SharedAccessKey"]))
+    status, body = ask(port_of(ready["service_url"]), ready["ca_cert"], "GET",
+                       f"/certificates?api-version={API}", headers={"Authorization": token})
+    assert status == 200, body
+    wrong = sas.make_token(f"localhost:{port_of(ready['device_url'])}", base64.b64decode(fields["SharedAccessKey"]))
+    status, _ = ask(port_of(ready["service_url"]), ready["ca_cert"], "GET",
+                    f"/certificates?api-version={API}", headers={"Authorization": wrong})
+    assert status == 401
+
+
+def test_status_reports_the_listeners_and_uptime(started):
+    stub, ready = started()
+    token = sas.make_token(ready["service_host"], stub.app.service_api.service_key)
+    status, body = ask(port_of(ready["service_url"]), ready["ca_cert"], "GET",
+                       f"/emulator/status?api-version={API}", headers={"Authorization": token})
+    assert status == 200, body
+    assert body["server"]["listeners"]["device"] == ready["device_url"]
+    assert body["server"]["uptimeSeconds"] >= 0

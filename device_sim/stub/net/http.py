@@ -26,6 +26,7 @@ from OpenSSL import SSL
 from device_sim.stub.core import errors
 from device_sim.stub.core.errors import Reply, error_reply
 from device_sim.stub.net.listener import Limits
+from device_sim.stub.net.tls_context import UnreadablePeerChain
 from device_sim.stub.net.tls_stream import TlsClosed, TlsStream
 
 MAX_HEAD = 16 * 1024  # request line + headers
@@ -250,7 +251,10 @@ def serve_http(
     log: Callable[[str], None] | None = None,
 ) -> None:
     """Answer requests on one connection until the client closes, idles out, or errs."""
-    chain = stream.presented_chain()
+    try:
+        chain, refusal = stream.presented_chain(), None
+    except UnreadablePeerChain as exc:
+        chain, refusal = [], error_reply(errors.INVALID_CERTIFICATE, f"the client certificate cannot be read ({exc})")
     reader = _Reader(stream)
     while True:
         try:
@@ -264,7 +268,7 @@ def serve_http(
         if request is None:
             return
         try:
-            reply = handle(request, chain)
+            reply = refusal or handle(request, chain)
         except HttpError as exc:
             reply = exc.reply()
             if exc.close:
@@ -361,7 +365,8 @@ def device_handler(device_api) -> RequestHandler:
         if name == "register":
             check_json_body(request)
             id_scope, registration_id = params
-            return device_api.register(id_scope, registration_id, api_version, chain, request.body)
+            return device_api.register(id_scope, registration_id, api_version, chain, request.body,
+                                       host=request.headers.get("host"))
         if name == "operation_status":
             id_scope, registration_id, operation_id = params
             return device_api.operation_status(id_scope, registration_id, operation_id, api_version, chain)

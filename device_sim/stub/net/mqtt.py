@@ -17,7 +17,7 @@ from device_sim.mqtt.codec import DEFAULT_MAX_PACKET_SIZE, Decoder, ProtocolErro
 from device_sim.stub.net.listener import Limits, TlsListener
 from device_sim.stub.net.log import log_stderr
 from device_sim.stub.net.mqtt_session import DpsMqttSession, SessionClosed
-from device_sim.stub.net.tls_context import device_context
+from device_sim.stub.net.tls_context import UnreadablePeerChain, device_context
 
 READ_CHUNK = 64 * 1024
 # MQTT 3.1.1 §3.1.2.10: the server drops a client silent for one and a half keep-alives.
@@ -31,7 +31,11 @@ def serve_mqtt(stream, api, limits: Limits, max_packet_size: int = DEFAULT_MAX_P
                log: Callable[[str], None] | None = None) -> None:
     """Run one device connection to its end; the caller closes the stream afterwards."""
     try:
-        _serve(stream, DpsMqttSession(api, stream.presented_chain()), Decoder(max_packet_size), limits, log)
+        chain = stream.presented_chain()
+    except UnreadablePeerChain:
+        chain = []  # an unreadable certificate authenticates nobody: CONNACK refuses it
+    try:
+        _serve(stream, DpsMqttSession(api, chain), Decoder(max_packet_size), limits, log)
     except (OSError, SSL.Error):
         return  # the peer vanished mid-answer (reset, broken pipe): nothing left to tell it
 

@@ -66,16 +66,24 @@ def service_context(identity: ServerIdentity) -> SSL.Context:
     return _base_context(identity)
 
 
+class UnreadablePeerChain(ValueError):
+    """The client sent a certificate that passed the TLS layer but cannot be decoded; DPS
+    answers such a device as it answers an unknown certificate (docs/x509-rules.md)."""
+
+
 def presented_chain(conn: SSL.Connection) -> list[x509.Certificate]:
     """The client's chain as sent: leaf first, then the extra certificates in wire order.
 
     OpenSSL's SSL_get_peer_cert_chain() leaves the leaf out on the server side, so it is
     put in front here; if a build ever returns it included, it is not duplicated.
     """
-    leaf = conn.get_peer_certificate(as_cryptography=True)
-    if leaf is None:
-        return []
-    rest = conn.get_peer_cert_chain(as_cryptography=True) or []
+    try:
+        leaf = conn.get_peer_certificate(as_cryptography=True)
+        if leaf is None:
+            return []
+        rest = conn.get_peer_cert_chain(as_cryptography=True) or []
+    except Exception as exc:  # cryptography refuses some DER OpenSSL accepted (e.g. version 5)
+        raise UnreadablePeerChain(f"{type(exc).__name__}: {exc}") from None
     if rest and rest[0] == leaf:
         return list(rest)
     return [leaf, *rest]
