@@ -12,14 +12,6 @@ from device_sim.stub.net import http as http_server
 from device_sim.stub.net import tls
 from device_sim.stub.core.errors import Reply
 
-from .stubpki import Pki, write_identity
-
-
-@pytest.fixture(scope="session")
-def pki() -> Pki:
-    return Pki.create()
-
-
 @pytest.fixture(scope="session")
 def server_identity(tmp_path_factory) -> tls.ServerIdentity:
     return tls.ensure_server_identity(tmp_path_factory.mktemp("stub-tls"))
@@ -105,7 +97,6 @@ def read_response(sock) -> tuple[int, dict[str, str], bytes]:
 
 
 @pytest.fixture
-def device_files(tmp_path, pki):
+def device_files(tmp_path, file_cas):
     """dev-a with the full chain (leaf, inter2, inter1, root) in files."""
-    leaf = pki.device("dev-a")
-    return write_identity(tmp_path, "dev-a", leaf, pki.inter2, pki.inter1, pki.root)
+    return file_cas.device("dev-a").write(tmp_path, "dev-a")
