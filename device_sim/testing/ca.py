@@ -79,14 +79,14 @@ def _key_usage(*, digital_signature=True, key_encipherment=False, key_cert_sign=
                          decipher_only=False)
 
 
-def _build(cn: str, key, *, issuer: "TestCA | None", ca: bool, path_length: int | None,
+def _build(cn: str, public_key, *, issuer: "TestCA | None", ca: bool, path_length: int | None,
            not_before: dt.datetime | None, not_after: dt.datetime | None, days: int,
            extensions: dict, signing_key=None) -> x509.Certificate:
     start = not_before or _now() - dt.timedelta(hours=1)
     end = not_after or start + dt.timedelta(days=days)
     wanted: dict[type, tuple[x509.ExtensionType, bool]] = {
         x509.BasicConstraints: (x509.BasicConstraints(ca=ca, path_length=path_length if ca else None), True),
-        x509.SubjectKeyIdentifier: (x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False),
+        x509.SubjectKeyIdentifier: (x509.SubjectKeyIdentifier.from_public_key(public_key), False),
     }
     if ca:
         wanted[x509.KeyUsage] = (_key_usage(key_cert_sign=True), True)
@@ -103,13 +103,13 @@ def _build(cn: str, key, *, issuer: "TestCA | None", ca: bool, path_length: int 
     builder = (x509.CertificateBuilder()
                .subject_name(_name(cn))
                .issuer_name(issuer.cert.subject if issuer is not None else _name(cn))
-               .public_key(key.public_key())
+               .public_key(public_key)
                .serial_number(x509.random_serial_number())
                .not_valid_before(start)
                .not_valid_after(end))
     for extension, critical in wanted.values():
         builder = builder.add_extension(extension, critical=critical)
-    signer = signing_key or (issuer.key if issuer is not None else key)
+    signer = signing_key if issuer is None else issuer.key
     algorithm = None if _is_eddsa(signer) else hashes.SHA256()
     return builder.sign(signer, algorithm)
 
@@ -146,14 +146,15 @@ class LeafCert:
         """The leaf and the first `issuers` certificates above it."""
         return self.chain[:1 + issuers]
 
-    def write(self, directory: str | Path, name: str, *, issuers: int | None = None) -> tuple[Path, Path]:
-        """Write `name.chain.pem` (leaf + `issuers` above it, all by default) and `name.key`;
-        returns both paths, as `ssl.SSLContext.load_cert_chain` takes them."""
+    def write(self, directory: str | Path, name: str, above=None) -> tuple[Path, Path]:
+        """Write `name.chain.pem` and `name.key`; returns both paths, as
+        `ssl.SSLContext.load_cert_chain` takes them. The chain file holds this certificate,
+        then `above` (certificates or `TestCA`s, in that order; default: every issuer)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         chain_path, key_path = directory / f"{name}.chain.pem", directory / f"{name}.key"
-        chain = self.chain if issuers is None else self.chain_to(issuers)
-        chain_path.write_bytes(pem(*chain))
+        rest = self.chain[1:] if above is None else [getattr(c, "cert", c) for c in above]
+        chain_path.write_bytes(pem(self.cert, *rest))
         key_path.write_bytes(self.key_pem)
         return chain_path, key_path
 
@@ -177,10 +178,20 @@ class TestCA(LeafCert):
         overrides = dict(extensions or {})
         if not _key_cert_sign:
             overrides.setdefault(x509.KeyUsage, (_key_usage(), True))
-        cert = _build(name, key, issuer=_issuer, ca=_ca, path_length=path_length, not_before=not_before,
-                      not_after=not_after, days=CA_DAYS, extensions=overrides)
+        cert = _build(name, key.public_key(), issuer=_issuer, ca=_ca, path_length=path_length,
+                      not_before=not_before, not_after=not_after, days=CA_DAYS, extensions=overrides, signing_key=key)
         super().__init__(cert, key, _issuer)
         self.name = name
+
+    @classmethod
+    def from_pem(cls, cert_pem: bytes, key_pem: bytes) -> "TestCA":
+        """A CA from its certificate and unencrypted key (e.g. written by `write`)."""
+        ca = cls.__new__(cls)
+        cert = x509.load_pem_x509_certificate(cert_pem)
+        LeafCert.__init__(ca, cert, serialization.load_pem_private_key(key_pem, None), None)
+        names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        ca.name = names[0].value if names else ""
+        return ca
 
     def issue_intermediate(self, name: str, *, path_length: int | None = None, ca: bool = True,
                            key_cert_sign: bool = True, key_type: str = DEFAULT_KEY_TYPE,
@@ -191,11 +202,13 @@ class TestCA(LeafCert):
                       _key_cert_sign=key_cert_sign)
 
     def issue_leaf(self, cn: str, *, not_before: dt.datetime | None = None, not_after: dt.datetime | None = None,
-                   key_type: str = DEFAULT_KEY_TYPE, key=None, days: int = LEAF_DAYS,
+                   key_type: str = DEFAULT_KEY_TYPE, public_key=None, days: int = LEAF_DAYS,
                    extensions: dict | None = None) -> LeafCert:
-        """A client certificate for `cn` (the DPS registration ID); `key` reuses a key."""
-        key = key or new_key(key_type)
-        cert = _build(cn, key, issuer=self, ca=False, path_length=None, not_before=not_before,
+        """A client certificate for `cn` (the DPS registration ID). `public_key` certifies a
+        key made elsewhere (e.g. in a token); the result then has no `.key`."""
+        key = None if public_key is not None else new_key(key_type)
+        cert = _build(cn, public_key or key.public_key(), issuer=self, ca=False, path_length=None,
+                      not_before=not_before,
                       not_after=not_after, days=days, extensions=dict(extensions or {}))
         return LeafCert(cert, key, self)
 
@@ -215,6 +228,6 @@ class TestCA(LeafCert):
     def self_signed_leaf(cn: str, *, key_type: str = DEFAULT_KEY_TYPE) -> LeafCert:
         """A leaf that signs itself (CA:FALSE): what a device made without any CA presents."""
         key = new_key(key_type)
-        cert = _build(cn, key, issuer=None, ca=False, path_length=None, not_before=None, not_after=None,
-                      days=LEAF_DAYS, extensions={})
+        cert = _build(cn, key.public_key(), issuer=None, ca=False, path_length=None, not_before=None,
+                      not_after=None, days=LEAF_DAYS, extensions={}, signing_key=key)
         return LeafCert(cert, key, None)
