@@ -17,6 +17,8 @@ signs inside the token).
 
 from __future__ import annotations
 
+import _ssl
+import ctypes
 from pathlib import Path
 
 from device_sim.stub import admin as service
@@ -28,9 +30,25 @@ def _text(pem: bytes | str) -> str:
     return pem.decode("ascii") if isinstance(pem, bytes) else pem
 
 
+def _clear_openssl_errors() -> None:
+    # SoftHSM (OpenSSL inside) can leave an error such as "no such engine" on this
+    # thread's OpenSSL error queue; CPython's ssl then takes it for the next handshake's
+    # failure. Tests run token operations and admin calls on one thread: start clean.
+    try:
+        ctypes.CDLL(_ssl.__file__).ERR_clear_error()
+    except (OSError, AttributeError):
+        pass
+
+
+class _ServiceClient(service.ServiceClient):
+    def call(self, *args, **kwargs):
+        _clear_openssl_errors()
+        return super().call(*args, **kwargs)
+
+
 class EmulatorAdmin:
     def __init__(self, home: Path):
-        self.client = service.ServiceClient(service.find_endpoint(Path(home)))
+        self.client = _ServiceClient(service.find_endpoint(Path(home)))
 
     def close(self) -> None:
         self.client.close()

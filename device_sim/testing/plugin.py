@@ -1,0 +1,63 @@
+"""The pytest plugin of device-sim (entry point `pytest11`, loaded by any pytest that has
+device-sim installed); docs/pytest.md shows it at work.
+
+Fixtures:
+  device_sim_pki                a `TokenPki` in a temporary directory (SoftHSM, or the
+                                module of --device-sim-module): `.ca(name, parent=None)`,
+                                `.device(registration_id, ca=NAME)`
+  device_sim_emulator           a running emulator with its own state directory, one per
+                                test (`Emulator`: `.device_url`, `.admin`, ...)
+  device_sim_emulator_session   the same, one for the whole session
+  device_sim_register           `register(identity, emulator, transport="https", **options)`
+
+Option `--device-sim-module PATH` runs the same tests with another PKCS#11 module
+(its tokens are initialised with the PINs of `device_sim.testing.TEST_PIN`/`TEST_SO_PIN`).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from device_sim.testing.device import register
+from device_sim.testing.emulator import Emulator
+from device_sim.testing.token import TokenPki
+
+SOFTHSM_CONF = "SOFTHSM2_CONF"
+
+
+def pytest_addoption(parser) -> None:
+    group = parser.getgroup("device-sim")
+    group.addoption("--device-sim-module", metavar="PATH", default=None,
+                    help="PKCS#11 module for device_sim_pki (default: SoftHSM in a temporary directory)")
+
+
+@pytest.fixture(scope="session")
+def device_sim_module(request) -> str | None:
+    """The PKCS#11 module path given with --device-sim-module, or None for SoftHSM."""
+    return request.config.getoption("--device-sim-module")
+
+
+@pytest.fixture
+def device_sim_pki(tmp_path_factory, device_sim_module, monkeypatch) -> TokenPki:
+    # SoftHSM finds its directory through $SOFTHSM2_CONF: put back whatever was there.
+    monkeypatch.setenv(SOFTHSM_CONF, os.environ.get(SOFTHSM_CONF, ""))
+    return TokenPki(tmp_path_factory.mktemp("device-sim-pki"), module_path=device_sim_module)
+
+
+@pytest.fixture
+def device_sim_emulator(tmp_path_factory):
+    with Emulator.in_process(tmp_path_factory.mktemp("device-sim-emulator")) as emulator:
+        yield emulator
+
+
+@pytest.fixture(scope="session")
+def device_sim_emulator_session(tmp_path_factory):
+    with Emulator.in_process(tmp_path_factory.mktemp("device-sim-emulator-session")) as emulator:
+        yield emulator
+
+
+@pytest.fixture
+def device_sim_register():
+    return register
