@@ -45,8 +45,16 @@ def _copy(record, cls, **extra):
     return cls(**{f.name: getattr(record, f.name) for f in dataclasses.fields(record)}, **extra)
 
 
+class _CertPem:
+    cert: x509.Certificate
+
+    @property
+    def cert_pem(self) -> bytes:
+        return pem(self.cert)
+
+
 @dataclasses.dataclass(frozen=True)
-class TokenCa(hsm_ca.CaRecord):
+class TokenCa(_CertPem, hsm_ca.CaRecord):
     """A CA whose key is in the token (hsm_setup's CaRecord with PEM views)."""
 
     pki: "TokenPki | None" = dataclasses.field(default=None, repr=False, compare=False)
@@ -54,10 +62,6 @@ class TokenCa(hsm_ca.CaRecord):
     @property
     def cert(self) -> x509.Certificate:
         return self.x509()
-
-    @property
-    def cert_pem(self) -> bytes:
-        return pem(self.cert)
 
     def verification_certificate(self, code: str) -> bytes:
         """DPS proof of possession for `code`, signed inside the token by this CA's key (PEM)."""
@@ -68,7 +72,7 @@ class TokenCa(hsm_ca.CaRecord):
 
 
 @dataclasses.dataclass(frozen=True)
-class TokenDevice(hsm_devices.DeviceRecord):
+class TokenDevice(_CertPem, hsm_devices.DeviceRecord):
     """A device identity whose key is in the token (hsm_setup's DeviceRecord with PEM views)."""
 
     pki: "TokenPki | None" = dataclasses.field(default=None, repr=False, compare=False)
@@ -76,10 +80,6 @@ class TokenDevice(hsm_devices.DeviceRecord):
     @property
     def cert(self) -> x509.Certificate:
         return self.certificate_x509()
-
-    @property
-    def cert_pem(self) -> bytes:
-        return pem(self.cert)
 
     @property
     def chain_pem(self) -> bytes:

@@ -39,8 +39,7 @@ class EchoDeviceApi:
                           api_version=api_version, body=body.decode())
 
 
-@pytest.fixture
-def echo_listener(server_identity):
+def start_echo_listener(server_identity, *, one_at_a_time: bool = False) -> tls.TlsListener:
     """A device-port listener with short deadlines in front of the echo stand-in."""
     limits = tls.Limits(handshake_timeout=1.0, idle_timeout=1.0, request_timeout=1.0, max_connections=32)
     handler = http_server.device_handler(EchoDeviceApi())
@@ -49,9 +48,16 @@ def echo_listener(server_identity):
         "device", "https", "127.0.0.1", 0, tls.device_context(server_identity),
         lambda stream: http_server.serve_http(stream, handler, limits, 96 * 1024, logged.append),
         limits=limits, on_not_tls=http_server.plain_http_hint, url_host="localhost", log=logged.append,
+        one_at_a_time=one_at_a_time,
     )
     listener.start()
     listener.logged = logged
+    return listener
+
+
+@pytest.fixture
+def echo_listener(server_identity):
+    listener = start_echo_listener(server_identity)
     yield listener
     listener.close()
 

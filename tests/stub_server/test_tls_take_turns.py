@@ -13,7 +13,7 @@ import pytest
 from device_sim.stub.net import http as http_server
 from device_sim.stub.net import tls
 
-from .conftest import EchoDeviceApi, client_context
+from .conftest import EchoDeviceApi, client_context, start_echo_listener
 from .test_transport import *  # noqa: F401,F403 - the transport tests, collected again here
 from .test_transport import ask
 
@@ -21,17 +21,7 @@ from .test_transport import ask
 @pytest.fixture
 def echo_listener(server_identity):
     """The transport suite's listener, with the connection threads taking turns."""
-    limits = tls.Limits(handshake_timeout=1.0, idle_timeout=1.0, request_timeout=1.0, max_connections=32)
-    handler = http_server.device_handler(EchoDeviceApi())
-    logged: list[str] = []
-    listener = tls.TlsListener(
-        "device", "https", "127.0.0.1", 0, tls.device_context(server_identity),
-        lambda stream: http_server.serve_http(stream, handler, limits, 96 * 1024, logged.append),
-        limits=limits, on_not_tls=http_server.plain_http_hint, url_host="localhost", log=logged.append,
-        one_at_a_time=True,
-    )
-    listener.start()
-    listener.logged = logged
+    listener = start_echo_listener(server_identity, one_at_a_time=True)
     yield listener
     listener.close()
 
