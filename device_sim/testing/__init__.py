@@ -15,12 +15,25 @@ One small explicit API, each piece documented by examples in its module:
 The pytest plugin (`device_sim.testing.plugin`, docs/pytest.md) is built on these.
 """
 
-from device_sim.testing.ca import LeafCert, TestCA, key_pem, pem
-from device_sim.testing.device import Registration, register
-from device_sim.testing.emulator import Emulator, EmulatorFailed
-from device_sim.testing.token import TEST_PIN, TEST_SO_PIN, TokenCa, TokenDevice, TokenPki
-from device_sim.testing.transport import DeviceApiTransport
+import importlib
 
-__all__ = ["DeviceApiTransport", "Emulator", "EmulatorFailed", "LeafCert", "Registration", "TEST_PIN", "TEST_SO_PIN",
-           "TestCA", "TokenCa", "TokenDevice", "TokenPki", "key_pem", "pem", "register"]
+# Where each name lives. They are imported on first use, so that loading the pytest
+# plugin (device_sim.testing.plugin) imports nothing else of the project before the
+# suite's own conftest files.
+_HOMES = {
+    "DeviceApiTransport": "transport", "Emulator": "emulator", "EmulatorFailed": "emulator",
+    "LeafCert": "ca", "Registration": "device", "TEST_PIN": "token", "TEST_SO_PIN": "token",
+    "TestCA": "ca", "TokenCa": "token", "TokenDevice": "token", "TokenPki": "token",
+    "key_pem": "ca", "pem": "ca", "register": "device",
+}
+__all__ = sorted(_HOMES)
 
+
+def __getattr__(name: str):
+    if name not in _HOMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_HOMES[name]}"), name)
+
+
+def __dir__():
+    return __all__

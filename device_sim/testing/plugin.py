@@ -20,9 +20,9 @@ import os
 
 import pytest
 
-from device_sim.testing.device import register
-from device_sim.testing.emulator import Emulator
-from device_sim.testing.token import TokenPki
+# The helpers are imported by the fixtures, not here: a plugin loads before the suite's
+# conftest files, and importing the project's packages that early would shadow a test
+# package of the same name (device-sim's own tests/hsm_setup).
 
 SOFTHSM_CONF = "SOFTHSM2_CONF"
 
@@ -40,7 +40,9 @@ def device_sim_module(request) -> str | None:
 
 
 @pytest.fixture
-def device_sim_pki(tmp_path_factory, device_sim_module, monkeypatch) -> TokenPki:
+def device_sim_pki(tmp_path_factory, device_sim_module, monkeypatch):
+    from device_sim.testing.token import TokenPki
+
     # SoftHSM finds its directory through $SOFTHSM2_CONF: put back whatever was there.
     monkeypatch.setenv(SOFTHSM_CONF, os.environ.get(SOFTHSM_CONF, ""))
     return TokenPki(tmp_path_factory.mktemp("device-sim-pki"), module_path=device_sim_module)
@@ -48,16 +50,22 @@ def device_sim_pki(tmp_path_factory, device_sim_module, monkeypatch) -> TokenPki
 
 @pytest.fixture
 def device_sim_emulator(tmp_path_factory):
+    from device_sim.testing.emulator import Emulator
+
     with Emulator.in_process(tmp_path_factory.mktemp("device-sim-emulator")) as emulator:
         yield emulator
 
 
 @pytest.fixture(scope="session")
 def device_sim_emulator_session(tmp_path_factory):
+    from device_sim.testing.emulator import Emulator
+
     with Emulator.in_process(tmp_path_factory.mktemp("device-sim-emulator-session")) as emulator:
         yield emulator
 
 
 @pytest.fixture
 def device_sim_register():
+    from device_sim.testing.device import register
+
     return register
