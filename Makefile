@@ -6,10 +6,13 @@ HOME_DIR ?= .device-sim
 
 .PHONY: test demo sysdeps venv bench clean
 
-# System packages: SoftHSM2 (the token used by default, in tests and in the demo) and
+# System packages: SoftHSM2 (the token used by default, in tests and in the demo),
 # OpenSC's PKCS#11 modules (pkcs11-spy: the tests run hsm-setup through a module that is
-# not SoftHSM by name).
-SYSPKGS := softhsm2 opensc-pkcs11
+# not SoftHSM by name), and a software TPM 2.0 token for tests/tpm (device_sim/testing/tpm.py):
+# the emulator (swtpm, swtpm-tools), the resource manager on a session D-Bus (tpm2-abrmd,
+# libtss2-tcti-tabrmd0, dbus), the PKCS#11 module and its token tool (libtpm2-pkcs11-1,
+# libtpm2-pkcs11-tools) and tpm2-tools, which that tool runs.
+SYSPKGS := softhsm2 opensc-pkcs11 swtpm swtpm-tools tpm2-abrmd libtss2-tcti-tabrmd0 libtpm2-pkcs11-1 libtpm2-pkcs11-tools tpm2-tools dbus
 sysdeps:
 	@missing=$$(for p in $(SYSPKGS); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
 	if [ -n "$$missing" ]; then \

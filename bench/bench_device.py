@@ -40,8 +40,7 @@ from device_sim.device import chain_builder
 from device_sim.device import registration as reg
 from device_sim.device.driver import run_registration
 from device_sim.device.identity import load_identity
-from device_sim.device.transport_https import (HttpsTransport, TlsIdentity, client_tls_context,
-                                               default_runtime)
+from device_sim.device.transport_https import CrtRuntime, HttpsTransport, TlsIdentity, client_tls_context
 from device_sim.testing import Emulator, TestCA
 from hsm_setup import devices, module, tokens
 
@@ -143,19 +142,20 @@ def measure(home: Path, ready: dict, n: int, in_flight: int) -> None:
         slot = live[record.token_label] if by_slot else None
         return TlsIdentity(first.module_path, record.label, chain, PIN, slot_id=slot, token_label=record.token_label)
 
-    default_runtime().pkcs11_lib(first.module_path)
+    runtime = CrtRuntime()
+    runtime.pkcs11_lib(first.module_path)
     print(f"\n{n} devices on one token holding 1,200 objects; 41 tokens in all")
     line("identity load + checks (before connecting)", identity_ms)
-    small_ctx = timed(lambda r: client_tls_context(tls_identity(r), trust), small)
-    line("TLS context by slot id (raw: 3-object token)", timed(lambda r: client_tls_context(tls_identity(r), trust), big), small_ctx)
+    small_ctx = timed(lambda r: client_tls_context(tls_identity(r), trust, runtime), small)
+    line("TLS context by slot id (raw: 3-object token)", timed(lambda r: client_tls_context(tls_identity(r), trust, runtime), big), small_ctx)
     line("TLS context by token label (raw: by slot id, 3-object token)",
-         timed(lambda r: client_tls_context(tls_identity(r, by_slot=False), trust), big), small_ctx)
+         timed(lambda r: client_tls_context(tls_identity(r, by_slot=False), trust, runtime), big), small_ctx)
 
-    contexts = [client_tls_context(tls_identity(r), trust) for r in big]
+    contexts = [client_tls_context(tls_identity(r), trust, runtime) for r in big]
     file_ctx = file_key_context(trust)
 
     def handshake(ctx):
-        transport = HttpsTransport("localhost", port, scope, "x", ctx)
+        transport = HttpsTransport("localhost", port, scope, "x", ctx, runtime=runtime)
         transport.connect(10)
         transport.close()
 
@@ -164,7 +164,7 @@ def measure(home: Path, ready: dict, n: int, in_flight: int) -> None:
 
     connect_ms, register_ms, total_ms, statuses = [], [], [], {}
     for record, ctx in zip(big, contexts):
-        transport = HttpsTransport("localhost", port, scope, record.registration_id, ctx)
+        transport = HttpsTransport("localhost", port, scope, record.registration_id, ctx, runtime=runtime)
         outcome, timings = run_registration(reg.RegistrationFlow(record.registration_id), transport, 20)
         statuses[outcome.status] = statuses.get(outcome.status, 0) + 1
         connect_ms.append(timings.connect_ms or 0)
@@ -181,7 +181,7 @@ def measure(home: Path, ready: dict, n: int, in_flight: int) -> None:
             options = ctx_list[i % len(ctx_list)].new_connection_options()
             options.set_server_name("localhost")
             futures.append(crt_http.HttpClientConnection.new(
-                host_name="localhost", port=port, bootstrap=default_runtime().bootstrap,
+                host_name="localhost", port=port, bootstrap=runtime.bootstrap,
                 tls_connection_options=options))
         connections = [f.result(60) for f in futures]
         rate = in_flight / (time.perf_counter() - started)

@@ -33,13 +33,14 @@ from awscrt import io as crt_io
 
 from device_sim.device import registration as reg
 from device_sim.device.driver import run_registration
-from device_sim.device.transport_https import HttpsTransport, TlsIdentity, client_tls_context, default_runtime
+from device_sim.device.transport_https import CrtRuntime, HttpsTransport, TlsIdentity, client_tls_context
 from device_sim.device.transport_mqtt import MqttTransport
 from device_sim.testing import Emulator, TokenPki
 
 from bench_stub import run_clients  # bench/ is sys.path[0] when run
 
 REGISTRATION_ID = "bench-mqtt-dev"
+RUNTIME = CrtRuntime()  # one event loop for the whole bench
 HOST = "localhost"  # the name in the emulator's server certificate
 
 
@@ -59,7 +60,7 @@ def handshake_once(context, port: int) -> None:
     options.domain = crt_io.SocketDomain.IPv4
     tls_options = context.new_connection_options()
     tls_options.set_server_name(HOST)
-    future = crt_http.HttpClientConnection.new(host_name=HOST, port=port, bootstrap=default_runtime().bootstrap,
+    future = crt_http.HttpClientConnection.new(host_name=HOST, port=port, bootstrap=RUNTIME.bootstrap,
                                                socket_options=options, tls_connection_options=tls_options)
     connection = future.result(10)
     connection.close().result(10)
@@ -111,15 +112,15 @@ def main() -> int:
             pki.lib()
             devices = list(pki.devices.values())
             contexts = [client_tls_context(TlsIdentity(pki.module_path, d.label, d.chain_pem, pki.pin,
-                                                       token_label=d.token_label), trust) for d in devices]
+                                                       token_label=d.token_label), trust, RUNTIME) for d in devices]
             ids = [d.registration_id for d in devices]
             mqtt_port, https_port, scope = emulator.mqtt_port, emulator.device_port, emulator.id_scope
 
             def mqtt_once(i: int) -> None:
-                register_once(MqttTransport(HOST, mqtt_port, scope, ids[i], contexts[i]), ids[i])
+                register_once(MqttTransport(HOST, mqtt_port, scope, ids[i], contexts[i], runtime=RUNTIME), ids[i])
 
             def https_once(i: int) -> None:
-                register_once(HttpsTransport(HOST, https_port, scope, ids[i], contexts[i]), ids[i])
+                register_once(HttpsTransport(HOST, https_port, scope, ids[i], contexts[i], runtime=RUNTIME), ids[i])
 
             handshake = timed(args.rounds, lambda: handshake_once(contexts[0], mqtt_port))
             mqtt = timed(args.rounds, lambda: mqtt_once(0))

@@ -25,10 +25,7 @@ NETWORK = ("socket", "ssl", "OpenSSL", "select")
 STUB_TOKEN_MODULES: frozenset[str] = frozenset()
 
 # (rule, module doing the import, module imported) still broken on main.
-KNOWN_VIOLATIONS: frozenset[tuple[str, str, str]] = frozenset({
-    ("cli", "device_sim.fleet.runner", "device_sim.cli.register"),
-    ("stub-device", "device_sim.stub.admin", "device_sim.device.chain_builder"),
-})
+KNOWN_VIOLATIONS: frozenset[tuple[str, str, str]] = frozenset()
 
 
 def module_name(path: Path, root: Path = ROOT) -> str:

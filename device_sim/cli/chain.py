@@ -5,15 +5,15 @@ from __future__ import annotations
 import argparse
 import json
 
-from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
+from device_sim.cli.register import add_identity_arguments
+from device_sim.common.errors import EXIT_LINT_FAILED, EXIT_USAGE
+from device_sim.common.home import ensure_home
+from device_sim.common.x509util import (describe, is_self_signed, load_certificate_file, sha1_thumbprint,
+                                        sha256_thumbprint)
 from device_sim.device import chain_builder, chain_lint
 from device_sim.device.identity import load_identity
-from device_sim.cli.register import add_identity_arguments
-from device_sim.common.home import ensure_home
-
-EXIT_LINT_FAILED = 1
 
 
 def add_subparser(subparsers) -> None:
@@ -29,7 +29,7 @@ def add_subparser(subparsers) -> None:
         "lint", help="check the chain against DPS rules",
         description="Check the chain against DPS rules: links verify, order, duplicates, CA flags and key "
                     "usages, CN rules, validity, and (with --verified) that it reaches the verified CA. "
-                    f"Exit {EXIT_LINT_FAILED} when DPS would refuse the device, 2 on usage errors.",
+                    f"Exit {EXIT_LINT_FAILED} when DPS would refuse the device, {EXIT_USAGE} on usage errors.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     add_identity_arguments(lint)
     lint.add_argument("--verified", metavar="CA_FILE", action="append", default=[],
@@ -61,12 +61,12 @@ def cert_info(cert) -> dict:
     return {
         "subject": cert.subject.rfc4514_string(),
         "issuer": cert.issuer.rfc4514_string(),
-        "sha256": cert.fingerprint(hashes.SHA256()).hex(),
-        "sha1": cert.fingerprint(hashes.SHA1()).hex(),  # IoT Hub shows SHA-1 thumbprints
+        "sha256": sha256_thumbprint(cert).lower(),
+        "sha1": sha1_thumbprint(cert).lower(),  # IoT Hub shows SHA-1 thumbprints
         "not_before": cert.not_valid_before_utc.strftime("%Y-%m-%dT%H:%M:%SZ"),
         "not_after": cert.not_valid_after_utc.strftime("%Y-%m-%dT%H:%M:%SZ"),
         "key": key_description(cert),
-        "self_signed": chain_builder.is_self_signed(cert),
+        "self_signed": is_self_signed(cert),
     }
 
 
@@ -88,16 +88,16 @@ def cmd_show(args) -> int:
 
 
 def cmd_lint(args) -> int:
-    verified = [c for path in args.verified for c in chain_builder.load_pem_file(path)]
+    verified = [c for path in args.verified for c in load_certificate_file(path)]
     identity, chain = device_chain(args, check=not args.no_key_check)
     findings = chain_lint.lint_chain(chain, verified=verified)
     failed = chain_lint.has_errors(findings)
     if args.json:
         print(json.dumps({"registration_id": identity.registration_id, "ok": not failed,
-                          "chain": [chain_builder.describe(c) for c in chain],
+                          "chain": [describe(c) for c in chain],
                           "findings": [f.as_dict() for f in findings]}))
     else:
-        print(f"chain of {identity.registration_id}: " + " -> ".join(chain_builder.describe(c) for c in chain))
+        print(f"chain of {identity.registration_id}: " + " -> ".join(describe(c) for c in chain))
         for finding in findings:
             print(f"{finding.level:7} {finding.rule:10} {finding.message}")
         print("DPS would refuse this device" if failed else "ok: nothing in the chain makes DPS refuse the device")

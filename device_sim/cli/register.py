@@ -1,26 +1,30 @@
-"""`device-sim register`: one device, one full DPS registration over mTLS with its token key."""
+"""`device-sim register`: one device, one full DPS registration over mTLS with its token key.
+
+A registration reads as a straight line (docs/device.md): options -> target -> identity
+(one call into the token layer) -> chain -> TLS context and transport -> flow -> outcome.
+"""
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import sys
-from dataclasses import dataclass
+import time
 from pathlib import Path
-from urllib.parse import urlparse
 
-from device_sim.device import chain_builder
+from device_sim.cli.options import add_home_argument
+from device_sim.cli.register_output import EXIT_TABLE, as_json, exit_code, human_summary
+from device_sim.common.dps import DEVICE_API_VERSION
+from device_sim.common.errors import UserError
+from device_sim.common.home import ensure_home
+from device_sim.common.x509util import to_pem
+from device_sim.device import chain_builder, target as targets
 from device_sim.device.driver import run_registration
 from device_sim.device.identity import load_identity
-from device_sim.device.outcome import EXIT_TABLE, as_json, exit_code, human_summary
 from device_sim.device.registration import RegistrationFlow
-from device_sim.device.transport_https import (DEFAULT_API_VERSION, HttpsTransport, TlsIdentity,
-                                               client_tls_context)
-from device_sim.common.errors import UserError
-from device_sim.cli.options import add_home_argument
-from device_sim.common.home import ensure_home
+from device_sim.device.transport_https import CrtRuntime, TlsIdentity, client_tls_context
 
-GLOBAL_ENDPOINT = "global.azure-devices-provisioning.net"
 DEFAULT_TIMEOUT = 60.0
 
 
@@ -47,15 +51,15 @@ def add_target_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--emulator", action="store_true",
                         help="use the local emulator of the state directory (endpoint, ID scope and "
                              "--trust from <home>/stub/endpoint.json)")
-    parser.add_argument("--transport", choices=("https", "mqtt"), default="https",
+    parser.add_argument("--transport", choices=targets.TRANSPORTS, default=targets.HTTPS,
                         help="DPS device protocol: https (port 443) or mqtt (MQTT 3.1.1 over TLS, port 8883)")
     parser.add_argument("--endpoint", metavar="HOST[:PORT]|URL",
-                        help=f"DPS device endpoint (default {GLOBAL_ENDPOINT})")
+                        help=f"DPS device endpoint (default {targets.GLOBAL_ENDPOINT})")
     parser.add_argument("--id-scope", metavar="SCOPE", help="the DPS instance's ID scope (0ne...)")
     parser.add_argument("--trust", metavar="FILE",
                         help="CA certificate(s) that sign the server certificate (default: system trust store)")
-    parser.add_argument("--api-version", default=DEFAULT_API_VERSION,
-                        help=f"device API version (default {DEFAULT_API_VERSION})")
+    parser.add_argument("--api-version", default=DEVICE_API_VERSION,
+                        help=f"device API version (default {DEVICE_API_VERSION})")
     parser.add_argument("--payload", metavar="JSON", help="custom payload (a JSON object) sent with the registration")
 
 
@@ -71,111 +75,74 @@ def add_subparser(subparsers) -> None:
     parser.add_argument("--registration-id", metavar="ID",
                         help="send this registration ID instead of the certificate's CN (only to see DPS "
                              "refuse a mismatch)")
+    parser.add_argument("--allow-invalid-time", action="store_true",
+                        help="present an expired or not-yet-valid certificate anyway, to see how DPS answers")
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="S",
                         help=f"total deadline in seconds, retries and polls included (default {DEFAULT_TIMEOUT:g})")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the summary")
     parser.set_defaults(func=cmd_register)
 
 
-def parse_payload(text: str | None):
-    if text is None:
-        return None
+def resolve_target(args, home: Path) -> targets.Target:
+    """The options of `add_target_arguments` as a `Target`; a UserError names the option at fault."""
     try:
-        value = json.loads(text)
-    except ValueError as exc:
-        raise UserError(f"--payload is not valid JSON ({exc.msg} at position {exc.pos})") from None
-    if not isinstance(value, dict):
-        raise UserError("--payload must be a JSON object ({...}): DPS forwards it as an object")
-    return value
+        return targets.resolve_target(
+            home, transport=args.transport, emulator=args.emulator, endpoint=args.endpoint,
+            id_scope=args.id_scope, trust_file=args.trust, api_version=args.api_version,
+            payload=targets.parse_payload(args.payload))
+    except targets.TargetError as exc:
+        raise UserError(_target_message(exc, args, home)) from None
 
 
-def parse_endpoint(text: str) -> tuple[str, int]:
-    """`host`, `host:port` or `https://host[:port]` -> (host, port)."""
-    parsed = urlparse(text if "://" in text else f"https://{text}")
-    if parsed.scheme != "https" or not parsed.hostname:
-        raise UserError(f"--endpoint {text!r}: expected HOST[:PORT] or https://HOST[:PORT]")
-    try:
-        port = parsed.port or 443
-    except ValueError:
-        raise UserError(f"--endpoint {text!r}: the port is not a number") from None
-    return parsed.hostname, port
+def _target_message(exc: targets.TargetError, args, home: Path) -> str:
+    if exc.about == targets.ENDPOINT:
+        suffix = " with --transport mqtt" if args.transport == targets.MQTT and "expected" in str(exc) else ""
+        return f"--endpoint {exc}{suffix}"
+    if exc.about == targets.EMULATOR:
+        return f"--emulator: {exc}; start it with 'device-sim stub serve --home {home}'"
+    if exc.about == targets.EMULATOR_MQTT:
+        return (f"--transport mqtt: {exc} (started with --no-mqtt?); "
+                "restart 'device-sim stub serve' without --no-mqtt")
+    if exc.about == targets.ID_SCOPE:
+        return f"{exc}: pass --id-scope (shown on the DPS instance's overview page) or --emulator"
+    if exc.about == targets.PAYLOAD:
+        return f"--payload {exc}"
+    return str(exc)
 
 
-def emulator_endpoint(home: Path) -> dict:
-    path = home / "stub" / "endpoint.json"
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        raise UserError(f"--emulator: no running emulator found ({path} is missing); start it with "
-                        f"'device-sim stub serve --home {home}'") from None
-
-
-def read_trust(path: str | None) -> bytes | None:
-    if path is None:
-        return None
-    certs = chain_builder.load_pem_file(path)
-    return chain_builder.to_pem(certs)
-
-
-@dataclass(frozen=True)
-class Target:
-    """The DPS endpoint and request options every device of a run uses."""
-
-    host: str
-    port: int
-    id_scope: str
-    transport: str  # "https" or "mqtt"
-    transport_class: type
-    trust_file: str | None
-    trust_pem: bytes | None
-    api_version: str
-    payload: dict | None
-
-    def new_transport(self, registration_id: str, tls_context, **kwargs):
-        return self.transport_class(self.host, self.port, self.id_scope, registration_id, tls_context,
-                                    api_version=self.api_version, **kwargs)
-
-
-def resolve_target(args, home: Path) -> Target:
-    """The options of `add_target_arguments` checked and resolved; UserError when unusable."""
-    payload = parse_payload(args.payload)
-    endpoint, id_scope, trust_file = args.endpoint, args.id_scope, args.trust
-    if args.transport == "mqtt":
-        from device_sim.device import transport_mqtt  # helper D's MQTT edge on the same seam
-
-        transport_class, endpoint_parser = transport_mqtt.MqttTransport, transport_mqtt.parse_endpoint
-    else:
-        transport_class, endpoint_parser = HttpsTransport, parse_endpoint
-    if args.emulator:
-        ready = emulator_endpoint(home)
-        if not endpoint:
-            endpoint = transport_mqtt.emulator_url(ready) if args.transport == "mqtt" else ready["device_url"]
-        id_scope = id_scope or ready["id_scope"]
-        trust_file = trust_file or ready["ca_cert"]
-    host, port = endpoint_parser(endpoint or GLOBAL_ENDPOINT)
-    if not id_scope:
-        raise UserError("no ID scope: pass --id-scope (shown on the DPS instance's overview page) or --emulator")
-    return Target(host, port, id_scope, args.transport, transport_class, trust_file, read_trust(trust_file),
-                  args.api_version, payload)
+def _validity_option(allow_invalid_time: bool) -> dict:
+    """load_identity's check_validity keyword, passed only when the flag asks for it: the
+    identity loader that takes it is being rewritten beside this change (helper hsm)."""
+    if not allow_invalid_time:
+        return {}
+    if "check_validity" not in inspect.signature(load_identity).parameters:
+        raise UserError("--allow-invalid-time: this build's identity loader always checks the "
+                        "certificate's validity period")
+    return {"check_validity": False}
 
 
 def cmd_register(args) -> int:
+    started = time.monotonic()
     if args.timeout <= 0:
         raise UserError("--timeout must be a positive number of seconds")
     home = ensure_home(args.home)
     target = resolve_target(args, home)
+    validity = _validity_option(args.allow_invalid_time)
     identity = load_identity(args.device, home=home, module=args.module, pin_file=args.pin_file,
-                             cert_file=args.cert)
+                             cert_file=args.cert, **validity)
     candidates = chain_builder.gather_candidates(home, files=args.chain_file, extra=identity.ca_certs)
     chain = chain_builder.build_chain(identity.leaf, candidates, args.chain_to)
+    runtime = CrtRuntime()
     tls_context = client_tls_context(TlsIdentity(
-        identity.module_path, identity.key_label, chain_builder.to_pem(chain), identity.pin,
-        slot_id=identity.slot_id), target.trust_pem)
+        identity.module_path, identity.key_label, to_pem(chain), identity.pin,
+        slot_id=identity.slot_id), target.trust_pem, runtime)
     registration_id = args.registration_id or identity.registration_id
-    transport = target.new_transport(registration_id, tls_context)
-    outcome, timings = run_registration(RegistrationFlow(registration_id, target.payload), transport, args.timeout)
+    transport = target.new_transport(registration_id, tls_context, runtime)
+    # --timeout counts from the start of the command: token and TLS setup are part of it.
+    budget = max(0.001, args.timeout - (time.monotonic() - started))
+    outcome, timings = run_registration(RegistrationFlow(registration_id, target.payload), transport, budget)
     if args.json:
-        print(json.dumps(as_json(registration_id, outcome, timings, endpoint=f"{target.host}:{target.port}",
+        print(json.dumps(as_json(registration_id, outcome, timings, endpoint=target.endpoint,
                                  transport=target.transport, id_scope=target.id_scope, chain_length=len(chain))))
     else:
         print(human_summary(registration_id, outcome, timings))

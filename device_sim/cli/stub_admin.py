@@ -1,5 +1,6 @@
-"""`device-sim stub ca|group|enroll|registration ...`: manage the emulator's CA certificates,
-enrollments and registration records through its service API."""
+"""`device-sim stub ca|group|enroll|registration|status ...`: manage the emulator's CA
+certificates, enrollments and registration records through its service API, and show what
+it holds."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ def add_admin(verbs) -> None:
     _add_record_commands(verbs, "group", "enrollment groups (X.509 CA or signing certificate)")
     _add_record_commands(verbs, "enroll", "individual enrollments (a device's leaf certificate)")
     _add_registration(verbs)
+    _add_status(verbs)
 
 
 # --------------------------------------------------------------------------- admin commands
@@ -187,6 +189,14 @@ def _add_registration(verbs) -> None:
         p = _admin_parser(sub, action, f"{action} one registration record")
         p.add_argument("id", help="registration ID")
         p.set_defaults(func=_registration_action, action=action)
+    p = _admin_parser(sub, "list", "list registration records (all, or one enrollment group's)")
+    p.add_argument("--group", metavar="ID", help="only the records of this enrollment group")
+    p.set_defaults(func=_registration_list)
+
+
+def _registration_summary(record: dict) -> str:
+    return (f"{record.get('registrationId')}\t{record.get('status')}\t"
+            f"{record.get('assignedHub', '')}\t{record.get('deviceId', '')}")
 
 
 def _registration_action(args) -> int:
@@ -195,5 +205,40 @@ def _registration_action(args) -> int:
         client.registration_delete(args.id)
         return _emit(args, None, f"deleted {args.id}")
     record = client.registration_get(args.id)
-    text = f"{record.get('registrationId')}\t{record.get('status')}\t{record.get('assignedHub', '')}\t{record.get('deviceId', '')}"
-    return _emit(args, record, text)
+    return _emit(args, record, _registration_summary(record))
+
+
+def _registration_list(args) -> int:
+    records = _client(args).registration_list(args.group)
+    text = "\n".join(_registration_summary(r) for r in records) or "(no registration records)"
+    return _emit(args, records, text)
+
+
+def _add_status(verbs) -> None:
+    p = _admin_parser(verbs, "status", "what the running emulator holds: CA certificates, "
+                      "enrollments, registrations, hubs")
+    p.set_defaults(func=_status)
+
+
+def _status_text(status: dict) -> str:
+    cas = status.get("certificates", {})
+    registrations = status.get("registrations", {})
+    by_status = ", ".join(f"{n} {name}" for name, n in sorted(registrations.get("byStatus", {}).items()))
+    lines = [
+        f"id scope\t{status.get('idScope', '')}",
+        f"CA certificates\t{cas.get('total', 0)} ({cas.get('verified', 0)} verified)",
+        f"enrollment groups\t{status.get('enrollmentGroups', 0)}",
+        f"individual enrollments\t{status.get('enrollments', 0)}",
+        f"registrations\t{registrations.get('total', 0)}" + (f" ({by_status})" if by_status else ""),
+    ]
+    for hub in status.get("hubs", []):
+        lines.append(f"hub\t{hub.get('name')}\tweight {hub.get('weight')}\t"
+                     f"{hub.get('assignedRegistrations', 0)} assigned")
+    for name, value in (status.get("server") or {}).items():
+        lines.append(f"{name}\t{value}")
+    return "\n".join(lines)
+
+
+def _status(args) -> int:
+    status = _client(args).status()
+    return _emit(args, status, _status_text(status))

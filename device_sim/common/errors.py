@@ -1,10 +1,42 @@
-"""The one error type every CLI turns into a one-line message and an exit code.
+"""The one error type every CLI turns into a one-line message, and the one table of exit codes.
 
-Libraries raise `UserError`; only the CLI package (`device_sim/cli/`) prints it.
+Libraries raise `UserError`; only the CLI package (`device_sim/cli/`) prints it and picks the
+exit code (docs/device.md, docs/fleet.md list them for users).
 """
 
-# Exit codes shared by both CLIs for failures that are not a protocol outcome.
+# Both CLIs (device-sim, hsm-setup).
+EXIT_OK = 0
 EXIT_USAGE = 2  # bad arguments, bad input, bad configuration
+EXIT_INTERRUPTED = 130  # Ctrl-C
+
+# `device-sim register`: one code per way a registration ends.
+EXIT_ASSIGNED = EXIT_OK
+EXIT_DISABLED = 3
+EXIT_UNAUTHORIZED = 4
+EXIT_FAILED = 5
+EXIT_TIMEOUT = 6  # timeout or unreachable: nothing (final) came back in time
+EXIT_TLS = 7
+EXIT_PROTOCOL = 8  # refused request (other 4xx) or an answer the device cannot parse
+
+# `device-sim fleet run` and `device-sim chain lint`.
+EXIT_SOME_NOT_ASSIGNED = 1
+EXIT_LINT_FAILED = 1
+
+EXIT_MEANINGS = {
+    EXIT_ASSIGNED: "assigned to a hub",
+    EXIT_USAGE: "usage or configuration error (arguments, PIN, token object, certificate checks)",
+    EXIT_DISABLED: "the matching enrollment is disabled",
+    EXIT_UNAUTHORIZED: "DPS refused the device: HTTP 401 (chain not verified, unknown certificate, ID mismatch)",
+    EXIT_FAILED: "DPS accepted the device but the assignment failed (status 'failed')",
+    EXIT_TIMEOUT: "timeout or endpoint unreachable",
+    EXIT_TLS: "TLS handshake failed (server not trusted, client certificate refused)",
+    EXIT_PROTOCOL: "request refused (other HTTP 4xx) or an answer that is not DPS protocol",
+    EXIT_INTERRUPTED: "interrupted (Ctrl-C)",
+}
+
+# What `device-sim register --help` lists, in this order.
+REGISTER_EXIT_CODES = (EXIT_ASSIGNED, EXIT_USAGE, EXIT_DISABLED, EXIT_UNAUTHORIZED, EXIT_FAILED,
+                       EXIT_TIMEOUT, EXIT_TLS, EXIT_PROTOCOL)
 
 
 class UserError(Exception):
@@ -16,6 +48,3 @@ class UserError(Exception):
     def __init__(self, message: str, exit_code: int = EXIT_USAGE):
         super().__init__(message)
         self.exit_code = exit_code
-
-
-EXIT_INTERRUPTED = 130

@@ -12,15 +12,20 @@ from __future__ import annotations
 import functools
 from datetime import datetime
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 
 from device_sim.common.errors import UserError
 
 PEM_MARK = b"-----BEGIN"
+
+# What cryptography raises for certificate parts it cannot decode: not all of them are
+# ValueErrors (DuplicateExtension, InvalidVersion and UnsupportedAlgorithm are not).
+_UNREADABLE = (ValueError, TypeError, x509.DuplicateExtension, x509.InvalidVersion,
+               UnsupportedAlgorithm)
 
 
 class CertificateError(UserError, ValueError):
@@ -72,7 +77,7 @@ def signature_verifies(child: x509.Certificate, parent: x509.Certificate) -> boo
     """True when `parent`'s key made `child`'s signature (names are not compared)."""
     try:
         child.verify_directly_issued_by(parent)
-    except (ValueError, TypeError, InvalidSignature):
+    except (InvalidSignature, *_UNREADABLE):
         return False
     return True
 
@@ -95,7 +100,7 @@ def ca_problem(cert: x509.Certificate, issued_below: int = 0) -> str | None:
     None. Malformed extensions (duplicates, bad encodings) are a problem, not an exception."""
     try:
         extensions = cert.extensions
-    except ValueError as exc:  # cryptography's DuplicateExtension and decoding errors
+    except _UNREADABLE as exc:  # duplicate extensions, undecodable extension values
         return f"has unreadable extensions ({exc})"
     try:
         basic = extensions.get_extension_for_class(x509.BasicConstraints).value
@@ -114,6 +119,61 @@ def ca_problem(cert: x509.Certificate, issued_below: int = 0) -> str | None:
     return None
 
 
+# Remembered like the thumbprint: a fleet's devices present the same CA certificates.
+@functools.lru_cache(maxsize=4096)
+def unreadable_reason(cert: x509.Certificate) -> str | None:
+    """Why some part the rules read (names, validity, extensions, key) cannot be decoded,
+    or None. cryptography decodes these lazily, so a certificate that loaded may still
+    fail later; checking once up front keeps every later use free of surprises."""
+    try:
+        cert.subject.rfc4514_string()
+        cert.issuer.rfc4514_string()
+        cert.not_valid_before_utc, cert.not_valid_after_utc
+        cert.extensions
+        cert.public_key()
+        cert.signature_hash_algorithm
+    except _UNREADABLE as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def _label(cert: x509.Certificate, index: int) -> str:
+    return f"certificate {index} ({describe(cert)})"
+
+
+def chain_problem(chain: Sequence[x509.Certificate], now: datetime, *,
+                  signed_by: Callable[[x509.Certificate, x509.Certificate], bool] = signature_verifies) -> str | None:
+    """The first reason `chain` (leaf first, exactly as a device sent it) is not a valid
+    chain, else None: every certificate inside its validity, each one issued (name and
+    signature) by the next, each issuer fit to be a CA, a self-issued top self-signed.
+    Nothing is re-ordered or completed. `signed_by(child, parent)` checks one signature
+    (a caller checking many chains over the same CAs may pass a remembering one).
+    """
+    if not chain:
+        return "the chain is empty"
+    for index, cert in enumerate(chain):
+        unreadable = unreadable_reason(cert)
+        if unreadable:
+            return f"certificate {index} cannot be read ({unreadable})"
+    for index, cert in enumerate(chain):
+        if not in_validity(cert, now):
+            return f"{_label(cert, index)} is outside its validity period"
+    for index in range(len(chain) - 1):
+        child, parent = chain[index], chain[index + 1]
+        problem = ca_problem(parent, index)
+        if problem:
+            return f"{_label(parent, index + 1)} {problem}"
+        if child.issuer != parent.subject:
+            return (f"{_label(child, index)} was not issued by the next certificate sent "
+                    "(send the chain leaf first, in issuing order)")
+        if not signed_by(child, parent):
+            return f"{_label(child, index)} signature does not verify with its issuer"
+    top = chain[-1]
+    if is_self_issued(top) and not signed_by(top, top):
+        return f"{_label(top, len(chain) - 1)} self-signature does not verify"
+    return None
+
+
 def is_ca(cert: x509.Certificate) -> bool:
     return ca_problem(cert) is None
 
@@ -125,7 +185,7 @@ def load_certificates(data: bytes, source: str = "input") -> list[x509.Certifica
             certs = x509.load_pem_x509_certificates(data)
         else:
             certs = [x509.load_der_x509_certificate(data)]
-    except ValueError:
+    except _UNREADABLE:
         raise CertificateError(f"{source} holds no X.509 certificate (no readable X.509 PEM or DER in it)") from None
     return certs
 

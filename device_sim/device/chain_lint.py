@@ -3,7 +3,7 @@
 `lint_chain` is a pure function: certificates in, findings out. An "error" finding names
 something that makes DPS refuse the device (HTTP 401 / 400) or the TLS handshake fail;
 a "warning" is a convention DPS does not enforce; "info" just describes the chain.
-Rules (dps-protocol.md sections 5.1-5.2, design.md section 3):
+Rules (docs/device.md, "The chain"; docs/x509-rules.md):
 
 - links:      each certificate is issued (name and signature) by the next one
 - order:      a chain whose issuers are all present but out of order
@@ -13,7 +13,10 @@ Rules (dps-protocol.md sections 5.1-5.2, design.md section 3):
 - key-usage:  the leaf may sign (digitalSignature) and, if it has an EKU, clientAuth is in it
 - cn:         the leaf CN is a valid registration ID (<= 64 characters for an X.509 CN)
 - validity:   every certificate is valid now
-- verified:   (with --verified) the chain reaches the CA verified in DPS
+- verified:   (with --verified) the chain reaches the CA verified in DPS; without it, a
+              CA-signed leaf sent alone is refused (nothing in it can reach a verified CA)
+- as-sent:    the emulator's own verdict on the chain as sent (`x509util.chain_problem`),
+              so lint never says "ok" to a chain the emulator refuses for what it contains
 """
 
 from __future__ import annotations
@@ -25,8 +28,9 @@ from typing import Sequence
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from device_sim.device.chain_builder import common_name, describe, fingerprint, is_self_signed, issued_by
 from device_sim.common.registration_id import registration_id_problem
+from device_sim.common.x509util import (ca_problem, chain_problem, common_name, describe, in_validity,
+                                        is_self_issued, is_self_signed, issued_by, sha256_thumbprint)
 
 ERROR = "error"
 WARNING = "warning"
@@ -70,13 +74,18 @@ def lint_chain(chain: Sequence[x509.Certificate], *, verified: Sequence[x509.Cer
     findings += _top(chain)
     if verified:
         findings += _reaches_verified(chain, verified)
+    elif len(chain) == 1 and not is_self_issued(chain[0]):
+        findings += _leaf_alone(chain[0])
+    problem = chain_problem(chain, now)
+    if problem and not has_errors(findings):
+        findings.append(Finding(ERROR, "as-sent", f"DPS refuses the chain as sent: {problem}"))
     return findings
 
 
 def _duplicates(chain) -> list[Finding]:
     seen, out = set(), []
     for cert in chain:
-        fp = fingerprint(cert)
+        fp = sha256_thumbprint(cert)
         if fp in seen:
             out.append(Finding(ERROR, "duplicates", f"{describe(cert)} appears more than once in the chain"))
         seen.add(fp)
@@ -87,7 +96,7 @@ def _links(chain) -> list[Finding]:
     out = []
     for i in range(len(chain) - 1):
         cert, nxt = chain[i], chain[i + 1]
-        if fingerprint(cert) == fingerprint(nxt) or issued_by(cert, nxt):
+        if sha256_thumbprint(cert) == sha256_thumbprint(nxt) or issued_by(cert, nxt):
             continue
         elsewhere = [c for j, c in enumerate(chain) if j not in (i, i + 1) and issued_by(cert, c)]
         if elsewhere:
@@ -131,29 +140,19 @@ def _leaf_rules(leaf) -> list[Finding]:
 
 
 def _ca_rules(cert, depth, chain) -> list[Finding]:
-    out = []
-    constraints = _extension(cert, x509.BasicConstraints)
-    if constraints is None or not constraints.ca:
-        out.append(Finding(ERROR, "ca-flags", f"{describe(cert)} signs another certificate of the chain but is "
-                           "not a CA (basicConstraints CA:TRUE missing)"))
-    elif constraints.path_length is not None:
-        below = depth - 1  # CA certificates between this one and the leaf
-        if below > constraints.path_length:
-            out.append(Finding(ERROR, "ca-flags", f"{describe(cert)} allows {constraints.path_length} CA(s) below "
-                               f"it (pathLenConstraint), the chain has {below}"))
-    usage = _extension(cert, x509.KeyUsage)
-    if usage is not None and not usage.key_cert_sign:
-        out.append(Finding(ERROR, "key-usage", f"{describe(cert)} has a keyUsage without keyCertSign"))
-    return out
+    problem = ca_problem(cert, depth - 1)  # depth - 1 CA certificates between it and the leaf
+    if problem is None:
+        return []
+    return [Finding(ERROR, "ca-flags", f"{describe(cert)} signs another certificate of the chain but {problem}")]
 
 
 def _validity(cert, now) -> list[Finding]:
+    if in_validity(cert, now):
+        return []
     if now < cert.not_valid_before_utc:
         return [Finding(ERROR, "validity", f"{describe(cert)} is not valid before "
                         f"{cert.not_valid_before_utc:%Y-%m-%d %H:%M:%SZ}")]
-    if now > cert.not_valid_after_utc:
-        return [Finding(ERROR, "validity", f"{describe(cert)} expired on {cert.not_valid_after_utc:%Y-%m-%d %H:%M:%SZ}")]
-    return []
+    return [Finding(ERROR, "validity", f"{describe(cert)} expired on {cert.not_valid_after_utc:%Y-%m-%d %H:%M:%SZ}")]
 
 
 def _top(chain) -> list[Finding]:
@@ -166,10 +165,16 @@ def _top(chain) -> list[Finding]:
                     "(not included)")]
 
 
+def _leaf_alone(leaf) -> list[Finding]:
+    return [Finding(ERROR, "verified", f"the chain is the leaf alone, issued by {leaf.issuer.rfc4514_string()}: "
+                    "no certificate in it can reach a verified CA, so DPS answers 401 unless that issuer is "
+                    "itself verified (then say so with --verified); send the chain (--chain-to root)")]
+
+
 def _reaches_verified(chain, verified) -> list[Finding]:
-    chain_fps = [fingerprint(c) for c in chain]
+    chain_fps = [sha256_thumbprint(c) for c in chain]
     for ca in verified:
-        if fingerprint(ca) in chain_fps:
+        if sha256_thumbprint(ca) in chain_fps:
             return [Finding(INFO, "verified", f"the chain contains the verified CA {describe(ca)}")]
         if issued_by(chain[-1], ca):
             return [Finding(WARNING, "verified", f"the chain stops just below the verified CA {describe(ca)}: "

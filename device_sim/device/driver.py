@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 
 from device_sim.device import registration as reg
-from device_sim.device.transport import (
-    ProtocolFailure,
-    TlsFailure,
-    Transport,
-    TransportError,
-    TransportTimeout,
-    Unreachable,
-)
+from device_sim.device.transport import Transport, TransportError
+
+# A last try is squeezed in before the deadline only when at least this much time is left
+# for it: a refused connect answers in microseconds, and the device still ends on time.
+LAST_TRY_S = 0.1
 
 
 @dataclass
@@ -24,17 +22,8 @@ class Timings:
     register_ms: float | None = None
     total_ms: float | None = None
     requests: int = 0  # register + polls + retries sent
-    retries: int = 0  # of those, repeats after 429 / 5xx
-
-
-def _failure_outcome(flow: reg.RegistrationFlow, exc: TransportError) -> reg.Outcome:
-    status = {
-        Unreachable: reg.UNREACHABLE,
-        TlsFailure: reg.TLS_ERROR,
-        TransportTimeout: reg.TIMEOUT,
-        ProtocolFailure: reg.PROTOCOL_ERROR,
-    }.get(type(exc), reg.UNREACHABLE)
-    return reg.Outcome(status, flow.operation_id, error_message=str(exc))
+    retries: int = 0  # of those, repeats (after 429 / 5xx / a failed connection)
+    retries_by_cause: Counter = field(default_factory=Counter)  # registration.THROTTLED, REFUSED, ...
 
 
 def run_registration(
@@ -47,38 +36,55 @@ def run_registration(
 ) -> tuple[reg.Outcome, Timings]:
     """Drive `flow` to its end; every wait and every request fits inside `timeout` seconds.
 
-    A wait that would end after the deadline is not started: the outcome is TIMEOUT at
-    once, so a throttled device reports promptly instead of sleeping past its budget.
+    A wait the service asked for (Retry-After, a poll interval) that would end after the
+    deadline is not started: the outcome comes at once, so a throttled device reports
+    promptly instead of sleeping past its budget. A wait of the device's own reconnect
+    backoff is shortened instead, so one last try happens just before the deadline.
     """
     started = clock()
     deadline = started + timeout
     timings = Timings()
+    register_started = None
+    action = flow.start()
     try:
-        transport.connect(timeout)
-        timings.connect_ms = (clock() - started) * 1000
-        register_started = clock()
-        action = flow.start()
         while isinstance(action, reg.Send):
-            if clock() + action.delay >= deadline:
-                outcome = reg.Outcome(reg.TIMEOUT, flow.operation_id,
-                                      error_message=f"no final answer within {timeout:g} s "
-                                      f"(next request would be after {action.delay:g} s)")
+            delay = _fitted_delay(action, deadline - clock())
+            if delay is None:
+                action = flow.expire(f"no final answer within {timeout:g} s "
+                                     f"(next request would be after {action.delay:g} s)")
                 break
-            if action.delay:
-                sleep(action.delay)
-            left = deadline - clock()
-            if action.kind == reg.REGISTER:
-                response = transport.send_register(action.body, left)
-            else:
-                response = transport.send_poll(action.operation_id, left)
+            if delay:
+                sleep(delay)
+            try:
+                if timings.connect_ms is None:
+                    connect_started = clock()
+                    transport.connect(max(0.001, deadline - clock()))
+                    timings.connect_ms = (clock() - connect_started) * 1000
+                    register_started = clock()
+                response = _send(transport, action, max(0.001, deadline - clock()))
+            except TransportError as exc:
+                response = reg.ConnectionFailed(exc.cause, str(exc))
             action = flow.receive(response)
-        else:
-            outcome = action.outcome
-        timings.register_ms = (clock() - register_started) * 1000
-    except TransportError as exc:
-        outcome = _failure_outcome(flow, exc)
     finally:
         transport.close()
+    if register_started is not None:
+        timings.register_ms = (clock() - register_started) * 1000
     timings.total_ms = (clock() - started) * 1000
     timings.requests, timings.retries = flow.requests, flow.total_retries
-    return outcome, timings
+    timings.retries_by_cause = Counter(flow.retries_by_cause)
+    return action.outcome, timings
+
+
+def _fitted_delay(action: reg.Send, left: float) -> float | None:
+    """The wait before `action`, or None when it cannot happen before the deadline."""
+    if action.delay < left:
+        return action.delay
+    if action.reconnect and left > 2 * LAST_TRY_S:  # after that last try, too little is left for another
+        return left - LAST_TRY_S
+    return None
+
+
+def _send(transport: Transport, action: reg.Send, left: float) -> reg.Response:
+    if action.kind == reg.REGISTER:
+        return transport.send_register(action.body, left)
+    return transport.send_poll(action.operation_id, left)

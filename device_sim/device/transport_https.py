@@ -18,6 +18,11 @@ against awscrt 0.38 and SoftHSM 2.6, see docs/device.md):
   event-loop thread by default (all signing happens on it). Several threads are safe only
   when awscrt initialised the module (it asks for OS locking) and python-pkcs11 is not used
   in the process.
+
+There is no process-wide runtime: the program's entry point (the register CLI, the fleet
+runner) makes one `CrtRuntime` and passes it to every context and transport it creates.
+Failures are reported with what happened (`registration.REFUSED`, `TLS_EOF`, `DROPPED`,
+...); whether to retry is the flow's decision (docs/device.md).
 """
 
 from __future__ import annotations
@@ -32,6 +37,8 @@ from awscrt import exceptions as crt_exceptions
 from awscrt import http as crt_http
 from awscrt import io as crt_io
 
+from device_sim.common.dps import DEVICE_API_VERSION
+from device_sim.device import registration as reg
 from device_sim.device.registration import Response
 from device_sim.device.transport import (
     ProtocolFailure,
@@ -42,7 +49,6 @@ from device_sim.device.transport import (
 )
 from device_sim.common.errors import UserError
 
-DEFAULT_API_VERSION = "2021-06-01"
 USER_AGENT = "device-sim/0.1"
 MAX_BODY = 1 << 20  # DPS messages are at most 96 KB; anything far larger is not DPS
 
@@ -60,10 +66,9 @@ class TlsIdentity:
 
 
 class CrtRuntime:
-    """Event loop, resolver, bootstrap and loaded PKCS#11 modules: one per process.
-
-    A fleet shares one runtime and makes one `ClientTlsContext` per device.
-    """
+    """Event loop, resolver, bootstrap and loaded PKCS#11 modules, owned by whoever runs
+    the devices (one per CLI run): a fleet shares one runtime and makes one
+    `ClientTlsContext` per device."""
 
     def __init__(self, event_loop_threads: int = 1):
         self.event_loop_threads = event_loop_threads
@@ -100,26 +105,12 @@ def initialised_without_locking(module_path: str) -> bool:
     return bool(lib is not None and lib.initialized)
 
 
-_default_runtime: CrtRuntime | None = None
-_default_lock = threading.Lock()
-
-
-def default_runtime() -> CrtRuntime:
-    global _default_runtime
-    with _default_lock:
-        if _default_runtime is None:
-            _default_runtime = CrtRuntime()
-        return _default_runtime
-
-
-def client_tls_context(identity: TlsIdentity, trust_pem: bytes | None = None,
-                       runtime: CrtRuntime | None = None) -> crt_io.ClientTlsContext:
+def client_tls_context(identity: TlsIdentity, trust_pem: bytes | None, runtime: CrtRuntime) -> crt_io.ClientTlsContext:
     """A TLS 1.2 client context that signs with the token key and presents `chain_pem`.
 
     `trust_pem`: CA certificates that may sign the server certificate (the emulator's);
-    None means the system trust store (real DPS).
+    None means the system trust store (real DPS). `runtime` holds the loaded module.
     """
-    runtime = runtime or default_runtime()
     options = crt_io.TlsContextOptions.create_client_with_mtls_pkcs11(
         pkcs11_lib=runtime.pkcs11_lib(identity.module_path),
         user_pin=identity.pin,
@@ -148,43 +139,67 @@ def _context_error(exc: crt_exceptions.AwsCrtError) -> str:
     return f"cannot set up TLS with the token key: {name}: {exc.message}"
 
 
-def classify(exc: BaseException, what: str) -> TransportError:
-    """Map an awscrt error to the transport error the driver understands."""
+def classify(exc: BaseException, what: str, *, connecting: bool = False) -> TransportError:
+    """Map an awscrt error to the transport error (and its cause) the driver understands.
+
+    `connecting`: the error ended a connect + TLS handshake, not a request on an open
+    connection. awscrt reports a peer that closes or resets the socket as
+    AWS_IO_SOCKET_CLOSED in both phases: during the handshake that is a TLS EOF, after it a
+    dropped connection.
+    """
     if isinstance(exc, concurrent.futures.TimeoutError):
         return TransportTimeout(f"no answer from the server while {what}")
     if isinstance(exc, TransportError):
         return exc
     name = getattr(exc, "name", type(exc).__name__)
+    if "REFUSED" in name:
+        return Unreachable(f"{what} failed: {name} (check --endpoint and the network)", reg.REFUSED)
+    if "RESET" in name:
+        return Unreachable(f"the server reset the connection while {what}: {name}", reg.RESET)
+    if "CLOSED" in name:
+        if connecting:
+            return TlsFailure(f"the server closed the connection during the TLS handshake while {what}: {name}",
+                              reg.TLS_EOF)
+        return ProtocolFailure(f"the server closed the connection while {what}: {name}", reg.DROPPED)
     if "TLS" in name or "S2N" in name:
         return TlsFailure(f"TLS handshake failed while {what}: {name}")
     if "TIMEOUT" in name:
-        return TransportTimeout(f"timed out while {what}: {name}")
-    if "CLOSED" in name:
-        return ProtocolFailure(f"the server closed the connection while {what}: {name}")
-    if any(word in name for word in ("DNS", "REFUSED", "NO_ROUTE", "NETWORK", "UNREACHABLE",
-                                     "SOCKET", "ADDRESS")):
+        return TransportTimeout(f"timed out while {what}: {name}",
+                                reg.CONNECT_TIMEOUT if connecting else reg.NO_ANSWER)
+    if any(word in name for word in ("DNS", "NO_ROUTE", "NETWORK", "UNREACHABLE", "SOCKET", "ADDRESS")):
         return Unreachable(f"{what} failed: {name} (check --endpoint and the network)")
     return ProtocolFailure(f"the server broke the exchange while {what}: {name}")
 
 
-class HttpsTransport:
-    """One device's HTTPS connection to DPS (real or emulated); implements `Transport`."""
+class CrtTransport:
+    """What both awscrt transports hold: where DPS is, who the device is, the TLS context
+    that signs with its token key, and the runtime whose event loop carries the bytes."""
 
     def __init__(self, host: str, port: int, id_scope: str, registration_id: str,
-                 tls_context: crt_io.ClientTlsContext, *, api_version: str = DEFAULT_API_VERSION,
-                 server_name: str | None = None, runtime: CrtRuntime | None = None):
+                 tls_context: crt_io.ClientTlsContext, *, runtime: CrtRuntime,
+                 api_version: str = DEVICE_API_VERSION):
         self.host = host
         self.port = port
         self.id_scope = id_scope
         self.registration_id = registration_id
         self.api_version = api_version
         self.tls_context = tls_context
-        self.server_name = server_name or host
-        self.runtime = runtime or default_runtime()
-        self.connection: crt_http.HttpClientConnection | None = None
+        self.runtime = runtime
         self.connects = 0
 
-    # -- paths (dps-protocol.md section 2.1) ------------------------------------------
+
+class HttpsTransport(CrtTransport):
+    """One device's HTTPS connection to DPS (real or emulated); implements `Transport`."""
+
+    def __init__(self, host: str, port: int, id_scope: str, registration_id: str,
+                 tls_context: crt_io.ClientTlsContext, *, runtime: CrtRuntime,
+                 api_version: str = DEVICE_API_VERSION, server_name: str | None = None):
+        super().__init__(host, port, id_scope, registration_id, tls_context, runtime=runtime,
+                         api_version=api_version)
+        self.server_name = server_name or host
+        self.connection: crt_http.HttpClientConnection | None = None
+
+    # -- paths (docs/device.md, "Requests") -------------------------------------------
 
     def _base(self) -> str:
         return f"/{quote(self.id_scope, safe='')}/registrations/{quote(self.registration_id, safe='')}"
@@ -218,9 +233,9 @@ class HttpsTransport:
             raise TransportTimeout(
                 f"no TLS session with {self.host}:{self.port} within {timeout:.3g} s: the server is "
                 "silent, or the handshake failed (s2n reports a server certificate it rejects only "
-                "after a 10-30 s delay; check --trust)") from None
+                "after a 10-30 s delay; check --trust)", reg.CONNECT_TIMEOUT) from None
         except BaseException as exc:
-            raise classify(exc, f"connecting to {self.host}:{self.port}") from None
+            raise classify(exc, f"connecting to {self.host}:{self.port}", connecting=True) from None
         self.connects += 1
 
     def send_register(self, body: bytes, timeout: float) -> Response:
@@ -244,10 +259,14 @@ class HttpsTransport:
         except _StaleConnection:
             # The server closed a kept-alive connection while we waited (its idle timeout can
             # be shorter than Retry-After): nothing was answered, so one fresh try is safe.
-            if not reused:
-                raise ProtocolFailure(f"the server closed the connection before answering {method} "
-                                      f"{path.split('?')[0]}") from None
-            return self._round_trip(method, path, extra_headers, body, timeout)
+            # That is keeping a connection, not riding out a fault: a second close is reported.
+            if reused:
+                try:
+                    return self._round_trip(method, path, extra_headers, body, timeout)
+                except _StaleConnection:
+                    pass
+            raise ProtocolFailure(f"the server closed the connection before answering {method} "
+                                  f"{path.split('?')[0]}", reg.DROPPED) from None
 
     def _round_trip(self, method, path, extra_headers, body, timeout) -> Response:
         self.connect(timeout)  # no-op while the connection is open: polls reuse it

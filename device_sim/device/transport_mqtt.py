@@ -31,22 +31,16 @@ import concurrent.futures
 import itertools
 import json
 import threading
-from urllib.parse import urlparse
 
 from awscrt import io as crt_io
 from awscrt import mqtt as crt_mqtt
 
+from device_sim.common.dps import DEVICE_API_VERSION
+from device_sim.device import registration as reg
 from device_sim.device.registration import Response
 from device_sim.device.transport import ProtocolFailure, TransportTimeout
-from device_sim.device.transport_https import (
-    DEFAULT_API_VERSION,
-    USER_AGENT,
-    CrtRuntime,
-    classify,
-    default_runtime,
-)
+from device_sim.device.transport_https import USER_AGENT, CrtRuntime, CrtTransport, classify
 from device_sim.mqtt import topics
-from device_sim.common.errors import UserError
 
 DEFAULT_PORT = 8883
 KEEP_ALIVE_SECONDS = 60
@@ -57,42 +51,16 @@ REFUSAL_MESSAGE = ("the server refused the MQTT CONNECT (or answered it with som
                    "certificate, client id or username was not accepted")
 
 
-def parse_endpoint(text: str) -> tuple[str, int]:
-    """`host`, `host:port` or `mqtts://host[:port]` -> (host, port); the port defaults to 8883."""
-    parsed = urlparse(text if "://" in text else f"mqtts://{text}")
-    if parsed.scheme != "mqtts" or not parsed.hostname:
-        raise UserError(f"--endpoint {text!r}: expected HOST[:PORT] or mqtts://HOST[:PORT] with --transport mqtt")
-    try:
-        return parsed.hostname, parsed.port or DEFAULT_PORT
-    except ValueError:
-        raise UserError(f"--endpoint {text!r}: the port is not a number") from None
-
-
-def emulator_url(ready: dict) -> str:
-    """The MQTT URL from the emulator's ready line / endpoint.json."""
-    url = ready.get("mqtt_url")
-    if not url:
-        raise UserError("--transport mqtt: the running emulator serves no MQTT (started with --no-mqtt?); "
-                        "restart 'device-sim stub serve' without --no-mqtt")
-    return url
-
-
-class MqttTransport:
+class MqttTransport(CrtTransport):
     """One device's MQTT connection to DPS (real or emulated); implements `Transport`."""
 
     def __init__(self, host: str, port: int, id_scope: str, registration_id: str,
-                 tls_context: crt_io.ClientTlsContext, *, api_version: str = DEFAULT_API_VERSION,
-                 runtime: CrtRuntime | None = None, client_version: str = USER_AGENT):
-        self.host = host
-        self.port = port
-        self.id_scope = id_scope
-        self.registration_id = registration_id
-        self.api_version = api_version
-        self.tls_context = tls_context
-        self.runtime = runtime or default_runtime()
+                 tls_context: crt_io.ClientTlsContext, *, runtime: CrtRuntime,
+                 api_version: str = DEVICE_API_VERSION, client_version: str = USER_AGENT):
+        super().__init__(host, port, id_scope, registration_id, tls_context, runtime=runtime,
+                         api_version=api_version)
         self.username = topics.format_username(id_scope, registration_id, api_version, client_version)
         self.connection: crt_mqtt.Connection | None = None
-        self.connects = 0
         self._refused = False
         self._interrupted = False
         self._rids = itertools.count(1)
@@ -126,10 +94,10 @@ class MqttTransport:
             connection.connect().result(timeout)
         except concurrent.futures.TimeoutError:
             connection.disconnect()
-            raise TransportTimeout(f"no CONNACK from the server while {what}") from None
+            raise TransportTimeout(f"no CONNACK from the server while {what}", reg.CONNECT_TIMEOUT) from None
         except Exception as exc:
             if not _is_refusal(exc):
-                raise classify(exc, what) from None
+                raise classify(exc, what, connecting=True) from None
             self._refused = True  # the channel is already shut down: nothing to disconnect
             return
         self.connection = connection
@@ -153,7 +121,7 @@ class MqttTransport:
                     closing.result(5)  # DISCONNECT sent before a CLI exits
                 except Exception:
                     pass  # the server closed first; nothing is left to release
-        self._fail_pending(ProtocolFailure("the connection was closed"))
+        self._fail_pending(ProtocolFailure("the connection was closed", reg.DROPPED))
 
     # -- internals ----------------------------------------------------------------------
 
@@ -203,7 +171,8 @@ class MqttTransport:
 
     def _on_interrupted(self, connection, error, **kwargs) -> None:
         self._interrupted = True
-        self._fail_pending(ProtocolFailure(f"the server closed the MQTT connection ({getattr(error, 'name', error)})"))
+        self._fail_pending(ProtocolFailure(f"the server closed the MQTT connection ({getattr(error, 'name', error)})",
+                                           reg.DROPPED))
 
     def _fail_pending(self, exc: Exception) -> None:
         with self._lock:

@@ -11,10 +11,11 @@ import math
 from pathlib import Path
 
 from device_sim.common.errors import UserError
+from device_sim.device import registration as reg
 from device_sim.fleet.report import DeviceResult
 
 WIDTH, HEIGHT, PAD = 760, 300, 50
-COLOURS = {"assigned": "#2a7", "disabled": "#c80", "failed": "#c33", "unauthorized": "#a3a"}
+COLOURS = {reg.ASSIGNED: "#2a7", reg.DISABLED: "#c80", reg.FAILED: "#c33", reg.UNAUTHORIZED: "#a3a"}
 OTHER_COLOUR = "#555"
 
 

@@ -9,6 +9,15 @@ import math
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
+from device_sim.device import registration as reg
+
+# A device's status is one of the flow's outcome statuses (`registration.STATUSES`) or one
+# of the fleet's own: the device never reached the flow.
+SETUP_ERROR = "setup_error"  # the TLS context could not be made (PIN, key, certificate)
+CANCELLED = "cancelled"  # never started: the run was stopped first
+ERROR = "error"  # a bug in the runner cost this device (the message says which)
+STATUSES = reg.STATUSES + (SETUP_ERROR, CANCELLED, ERROR)
+
 # Phases reported with percentiles, in the order a registration goes through them.
 PHASES = ("tls_ms", "register_ms", "wait_ms", "total_ms")
 PERCENTILES = (50, 90, 99)
@@ -19,13 +28,14 @@ class DeviceResult:
     """One device's registration as the fleet runner saw it."""
 
     registration_id: str
-    status: str  # assigned | disabled | failed | unauthorized | error | timeout | cancelled
+    status: str  # one of STATUSES
     started_s: float = 0.0  # seconds after the run started
     tls_ms: float | None = None  # token session + TLS handshake
     register_ms: float | None = None  # the register request
     wait_ms: float | None = None  # polling until a terminal status
     total_ms: float | None = None
     retries: int = 0
+    retries_by_cause: dict = field(default_factory=dict)  # registration.THROTTLED, REFUSED, ... -> count
     assigned_hub: str | None = None
     device_id: str | None = None
     substatus: str | None = None
@@ -66,8 +76,8 @@ class FleetReport:
     settings: dict = field(default_factory=dict)
 
     def summary(self) -> dict:
-        done = [d for d in self.devices if d.status != "cancelled"]
-        assigned = [d for d in done if d.status == "assigned"]
+        done = [d for d in self.devices if d.status != CANCELLED]
+        assigned = [d for d in done if d.status == reg.ASSIGNED]
         return {
             "devices": len(self.devices),
             "finished": len(done),
@@ -81,6 +91,7 @@ class FleetReport:
             "outcomes": dict(Counter(d.status for d in self.devices).most_common()),
             "errors": dict(Counter(d.error_code for d in done if d.error_code).most_common()),
             "retries": sum(d.retries for d in done),
+            "retries_by_cause": retries_by_cause(done),
             "hubs": dict(Counter(d.assigned_hub for d in assigned if d.assigned_hub).most_common()),
         }
 
@@ -90,6 +101,14 @@ class FleetReport:
             "summary": self.summary(),
             "devices": [d.to_dict() for d in self.devices],
         }
+
+
+def retries_by_cause(devices: list[DeviceResult]) -> dict:
+    """Retries of every device summed per cause, most frequent first."""
+    total: Counter = Counter()
+    for device in devices:
+        total.update(device.retries_by_cause)
+    return dict(total.most_common())
 
 
 def render_text(summary: dict) -> str:
@@ -106,7 +125,8 @@ def render_text(summary: dict) -> str:
     lines.append("outcomes: " + _pairs(summary["outcomes"]))
     if summary["errors"]:
         lines.append("errors: " + _pairs(summary["errors"]))
-    lines.append(f"retries: {summary['retries']}")
+    by_cause = summary.get("retries_by_cause")
+    lines.append(f"retries: {summary['retries']}" + (f" ({_pairs(by_cause)})" if by_cause else ""))
     if summary["hubs"]:
         lines.append("hubs: " + _pairs(summary["hubs"]))
     return "\n".join(lines)

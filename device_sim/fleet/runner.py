@@ -5,7 +5,7 @@ the token) and runs the same sans-IO flow as `device-sim register`. Workers are 
 awscrt does the TLS and I/O on its own event-loop threads and a worker only waits on
 futures, so the GIL is not what bounds a run.
 
-Why the token access stays flat as the fleet grows (design.md: a label search on a
+Why the token access stays flat as the fleet grows (docs/fleet.md: a label search on a
 SoftHSM token with 2,000 objects manages ~19/s):
 - identities come from the state directory's registry (no token enumeration, no
   certificate search per device); the issuing chain is built once per CA;
@@ -26,20 +26,14 @@ import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
+from device_sim.common.errors import UserError
 from device_sim.device import registration as reg
 from device_sim.device.driver import run_registration
+from device_sim.device.target import Target
 from device_sim.device.transport_https import CrtRuntime, TlsIdentity, client_tls_context
-from device_sim.fleet.report import DeviceResult, FleetReport
-from device_sim.common.errors import UserError
-
-if TYPE_CHECKING:  # the endpoint and request options `device-sim register` resolves, shared
-    from device_sim.cli.register import Target
-
-# Outcome statuses as the fleet report names them (the flow's names, plus setup errors).
-SETUP_ERROR = "setup_error"  # the TLS context could not be made (PIN, key, certificate)
-CANCELLED = "cancelled"  # never started: the run was stopped first
+from device_sim.fleet.report import CANCELLED, ERROR, SETUP_ERROR, DeviceResult, FleetReport
 
 
 @dataclass(frozen=True)
@@ -139,7 +133,7 @@ def register_one(device: FleetDevice, target: Target, timeout: float, runtime: C
     if logins is not None:
         logins.hold(device, context)
     context_ms = (clock() - started) * 1000
-    transport = _TimedTransport(target.new_transport(device.registration_id, context, runtime=runtime))
+    transport = _TimedTransport(target.new_transport(device.registration_id, context, runtime))
     flow = reg.RegistrationFlow(device.registration_id, target.payload)
     budget = max(0.001, timeout - context_ms / 1000)
     outcome, timings = run_registration(flow, transport, budget)
@@ -151,6 +145,7 @@ def register_one(device: FleetDevice, target: Target, timeout: float, runtime: C
     if timings.register_ms is not None and transport.register_ms is not None:
         result.wait_ms = max(0.0, timings.register_ms - transport.register_ms)
     result.retries = timings.retries
+    result.retries_by_cause = dict(timings.retries_by_cause)
     result.assigned_hub = outcome.assigned_hub
     result.device_id = outcome.device_id
     result.substatus = outcome.substatus
@@ -180,7 +175,7 @@ def run_fleet(devices: list[FleetDevice], target: Target, settings: FleetSetting
             result = register_one(devices[index], target, settings.timeout, runtime, run_started,
                                   logins=logins)
         except Exception as exc:  # a bug must cost one device, not the run
-            result = DeviceResult(devices[index].registration_id, "error",
+            result = DeviceResult(devices[index].registration_id, ERROR,
                                   error_message=f"{type(exc).__name__}: {exc}")
         finally:
             logins.done(devices[index])
@@ -240,15 +235,3 @@ def _wait_for_turn(index: int, rate: float | None, run_started: float,
         slots.release()
         return False
     return True
-
-
-def fast_trust_defaults(trust_file: str) -> None:
-    """Make awscrt's default trust store the (small) trust file for this process.
-
-    s2n loads the system trust store into every new TLS context before our override
-    replaces it: ~10 ms of a ~12 ms context (measured: 2.4 ms per token-key context once
-    the default paths point at one small file). awscrt reads these variables at each
-    context creation; no file is written.
-    """
-    os.environ["SSL_CERT_FILE"] = trust_file
-    os.environ["SSL_CERT_DIR"] = os.path.join(os.path.dirname(os.path.abspath(trust_file)), ".no-cert-dir")

@@ -1,6 +1,6 @@
 """The DPS MQTT names: CONNECT username, request topics, response topics (parse and format).
 
-Shapes (dps-protocol.md §3):
+Shapes (docs/mqtt.md):
     username   {idScope}/registrations/{registrationId}/api-version={V}[&ClientVersion={ua}]
     register   $dps/registrations/PUT/iotdps-register/?$rid={rid}
     status     $dps/registrations/GET/iotdps-get-operationstatus/?$rid={rid}&operationId={id}
@@ -12,7 +12,10 @@ Shapes (dps-protocol.md §3):
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 from urllib.parse import quote, unquote
+
+from device_sim.common.dps import parse_retry_after  # noqa: F401  (the one Retry-After rule; the emulator's MQTT edge uses it from here)
 
 RESPONSE_FILTER = "$dps/registrations/res/#"
 REGISTER_PREFIX = "$dps/registrations/PUT/iotdps-register/?"
@@ -32,13 +35,11 @@ class Username:
     client_version: str | None = None
 
 
-@dataclass(frozen=True)
-class RegisterRequest:
+class RegisterRequest(NamedTuple):
     rid: str
 
 
-@dataclass(frozen=True)
-class StatusRequest:
+class StatusRequest(NamedTuple):
     rid: str
     operation_id: str
 
@@ -125,14 +126,4 @@ def parse_response(topic: str) -> ResponseTopic:
     fields = _query(query)
     if "$rid" not in fields:
         raise TopicError(f"response topic without $rid: {topic[:120]!r}")
-    retry = fields.get("retry-after")
-    retry_after = int(retry) if retry and _is_number(retry) else None
-    return ResponseTopic(int(status_text), fields["$rid"], retry_after)
-
-
-def parse_retry_after(value: str | None) -> int | None:
-    """Retry-After as integer seconds (the only form DPS clients honour), else None."""
-    if value is None:
-        return None
-    value = value.strip()
-    return int(value) if _is_number(value) else None
+    return ResponseTopic(int(status_text), fields["$rid"], parse_retry_after(fields.get("retry-after")))

@@ -4,9 +4,10 @@ It finds the server through `<home>/stub/endpoint.json` (written by `stub serve`
 explicit service URL, trusts the emulator's CA file, and signs each request with a SAS
 token made from the service key file. The key itself is never printed.
 
-Paths follow the real services (dps-protocol.md sections 7 and 8): certificates as in
-ARM (`/certificates/{name}`, `.../generateVerificationCode`, `.../verify`), enrollments
-and registrations as in the DPS service API.
+Paths follow the real services (docs/x509-rules.md, "CA certificates and proof of
+possession" and "Service API"): certificates as in ARM (`/certificates/{name}`,
+`.../generateVerificationCode`, `.../verify`), enrollments and registrations as in the DPS
+service API; `/emulator/...` paths are the emulator's own (docs/emulator.md).
 """
 
 from __future__ import annotations
@@ -17,14 +18,14 @@ from pathlib import Path
 from urllib.parse import quote
 
 import requests
-from cryptography.hazmat.primitives.serialization import Encoding
 
-from device_sim.device.chain_builder import load_pem_file  # the one certificate-file reader
+from device_sim.common import dps
+from device_sim.common.errors import UserError
+from device_sim.common.x509util import load_certificate_file, to_pem
 from device_sim.stub import server
 from device_sim.stub.core import sas
-from device_sim.common.errors import UserError
 
-API_VERSION = "2021-10-01"
+API_VERSION = dps.SERVICE_API_VERSION
 EXIT_SERVICE_ERROR = 3  # the service answered with an error
 EXIT_UNREACHABLE = 4  # no emulator answering
 
@@ -65,7 +66,7 @@ def find_endpoint(home: Path, service_url: str | None = None) -> Endpoint:
 
 def read_certificate_pem(path: str | Path) -> str:
     """The first certificate of a PEM or DER file, as PEM text."""
-    return load_pem_file(path)[0].public_bytes(Encoding.PEM).decode("ascii")
+    return to_pem(load_certificate_file(path)[:1]).decode("ascii")
 
 
 class ServiceClient:
@@ -181,6 +182,34 @@ class ServiceClient:
     def registration_delete(self, registration_id: str) -> None:
         self.json("DELETE", f"/registrations/{_seg(registration_id)}")
 
+    def registration_list(self, group_id: str | None = None) -> list:
+        """Every registration record (of one enrollment group when `group_id` is given),
+        following the continuation tokens page by page."""
+        if group_id is None:
+            return self._all_pages("/emulator/registrations/query", {"query": "*"})
+        return self._all_pages(f"/registrations/{_seg(group_id)}/query", None)
+
+    def _all_pages(self, path: str, body: dict | None) -> list:
+        items: list = []
+        headers = {"x-ms-max-item-count": "1000"}
+        while True:
+            response = self.call("POST", path, body, headers)
+            try:
+                page = response.json()
+            except ValueError:
+                raise UserError(f"POST {path}: the service answered with non-JSON",
+                                EXIT_SERVICE_ERROR) from None
+            items.extend(page if isinstance(page, list) else [])
+            token = response.headers.get("x-ms-continuation")
+            if not token:
+                return items
+            headers["x-ms-continuation"] = token
+
+    # -- overview
+
+    def status(self) -> dict:
+        return self.json("GET", "/emulator/status") or {}
+
 
 def group_record(group_id: str, ca_ref: str | None, cert_pem: str | None, disabled: bool,
                  hubs: list[str]) -> dict:
@@ -191,7 +220,7 @@ def group_record(group_id: str, ca_ref: str | None, cert_pem: str | None, disabl
     record = {
         "enrollmentGroupId": group_id,
         "attestation": {"type": "x509", "x509": x509_attestation},
-        "provisioningStatus": "disabled" if disabled else "enabled",
+        "provisioningStatus": dps.DISABLED if disabled else dps.ENABLED,
     }
     if hubs:
         record["iotHubs"] = hubs
@@ -203,7 +232,7 @@ def enrollment_record(registration_id: str, cert_pem: str, device_id: str | None
     record = {
         "registrationId": registration_id,
         "attestation": {"type": "x509", "x509": {"clientCertificates": {"primary": {"certificate": cert_pem}}}},
-        "provisioningStatus": "disabled" if disabled else "enabled",
+        "provisioningStatus": dps.DISABLED if disabled else dps.ENABLED,
     }
     if device_id:
         record["deviceId"] = device_id

@@ -34,7 +34,7 @@ from device_sim.common.errors import UserError
 
 if TYPE_CHECKING:
     from device_sim.stub.core.device_api import DeviceApi
-    from device_sim.stub.core.service_api import ServiceApi
+    from device_sim.stub.core.service import ServiceApi
     from device_sim.stub.core.store import Store
 
 STATE_SUBDIR = "stub"
@@ -184,7 +184,7 @@ class StubServer:
         # The core is imported here so that the admin commands (which only need the file
         # layout above) do not load the decision engine and the store.
         from device_sim.stub.core.device_api import DeviceApi
-        from device_sim.stub.core.service_api import ServiceApi
+        from device_sim.stub.core.service import ServiceApi
         from device_sim.stub.core.store import Store
 
         options = self.options

@@ -18,10 +18,18 @@ from urllib.parse import urlsplit
 
 from device_sim.device.driver import Timings, run_registration
 from device_sim.device.registration import Outcome, RegistrationFlow
-from device_sim.device.transport_https import HttpsTransport, TlsIdentity, client_tls_context
+from device_sim.device.transport_https import CrtRuntime, HttpsTransport, TlsIdentity, client_tls_context
 from device_sim.device.transport_mqtt import MqttTransport
 
 TRANSPORTS = {"https": HttpsTransport, "mqtt": MqttTransport}
+_RUNTIMES: list[CrtRuntime] = []
+
+
+def _runtime() -> CrtRuntime:
+    # One event loop for every registration of a test run, as a fleet shares one.
+    if not _RUNTIMES:
+        _RUNTIMES.append(CrtRuntime())
+    return _RUNTIMES[0]
 
 
 @dataclass(frozen=True)
@@ -45,9 +53,10 @@ def register(identity, emulator, transport: str = "https", *, timeout: float = 2
     pki.lib()  # this identity's token directory
     tls_identity = TlsIdentity(pki.module_path, identity.label, chain_pem or identity.chain_pem, pki.pin,
                                token_label=identity.token_label)
-    context = client_tls_context(tls_identity, emulator.ca_cert.read_bytes())
+    runtime = _runtime()
+    context = client_tls_context(tls_identity, emulator.ca_cert.read_bytes(), runtime)
     url = urlsplit(emulator.mqtt_url if transport == "mqtt" else emulator.device_url)
     rid = registration_id or identity.registration_id
-    channel = TRANSPORTS[transport](url.hostname, url.port, emulator.id_scope, rid, context)
+    channel = TRANSPORTS[transport](url.hostname, url.port, emulator.id_scope, rid, context, runtime=runtime)
     outcome, timings = run_registration(RegistrationFlow(rid, payload), channel, timeout)
     return Registration(outcome, timings)

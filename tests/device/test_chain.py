@@ -108,3 +108,25 @@ def test_gather_candidates_reads_files_and_merges_names(tmp_path, pki3):
     (tmp_path / "junk.pem").write_text("not a certificate")
     with pytest.raises(UserError, match="no readable X.509"):
         load_pem_file(tmp_path / "junk.pem")
+
+
+def test_a_ca_signed_leaf_sent_alone_is_refused_as_the_emulator_refuses_it(pki3):
+    pki, inter2, _, leaf = pki3
+    findings = lint_chain([leaf])
+    assert "verified" in rules(findings)
+    assert any("leaf alone" in f.message for f in findings if f.level == ERROR)
+    # Named as verified, the leaf's own issuer admits it (the emulator checks the store's CAs).
+    assert not has_errors(lint_chain([leaf], verified=[inter2]))
+    self_signed = TestCA.self_signed_leaf("device-self").cert
+    assert not has_errors(lint_chain([self_signed]))
+
+
+def test_lint_never_says_ok_where_the_shared_as_sent_check_refuses(pki3):
+    from device_sim.common.x509util import chain_problem
+
+    pki, inter2, _, leaf = pki3
+    good = [leaf, inter2, pki.inter, pki.root]
+    assert chain_problem(good, datetime.datetime.now(datetime.timezone.utc)) is None and not has_errors(lint_chain(good))
+    for bad in ([leaf, pki.inter, inter2, pki.root], [leaf, pki.root], [inter2, leaf]):
+        assert chain_problem(bad, datetime.datetime.now(datetime.timezone.utc)) is not None
+        assert has_errors(lint_chain(bad))

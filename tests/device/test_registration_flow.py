@@ -234,3 +234,89 @@ def test_any_answer_sequence_gives_a_valid_next_action(responses):
         assert 0 <= action.delay <= max(policy.retry_after_cap, policy.backoff_cap) * (1 + policy.jitter)
         if action.kind == reg.POLL:
             assert action.operation_id
+
+
+# -- connection failures: decided by the flow, bounded by the driver's deadline ----------------
+
+
+def failed(cause, message="it broke"):
+    return reg.ConnectionFailed(cause, message)
+
+
+def test_refused_connections_are_retried_with_growing_jittered_waits():
+    policy = reg.RetryPolicy()
+    flow = new_flow(policy=policy)
+    flow.start()
+    waits = []
+    for _ in range(6):
+        action = flow.receive(failed(reg.REFUSED))
+        assert (action.kind, action.retry, action.cause, action.reconnect) == (reg.REGISTER, True, reg.REFUSED, True)
+        waits.append(action.delay)
+    for n, wait in enumerate(waits):
+        base = min(policy.reconnect_base * 2 ** n, policy.reconnect_cap)
+        assert base <= wait <= base * (1 + policy.reconnect_jitter)
+    assert flow.retries_by_cause == {reg.REFUSED: 6} and flow.total_retries == 6
+
+
+def test_a_connection_dropped_after_register_resumes_by_polling():
+    flow = new_flow()
+    flow.start()
+    poll = flow.receive(response(202, status_body("assigning", "op-9"), retry_after="1"))
+    again = flow.receive(failed(reg.DROPPED))
+    assert (again.kind, again.operation_id, again.cause) == (reg.POLL, "op-9", reg.DROPPED)
+    again = flow.receive(failed(reg.REFUSED))
+    assert again.kind == reg.POLL  # still the poll, never a second register
+    done = flow.receive(response(200, status_body("assigned", "op-9", assignedHub="h")))
+    assert done.outcome.status == reg.ASSIGNED and poll.kind == reg.POLL
+    assert flow.retries_by_cause == {reg.DROPPED: 1, reg.REFUSED: 1}
+
+
+@pytest.mark.parametrize("cause, status", [(reg.NO_ROUTE, reg.UNREACHABLE), (reg.TLS_REJECTED, reg.TLS_ERROR),
+                                           (reg.BAD_ANSWER, reg.PROTOCOL_ERROR), (reg.NO_ANSWER, reg.TIMEOUT)])
+def test_failures_retrying_cannot_change_end_at_once(cause, status):
+    flow = new_flow()
+    flow.start()
+    done = flow.receive(failed(cause, "why"))
+    assert done.outcome.status == status and "why" in done.outcome.error_message
+    assert flow.total_retries == 0
+
+
+def test_expiry_while_retrying_reports_the_failure_not_a_plain_timeout():
+    flow = new_flow()
+    flow.start()
+    flow.receive(failed(reg.TLS_EOF, "peer hung up"))
+    done = flow.expire("no time left")
+    assert done.outcome.status == reg.TLS_ERROR and "peer hung up" in done.outcome.error_message
+    assert flow.retries_by_cause == {} and flow.requests == 1  # the unsent retry is not counted
+
+
+class RefusingTransport(ScriptedTransport):
+    """Every connect refused, in no time."""
+
+    def __init__(self):
+        super().__init__([])
+        self.attempts = 0
+
+    def connect(self, timeout):
+        from device_sim.device.transport import Unreachable
+
+        self.attempts += 1
+        raise Unreachable("connection refused", reg.REFUSED)
+
+
+@pytest.mark.parametrize("timeout", [1.0, 3.0, 10.0, 60.0])
+def test_only_refused_connections_end_unreachable_at_the_deadline(timeout):
+    transport, clock = RefusingTransport(), FakeClock()
+    outcome, timings = run_registration(new_flow(), transport, timeout, clock=clock, sleep=clock.sleep)
+    assert outcome.status == reg.UNREACHABLE, outcome
+    assert timeout - 1 <= clock.now <= timeout  # kept trying until the deadline, never past it
+    assert timings.retries_by_cause == {reg.REFUSED: transport.attempts - 1}
+    assert timings.requests == transport.attempts
+
+
+def test_service_asked_waits_past_the_deadline_are_still_not_started():
+    transport = ScriptedTransport([response(503, b"", retry_after="30")])
+    clock = FakeClock()
+    outcome, timings = run_registration(new_flow(), transport, 10, clock=clock, sleep=clock.sleep)
+    assert outcome.status == reg.TIMEOUT and clock.now == 0
+    assert timings.retries_by_cause == {} and timings.requests == 1

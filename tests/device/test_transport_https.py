@@ -23,8 +23,9 @@ from .helpers import LoopbackTlsServer, http_response
 class Device:
     """The bits of token_pki's device-ec-p256 these tests need."""
 
-    def __init__(self, pki):
+    def __init__(self, pki, runtime):
         record = pki.devices["device-ec-p256"]
+        self.runtime = runtime
         self.pki_fixture = pki
         self.token_label = record.token_label
         self.key_label = record.label
@@ -38,10 +39,15 @@ class Device:
         self.pin = pki.pin
 
 
+@pytest.fixture(scope="module")
+def crt_runtime():
+    return CrtRuntime()
+
+
 @pytest.fixture()
-def device(token_pki):
+def device(token_pki, crt_runtime):
     token_pki.lib()  # other tests may have pointed SoftHSM at another state directory meanwhile
-    return Device(token_pki)
+    return Device(token_pki, crt_runtime)
 
 
 @pytest.fixture(scope="module")
@@ -52,12 +58,12 @@ def server_pki():
 def tls_context(device, chain=None, trust=None, server_root=None):
     identity = TlsIdentity(device.module_path, device.key_label, chain or pem(device.leaf, device.inter),
                            device.pin, slot_id=device.slot_id)
-    return client_tls_context(identity, trust or pem(server_root))
+    return client_tls_context(identity, trust or pem(server_root), device.runtime)
 
 
 def transport_for(device, port, server_pki, **kw):
     return HttpsTransport("localhost", port, "0ne0000TEST", "dev-1",
-                          tls_context(device, server_root=server_pki.cert, **kw))
+                          tls_context(device, server_root=server_pki.cert, **kw), runtime=device.runtime)
 
 
 def assigned_body(op="op-1"):
@@ -93,7 +99,7 @@ def test_endpoint_given_as_an_ip_address_is_verified_against_the_ip_san(device, 
     server = LoopbackTlsServer(server_cert, responses=[http_response(200, assigned_body())])
     try:
         transport = HttpsTransport("127.0.0.1", server.port, "0ne0000TEST", "dev-1",
-                                   tls_context(device, server_root=server_pki.cert))
+                                   tls_context(device, server_root=server_pki.cert), runtime=device.runtime)
         outcome, _ = run_registration(reg.RegistrationFlow("dev-1"), transport, 10)
     finally:
         server.close()

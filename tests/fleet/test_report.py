@@ -68,3 +68,13 @@ def test_unknown_plot_format_is_refused(tmp_path):
     with pytest.raises(UserError, match=r"\.html or \.png"):
         write_plot(tmp_path / "plot.pdf", [make(1)], "run")
     assert not list(tmp_path.iterdir())
+
+
+def test_retries_are_summed_per_cause_and_shown():
+    devices = [make(i) for i in range(4)]
+    devices[0].retries, devices[0].retries_by_cause = 3, {"refused": 2, "throttled": 1}
+    devices[1].retries, devices[1].retries_by_cause = 2, {"refused": 1, "dropped": 1}
+    summary = FleetReport(wall_s=1.0, devices=devices).summary()
+    assert summary["retries"] == 5
+    assert summary["retries_by_cause"] == {"refused": 3, "throttled": 1, "dropped": 1}
+    assert "retries: 5 (refused 3, throttled 1, dropped 1)" in render_text(summary)

@@ -80,13 +80,19 @@ def test_busy_mqtt_port_is_a_one_line_error(tmp_path):
     assert f"MQTT port {port}" in result.stderr and "--mqtt-port 0" in result.stderr
 
 
-def test_emulator_without_mqtt_is_named_when_mqtt_is_asked_for():
-    from device_sim.device.transport_mqtt import emulator_url
+def test_emulator_without_mqtt_is_named_when_mqtt_is_asked_for(tmp_path):
+    from device_sim.cli.main import build_parser
+    from device_sim.cli.register import resolve_target
     from device_sim.common.errors import UserError
+    from device_sim.device.target import emulator_url, endpoint_file
 
-    assert emulator_url({"mqtt_url": "mqtts://localhost:8883"}) == "mqtts://localhost:8883"
+    assert emulator_url({"mqtt_url": "mqtts://localhost:8883"}, "mqtt") == "mqtts://localhost:8883"
+    endpoint_file(tmp_path).parent.mkdir()
+    endpoint_file(tmp_path).write_text(json.dumps({"device_url": "https://localhost:1", "id_scope": "0ne1",
+                                                   "ca_cert": "ca.pem"}))
+    args = build_parser().parse_args(["register", "dev", "--emulator", "--transport", "mqtt"])
     with pytest.raises(UserError, match="--no-mqtt"):
-        emulator_url({"device_url": "https://localhost:1"})
+        resolve_target(args, tmp_path)
 
 
 def test_fleet_run_over_mqtt(emulator, token_pki, tmp_path):

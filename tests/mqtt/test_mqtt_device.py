@@ -16,10 +16,12 @@ from cryptography.hazmat.primitives import serialization
 
 from device_sim.device import registration as reg
 from device_sim.device.driver import run_registration
-from device_sim.device.transport_https import TlsIdentity, client_tls_context
+from device_sim.device.transport_https import CrtRuntime, TlsIdentity, client_tls_context
 from device_sim.device.transport_mqtt import MqttTransport
 from device_sim.stub.server import DEFAULT_HUB
 from device_sim.testing import Emulator
+
+RUNTIME = CrtRuntime()  # the awscrt event loop every device of this module runs on
 
 
 def _cert(der: bytes) -> x509.Certificate:
@@ -55,9 +57,10 @@ def register(stub, token_pki, device_name, *, chain_length=None, registration_id
         # By label, not by the recorded slot id: SoftHSM renumbers slots when re-initialised.
         TlsIdentity(token_pki.module_path, record.label, _pem(_cert(record.certificate), *cas), token_pki.pin,
                     token_label=record.token_label),
-        trust_pem=stub.ca_cert.read_bytes())
+        trust_pem=stub.ca_cert.read_bytes(), runtime=RUNTIME)
     registration_id = registration_id or record.registration_id
-    transport = MqttTransport("127.0.0.1", stub.mqtt_port, stub.id_scope, registration_id, context)
+    transport = MqttTransport("127.0.0.1", stub.mqtt_port, stub.id_scope, registration_id, context,
+                              runtime=RUNTIME)
     flow = reg.RegistrationFlow(registration_id, {"firmware": "1.0"})
     outcome, timings = run_registration(flow, transport, timeout)
     return outcome, timings, flow

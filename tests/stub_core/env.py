@@ -14,7 +14,7 @@ from device_sim.common.x509util import common_name
 from device_sim.stub.core.config import Hub, StubConfig
 from device_sim.stub.core.device_api import DeviceApi
 from device_sim.stub.core.sas import make_token
-from device_sim.stub.core.service_api import SERVICE_API_VERSION, ServiceApi
+from device_sim.stub.core.service import SERVICE_API_VERSION, ServiceApi
 from device_sim.stub.core.store import Store
 from device_sim.testing import pem as pem_bytes
 

@@ -2,7 +2,7 @@
 
 import datetime as dt
 
-from device_sim.stub.core.cert_input import sha256_thumbprint as tp
+from device_sim.common.x509util import sha256_thumbprint as tp
 from device_sim.stub.core.enrollment_walk import (ASSIGN, DISABLED, GROUP, INDIVIDUAL, UNAUTHORIZED,
                                              Entry, MemoryView, decide)
 

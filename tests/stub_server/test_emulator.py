@@ -181,7 +181,7 @@ def test_state_survives_a_restart_and_kill_9(tmp_path, file_cas):
     second = Emulator.spawn(home, "--retry-after", "0")
     assert second.ready["id_scope"] == scope
     assert second.ready["ca_cert"] == first.ready["ca_cert"]
-    (tmp_path / "leaf.pem").write_bytes(file_cas.device("dev-after").cert_pem)
+    (tmp_path / "leaf.pem").write_bytes(file_cas.device("dev-individual").cert_pem)
     stub_admin(second, "enroll", "create", "dev-individual", "--cert", tmp_path / "leaf.pem")
     second.stop(signal.SIGKILL)  # no clean shutdown: acknowledged writes must still be there
 

@@ -2,7 +2,7 @@
 
 Pure functions of (registration ID, entry, configuration, previous registration record).
 
-Allocation (dps-protocol.md 6.1):
+Allocation (docs/emulator.md, "Allocation and re-registration"):
 - candidates: the entry's `iotHubs` (or its single `iotHubHostName`) when set - those are
   used even if their `apply_allocation_policy` is False - else every linked hub with
   `apply_allocation_policy`. Hubs no longer linked are skipped; no candidate -> failed
@@ -13,7 +13,7 @@ Allocation (dps-protocol.md 6.1):
 - `static`: the entry names exactly one hub.
 - `custom` is refused when the entry is created (no webhooks in the emulator).
 
-Re-registration (dps-protocol.md 6.2), with `reprovisionPolicy` defaulting to
+Re-registration (same section), with `reprovisionPolicy` defaulting to
 update+migrate, and "never reprovision" for entries without a policy registered with an
 api-version <= 2018-04-01 (legacy sticky behaviour):
 
@@ -33,14 +33,14 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
+from device_sim.common.dps import LEGACY_API_VERSION
+
 from .config import Hub, StubConfig
 
 INITIAL = "initialAssignment"
 MIGRATED = "deviceDataMigrated"
 RESET = "deviceDataReset"
 BACK_TO_INITIAL = "reprovisionedToInitialAssignment"
-
-LEGACY_API_VERSION = "2018-04-01"
 
 
 @dataclass(frozen=True)

@@ -32,14 +32,23 @@ class StubConfig:
     retry_after: int = 1
     throttle: int = 0              # test knob: first N device requests per registration ID -> 429
     service_host: str = "localhost"  # resource URI host checked in service SAS tokens
+    # Ports the service API answers on: a SAS whose resource is `service_host:PORT` (as the
+    # service SDKs build it from a connection string's HostName) is accepted for these.
+    # The server fills them in once its listeners are bound.
+    service_ports: tuple[int, ...] = ()
     max_body: int = 96 * 1024
     allocation_policy: str = "hashed"  # instance default for entries that name none
 
     def __post_init__(self) -> None:
         self.hubs = [h if isinstance(h, Hub) else Hub(**h) for h in self.hubs]
+        self.service_ports = tuple(self.service_ports)
         problems = config_problems(self)
         if problems:
             raise ValueError("; ".join(problems))
+
+    def service_resources(self) -> tuple[str, ...]:
+        """The resource hosts a service SAS may name: the host, alone or with a port."""
+        return (self.service_host, *(f"{self.service_host}:{port}" for port in self.service_ports))
 
     def hub(self, name: str) -> Hub | None:
         """The linked hub with this host name (case-insensitive), or None."""
@@ -51,11 +60,6 @@ class StubConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "StubConfig":
-        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
-        return cls(**known)
 
 
 def config_problems(config: StubConfig) -> list[str]:
@@ -78,6 +82,8 @@ def config_problems(config: StubConfig) -> list[str]:
         problems.append("retry_after must be >= 0")
     if config.throttle < 0:
         problems.append("throttle must be >= 0")
+    if not all(isinstance(p, int) and 0 < p < 65536 for p in config.service_ports):
+        problems.append("service_ports must be TCP port numbers 1..65535")
     if config.max_body < 1024:
         problems.append("max_body must be at least 1024 bytes")
     if config.allocation_policy not in ALLOCATION_POLICIES:

@@ -3,14 +3,19 @@
 Each method takes what the device sent (path IDs already URL-decoded, the TLS chain as
 presented, leaf first, the raw body) and returns a `Reply`; nothing raises out of it.
 
-Decisions where the public documentation is silent (dps-protocol.md section 11):
+Decisions where the public documentation is silent (docs/x509-rules.md, "Open questions"):
 - The register call always answers `202` with `status: assigning`, an `operationId`,
-  `Retry-After` (config.retry_after) and a relative `Location`
-  (`/{idScope}/registrations/{id}/register`; a front end may make it absolute). The
+  `Retry-After` (config.retry_after) and a `Location`: absolute
+  (`https://{host}/{idScope}/registrations/{id}/register`) when the front end passes the
+  request's `host`, else relative. The
   outcome is decided and committed during that call; polls answer `202 assigning` until
   `config.assignment_delay` has passed, then `200` with the stored terminal status.
-- A disabled entry: terminal poll `200` with `status: disabled` (not a 401), and the
-  registration record shows `disabled`.
+- A disabled entry: terminal poll `200` with `status: disabled` (not a 401) and an
+  `errorMessage` naming the entry ("enrollment group 'line' is disabled"); the
+  registration record shows the same. A 401 message names the entry that matched when
+  one did.
+- Every reply carries `x-ms-request-id`. A certificate that cannot be decoded is a 401,
+  never a 500.
 - No hub available: terminal poll `200` with `status: failed`, errorCode 400208.
 - The device `payload` is stored with the registration (visible as `devicePayload` in
   the service API) but not echoed to the device: real DPS only returns a payload produced
@@ -25,6 +30,7 @@ Decisions where the public documentation is silent (dps-protocol.md section 11):
 from __future__ import annotations
 
 import logging
+import re
 import secrets
 import threading
 import time
@@ -34,19 +40,32 @@ from datetime import datetime, timezone
 
 from cryptography import x509
 
+from device_sim.common import dps
 from device_sim.common.registration_id import MAX_LENGTH, registration_id_problem
+from device_sim.common.x509util import common_name, sha256_thumbprint
 
 from . import errors
 from .allocation import allocate
-from .cert_input import common_name, sha256_thumbprint
 from .config import StubConfig
 from .enrollment_walk import DISABLED, GROUP, UNAUTHORIZED, decide
-from .errors import DpsError, Reply, error_reply, json_object, utc_text
+from .errors import DpsError, Reply, error_reply, utc_text, with_request_id
+from .json_body import json_object
 from .store import OperationRow, RegistrationRow, Store
 
 __all__ = ["DeviceApi", "Reply", "validate_registration_id", "new_etag"]
 
 log = logging.getLogger(__name__)
+
+# A Host header value fit to put into Location: a name or address, an optional port.
+_HOST = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]{1,253})(:[0-9]{1,5})?$")
+
+
+def location(host: str | None, path: str) -> str:
+    """Absolute when the request named a usable host, else the path alone."""
+    if host and _HOST.match(host):
+        return f"https://{host}{path}"
+    return path
+
 
 def validate_registration_id(registration_id: str) -> str | None:
     """None when valid, else why not: the shared rule of hsm_setup (128 characters at most
@@ -74,8 +93,10 @@ class DeviceApi:
     # -- the three operations -----------------------------------------------------------
 
     def register(self, id_scope: str, registration_id: str, api_version: str | None,
-                 chain: Sequence[x509.Certificate], body: bytes) -> Reply:
-        return self._guarded(self._register, id_scope, registration_id, api_version, chain, body)
+                 chain: Sequence[x509.Certificate], body: bytes, host: str | None = None) -> Reply:
+        """`host`: the request's Host header (HTTPS), which makes `Location` absolute."""
+        return self._guarded(self._register, id_scope, registration_id, api_version, chain,
+                             body, host)
 
     def operation_status(self, id_scope: str, registration_id: str, operation_id: str,
                          api_version: str | None, chain: Sequence[x509.Certificate]) -> Reply:
@@ -91,7 +112,7 @@ class DeviceApi:
 
     def _guarded(self, method, *args) -> Reply:
         try:
-            return method(*args)
+            return with_request_id(method(*args))
         except DpsError as exc:
             return exc.reply(self._now()[1])
         except Exception as exc:  # never let a front end see a traceback
@@ -106,7 +127,8 @@ class DeviceApi:
     def _check_request(self, id_scope: str, registration_id: str, api_version: str | None) -> None:
         if not api_version:
             raise DpsError(errors.MISSING_API_VERSION,
-                           "the api-version query parameter is required (e.g. 2021-06-01)")
+                           "the api-version query parameter is required "
+                           f"(e.g. {dps.DEVICE_API_VERSION})")
         if id_scope.lower() != self.config.id_scope.lower():
             raise DpsError(errors.NOT_FOUND, f"unknown ID scope {id_scope!r}")
         problem = validate_registration_id(registration_id)
@@ -155,7 +177,7 @@ class DeviceApi:
 
     # -- register -----------------------------------------------------------------------
 
-    def _register(self, id_scope, registration_id, api_version, chain, body) -> Reply:
+    def _register(self, id_scope, registration_id, api_version, chain, body, host) -> Reply:
         self._check_request(id_scope, registration_id, api_version)
         data = self._parse_body(body, registration_id)
         self._leaf_matches(chain, registration_id)
@@ -172,8 +194,8 @@ class DeviceApi:
             operation_id, registration_id, decision.leaf_thumbprint,
             stamp + self.config.assignment_delay, terminal))
         headers = {"Retry-After": str(self.config.retry_after),
-                   "Location": f"/{id_scope}/registrations/{registration_id}/register"}
-        return Reply(202, {"operationId": operation_id, "status": "assigning"}, headers)
+                   "Location": location(host, f"/{id_scope}/registrations/{registration_id}/register")}
+        return Reply(202, {"operationId": operation_id, "status": dps.ASSIGNING}, headers)
 
     def _outcome(self, decision, previous: RegistrationRow | None, payload,
                  api_version, now: datetime) -> RegistrationRow:
@@ -188,16 +210,16 @@ class DeviceApi:
         internal = {key: before.get(key) for key in
                     ("assignedHub", "deviceId", "substatus", "initialHub")}
         if decision.outcome == DISABLED:
-            doc["status"] = "disabled"
+            doc.update(status=dps.DISABLED, errorMessage=decision.reason)
         else:
             result = allocate(cn, decision.device_id, entry.doc, self.config,
                               before, api_version)
             if result.hub is None:
-                doc.update(status="failed", errorCode=errors.NO_HUB_ASSIGNED,
+                doc.update(status=dps.FAILED, errorCode=errors.NO_HUB_ASSIGNED,
                            errorMessage=result.error)
             else:
                 doc.update(assignedHub=result.hub, deviceId=result.device_id,
-                           status="assigned", substatus=result.substatus)
+                           status=dps.ASSIGNED, substatus=result.substatus)
                 internal.update(assignedHub=result.hub, deviceId=result.device_id,
                                 substatus=result.substatus, initialHub=result.initial_hub)
         doc.update(lastUpdatedDateTimeUtc=now_text, etag=new_etag())
@@ -220,7 +242,7 @@ class DeviceApi:
             raise DpsError(errors.INVALID_CERTIFICATE, "Invalid certificate: the operation was "
                            "started with a different device certificate")
         if self.clock() < operation.ready_at:
-            return Reply(202, {"operationId": operation_id, "status": "assigning"},
+            return Reply(202, {"operationId": operation_id, "status": dps.ASSIGNING},
                          {"Retry-After": str(self.config.retry_after)})
         return Reply(200, operation.body, {})
 

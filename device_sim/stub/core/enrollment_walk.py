@@ -1,14 +1,15 @@
 """The X.509 decision: which enrollment entry (if any) admits the chain a device presented.
 
 `decide(chain, view, now)` is a pure function of the presented chain, a read-only view of
-the enrollments and CA certificates, and the time. The rules (design.md section 3,
-dps-protocol.md section 5):
+the enrollments and CA certificates, and the time. The rules are those of
+docs/x509-rules.md ("The chain a device sends", "Which entry decides"):
 
 1. The chain is taken exactly as sent, leaf first: each certificate must be issued by the
    next one (name and signature), every certificate must be inside its validity period,
    every issuer must be a CA (basicConstraints CA, keyCertSign when keyUsage is present,
    pathLenConstraint respected). A chain out of order fails; nothing is re-ordered or
-   completed from certificates the emulator knows.
+   completed from certificates the emulator knows. A certificate whose parts cannot be
+   decoded fails the chain (401), it never raises.
 2. Walk from the leaf upward: an individual enrollment whose primary or secondary
    certificate is the leaf (SHA-256 thumbprint), then an enrollment group whose signing
    certificate (or referenced CA certificate) is the first intermediate, the next, ... up
@@ -23,7 +24,7 @@ dps-protocol.md section 5):
    the root is in the chain.
 4. Authenticated + enabled -> assign (device ID: the individual entry's deviceId, else the
    leaf CN); authenticated + disabled -> disabled, even when an enabled entry exists
-   higher up; not authenticated -> 401002.
+   higher up; not authenticated -> 401002. Every reason names the entry that decided.
 """
 
 from __future__ import annotations
@@ -34,12 +35,13 @@ from datetime import datetime
 from typing import Protocol
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
 
-from .cert_input import common_name, sha256_thumbprint
+from device_sim.common import dps, x509util
+from device_sim.common.x509util import (ca_problem, common_name, in_validity, is_self_issued,
+                                        sha256_thumbprint, signature_verifies)
 
 ASSIGN = "assign"
-DISABLED = "disabled"
+DISABLED = dps.DISABLED
 UNAUTHORIZED = "unauthorized"
 
 INDIVIDUAL = "individual"
@@ -56,8 +58,39 @@ class Entry:
     doc: dict = field(default_factory=dict, compare=False)  # the stored JSON record
     etag: str = ""
 
+    @property
+    def label(self) -> str:
+        """How messages name the entry: "enrollment group 'line'"."""
+        what = "individual enrollment" if self.kind == INDIVIDUAL else "enrollment group"
+        return f"{what} {self.id!r}"
+
+
+class SignatureCache:
+    """Signature checks of CA-to-CA links repeat for every device of a fleet: remember them.
+    Keyed by both thumbprints, so a remembered answer is the one a check would give."""
+
+    def __init__(self, max_entries: int = 4096):
+        self.max_entries = max_entries
+        self._known: dict[tuple[str, str], bool] = {}
+
+    def verifies(self, child: x509.Certificate, parent: x509.Certificate,
+                 key: tuple[str, str] | None = None) -> bool:
+        """`signature_verifies(child, parent)`, remembered under `key` when one is given
+        (leaves are not remembered: each is seen once or twice)."""
+        if key is None:
+            return signature_verifies(child, parent)
+        known = self._known.get(key)
+        if known is None:
+            known = signature_verifies(child, parent)
+            if len(self._known) >= self.max_entries:
+                self._known.clear()
+            self._known[key] = known
+        return known
+
 
 class StoreView(Protocol):
+    signatures: SignatureCache
+
     def individual_for(self, thumbprint: str) -> Entry | None: ...
     def group_for(self, thumbprint: str) -> Entry | None: ...
     def is_verified_ca(self, thumbprint: str) -> bool: ...
@@ -71,6 +104,7 @@ class MemoryView:
     individuals: dict[str, Entry] = field(default_factory=dict)   # leaf thumbprint -> entry
     groups: dict[str, Entry] = field(default_factory=dict)        # CA thumbprint -> entry
     verified: list[x509.Certificate] = field(default_factory=list)
+    signatures: SignatureCache = field(default_factory=SignatureCache)
 
     def individual_for(self, thumbprint):
         return self.individuals.get(thumbprint)
@@ -95,93 +129,33 @@ class Decision:
     leaf_thumbprint: str | None = None
 
 
-# Signature checks of CA-to-CA links repeat for every device of a fleet: remember them.
-# Keyed by both thumbprints, so the memo never changes an answer.
-_link_memo: dict[tuple[str, str], bool] = {}
-_LINK_MEMO_MAX = 4096
-
-
-def _signed_by(child: x509.Certificate, parent: x509.Certificate,
-               memo_key: tuple[str, str] | None = None) -> bool:
-    if memo_key is not None and memo_key in _link_memo:
-        return _link_memo[memo_key]
-    try:
-        child.verify_directly_issued_by(parent)
-        ok = True
-    except (ValueError, TypeError, InvalidSignature):
-        ok = False
-    if memo_key is not None:
-        if len(_link_memo) >= _LINK_MEMO_MAX:
-            _link_memo.clear()
-        _link_memo[memo_key] = ok
-    return ok
-
-
-def _label(cert: x509.Certificate, index: int) -> str:
-    return f"certificate {index} ({common_name(cert) or cert.subject.rfc4514_string()})"
-
-
-def _in_validity(cert: x509.Certificate, now: datetime) -> bool:
-    return cert.not_valid_before_utc <= now <= cert.not_valid_after_utc
-
-
-def ca_problem(cert: x509.Certificate, issued_below: int) -> str | None:
-    """Why `cert` may not issue a chain with `issued_below` CA certificates under it."""
-    try:
-        basic = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
-    except x509.ExtensionNotFound:
-        return "is not a CA certificate (no basicConstraints)"
-    if not basic.ca:
-        return "is not a CA certificate (basicConstraints CA:FALSE)"
-    if basic.path_length is not None and basic.path_length < issued_below:
-        return f"has pathLenConstraint {basic.path_length} but {issued_below} CA(s) below it"
-    try:
-        usage = cert.extensions.get_extension_for_class(x509.KeyUsage).value
-    except x509.ExtensionNotFound:
-        return None
-    if not usage.key_cert_sign:
-        return "is not allowed to sign certificates (keyUsage lacks keyCertSign)"
-    return None
-
-
 def chain_problem(chain: Sequence[x509.Certificate], thumbprints: Sequence[str],
-                  now: datetime) -> str | None:
-    """The first reason the presented chain is not a valid chain as sent, else None."""
-    for index, cert in enumerate(chain):
-        if not _in_validity(cert, now):
-            return f"{_label(cert, index)} is outside its validity period"
-    for index in range(len(chain) - 1):
-        child, parent = chain[index], chain[index + 1]
-        problem = ca_problem(parent, index)
-        if problem:
-            return f"{_label(parent, index + 1)} {problem}"
-        if child.issuer != parent.subject:
-            return (f"{_label(child, index)} was not issued by the next certificate sent "
-                    "(send the chain leaf first, in issuing order)")
-        memo = (thumbprints[index], thumbprints[index + 1]) if index else None
-        if not _signed_by(child, parent, memo):
-            return f"{_label(child, index)} signature does not verify with its issuer"
-    top = chain[-1]
-    if _self_issued(top):
-        key = (thumbprints[-1], thumbprints[-1])
-        if not _signed_by(top, top, key if len(chain) > 1 else None):
-            return f"{_label(top, len(chain) - 1)} self-signature does not verify"
-    return None
+                  now: datetime, signatures: SignatureCache) -> str | None:
+    """The first reason the presented chain is not a valid chain as sent, else None: the
+    rules of `x509util.chain_problem` (which `chain lint` applies too), with CA-to-CA links
+    remembered (a leaf's own signature is checked each time)."""
+    leaf = chain[0] if chain else None
+    index_of = {id(cert): index for index, cert in enumerate(chain)}
 
+    def signed_by(child: x509.Certificate, parent: x509.Certificate) -> bool:
+        if child is leaf:
+            return signatures.verifies(child, parent)
+        return signatures.verifies(child, parent, (thumbprints[index_of[id(child)]],
+                                                   thumbprints[index_of[id(parent)]]))
 
-def _self_issued(cert: x509.Certificate) -> bool:
-    return cert.issuer == cert.subject
+    return x509util.chain_problem(chain, now, signed_by=signed_by)
 
 
 def _store_signer_verified(top: x509.Certificate, top_thumbprint: str, view: StoreView,
                            depth: int, now: datetime) -> bool:
     """True when a verified CA certificate of the store (not sent) issued the top cert."""
-    if _self_issued(top):
+    if is_self_issued(top):
         return False
     for ca in view.verified_cas_named(top.issuer):
-        if not _in_validity(ca, now) or ca_problem(ca, depth):
+        if not in_validity(ca, now) or ca_problem(ca, depth):
             continue
-        if _signed_by(top, ca, (top_thumbprint, sha256_thumbprint(ca)) if depth else None):
+        key = (top_thumbprint, sha256_thumbprint(ca)) if depth else None
+        if view.signatures.verifies(top, ca, key):
             return True
     return False
 
@@ -208,7 +182,7 @@ def decide(presented_chain: Sequence[x509.Certificate], store_view: StoreView,
         return Decision(UNAUTHORIZED, "the leaf certificate has no single subject CN")
     thumbprints = [sha256_thumbprint(c) for c in chain]
     base = dict(registration_id=cn, leaf_thumbprint=thumbprints[0])
-    problem = chain_problem(chain, thumbprints, now)
+    problem = chain_problem(chain, thumbprints, now, store_view.signatures)
     if problem:
         return Decision(UNAUTHORIZED, problem, **base)
 
@@ -222,17 +196,16 @@ def decide(presented_chain: Sequence[x509.Certificate], store_view: StoreView,
     if found is None:
         return Decision(UNAUTHORIZED, "no enrollment matches the presented chain", **base)
 
-    self_signed_leaf = position == 0 and len(chain) == 1 and _self_issued(leaf)
+    self_signed_leaf = position == 0 and len(chain) == 1 and is_self_issued(leaf)
     if not self_signed_leaf:
         if not reaches_verified_ca(chain, thumbprints, store_view, now, position):
-            return Decision(UNAUTHORIZED, "the presented chain does not reach a verified CA "
-                            "certificate at or above the enrollment's certificate",
-                            entry=found, **base)
+            return Decision(UNAUTHORIZED, f"{found.label} matches, but the presented chain "
+                            "does not reach a verified CA certificate at or above its "
+                            "certificate", entry=found, **base)
     if not found.enabled:
-        return Decision(DISABLED, f"enrollment {found.kind} {found.id!r} is disabled",
-                        entry=found, **base)
+        return Decision(DISABLED, f"{found.label} is disabled", entry=found, **base)
     device_id = cn
     if found.kind == INDIVIDUAL and found.doc.get("deviceId"):
         device_id = found.doc["deviceId"]
-    return Decision(ASSIGN, f"admitted by {found.kind} {found.id!r}", entry=found,
+    return Decision(ASSIGN, f"admitted by {found.label}", entry=found,
                     device_id=device_id, **base)

@@ -2,14 +2,15 @@
 
 DPS answers every failure with `{errorCode, trackingId, message, timestampUtc}` where the
 HTTP status is `errorCode // 1000` and the `x-ms-error-code` header repeats the code.
-Codes marked "observed" were seen from the real service (dps-protocol.md section 9.2);
-the others follow the same convention but are this emulator's own choice, because no
-official list is published.
+Codes marked "observed" were seen from the real service (docs/x509-rules.md, "Error
+codes"); the others follow the same convention but are this emulator's own choice,
+because no official list is published. Every reply, success or error, carries an
+`x-ms-request-id` (an error's equals its trackingId, as the service's do).
 """
 
 from __future__ import annotations
 
-import json
+import random
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -36,6 +37,14 @@ PAYLOAD_TOO_LARGE = 413000
 UNSUPPORTED_MEDIA_TYPE = 415000
 THROTTLED = 429001
 INTERNAL_ERROR = 500000
+
+REQUEST_ID = "x-ms-request-id"
+
+
+def new_request_id() -> str:
+    """A GUID, as the service's request IDs are. Unique, not secret: drawn from `random`
+    (seeded from the OS), which is several times cheaper than `uuid4`'s os.urandom."""
+    return str(uuid.UUID(int=random.getrandbits(128), version=4))
 
 
 @dataclass(frozen=True)
@@ -71,7 +80,7 @@ def utc_text(moment: datetime) -> str:
 
 def error_reply(code: int, message: str, *, now: datetime | None = None,
                 headers: dict[str, str] | None = None) -> Reply:
-    tracking_id = str(uuid.uuid4())
+    tracking_id = new_request_id()
     moment = now or datetime.now(timezone.utc)
     body = {
         "errorCode": code,
@@ -79,21 +88,13 @@ def error_reply(code: int, message: str, *, now: datetime | None = None,
         "message": message,
         "timestampUtc": utc_text(moment),
     }
-    all_headers = {"x-ms-error-code": str(code), "x-ms-request-id": tracking_id}
+    all_headers = {"x-ms-error-code": str(code), REQUEST_ID: tracking_id}
     all_headers.update(headers or {})
     return Reply(code // 1000, body, all_headers)
 
 
-def json_object(body: bytes, required: bool = True) -> dict:
-    """A request body that must be one JSON object (empty allowed unless `required`); DpsError otherwise."""
-    if not body.strip():
-        if required:
-            raise DpsError(BAD_REQUEST, "a JSON object body is required")
-        return {}
-    try:
-        data = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        raise DpsError(BAD_REQUEST, "the request body is not valid JSON") from None
-    if not isinstance(data, dict):
-        raise DpsError(BAD_REQUEST, "the request body must be a JSON object")
-    return data
+def with_request_id(reply: Reply) -> Reply:
+    """The reply with an `x-ms-request-id` header (kept when it has one already)."""
+    if any(name.lower() == REQUEST_ID for name in reply.headers):
+        return reply
+    return Reply(reply.status, reply.body, {**reply.headers, REQUEST_ID: new_request_id()})

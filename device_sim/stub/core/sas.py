@@ -1,10 +1,12 @@
-"""Shared access signature tokens for the service API (dps-protocol.md section 8.3).
+"""Shared access signature tokens for the service API (docs/x509-rules.md, "SAS tokens").
 
 `SharedAccessSignature sr=<url-encoded resource URI>&sig=<url-encoded base64 HMAC-SHA256>
 &se=<unix expiry>&skn=<policy>`; the signed text is the URL-encoded resource URI as it
 appears in the token, a newline, and the expiry. The resource URI is a host name with an
 optional path prefix; a token is good for every request path below it (matched
-segment-wise, case-insensitively).
+segment-wise, case-insensitively). The service SDKs put a connection string's HostName in
+`sr` as they found it: `localhost:PORT` raw or `localhost%3APORT` encoded, so a request
+may be checked against several resource hosts (`verify_token_for`).
 """
 
 from __future__ import annotations
@@ -70,6 +72,13 @@ def covers(token_resource: str, request_resource: str) -> bool:
 def verify_token(token: str | None, key: bytes, request_resource: str,
                  policy: str = DEFAULT_POLICY, now: float | None = None) -> None:
     """Raise SasError unless `token` is valid now for `request_resource` (host + path)."""
+    verify_token_for(token, key, (request_resource,), policy, now)
+
+
+def verify_token_for(token: str | None, key: bytes, request_resources: tuple[str, ...],
+                     policy: str = DEFAULT_POLICY, now: float | None = None) -> None:
+    """Raise SasError unless `token` is valid now for one of `request_resources` (the same
+    request path under each host the service answers as)."""
     if not token:
         raise SasError("missing Authorization header with a SharedAccessSignature token")
     fields = _fields(token)
@@ -81,7 +90,7 @@ def verify_token(token: str | None, key: bytes, request_resource: str,
         raise SasError("SharedAccessSignature token has expired")
     if unquote(fields.get("skn", "")).lower() != policy.lower():
         raise SasError(f"SharedAccessSignature policy (skn) must be {policy}")
-    if not covers(fields["sr"], request_resource):
+    if not any(covers(fields["sr"], resource) for resource in request_resources):
         raise SasError("SharedAccessSignature resource (sr) does not cover this request")
     given = unquote(fields["sig"]).encode("ascii", "replace")
     # Encoders differ (quote vs quote_plus, hex case), so accept the form as sent and the

@@ -12,6 +12,11 @@ never wait long, and a single connection avoids SQLITE_BUSY between our own thre
 Another process may use the same file (busy timeout 5 s); its changes are noticed via
 `PRAGMA data_version` and invalidate the in-memory caches.
 
+Write checks: a document is stored only if it could be read back and walked: it must
+serialise as plain JSON and nest at most MAX_STORED_DEPTH levels (the request bodies are
+held to json_body.MAX_DEPTH; the emulator's own wrapping adds a few levels), else the
+write is refused with a 400 and nothing changes. One bad write cannot poison the store.
+
 Caches (rebuilt on any change): enrollment groups by certificate thumbprint (at most a
 hundred groups, with `caReferences` resolved through the CA table), verified CA
 certificates parsed once. Individual enrollments (up to a million) stay in SQL, found
@@ -31,8 +36,11 @@ from pathlib import Path
 
 from cryptography import x509
 
-from .enrollment_walk import GROUP, INDIVIDUAL, Entry
-from .errors import CONFLICT, DpsError
+from .enrollment_walk import GROUP, INDIVIDUAL, Entry, SignatureCache
+from .errors import BAD_REQUEST, CONFLICT, DpsError
+from .json_body import MAX_DEPTH, deeper_than
+
+MAX_STORED_DEPTH = MAX_DEPTH + 8
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS ca_certificates (
@@ -79,7 +87,9 @@ CREATE INDEX IF NOT EXISTS operations_registration ON operations (id_key);
 
 
 @dataclass(frozen=True)
-class CaRecord:
+class CaCertificateRow:
+    """One uploaded CA certificate (the service API's certificate resource)."""
+
     name: str
     der: bytes
     thumbprint: str
@@ -115,7 +125,9 @@ class WalkView:
 
     def __init__(self, store: "Store", groups: dict[str, Entry],
                  verified: dict[str, x509.Certificate],
-                 by_subject: dict[x509.Name, list[x509.Certificate]]):
+                 by_subject: dict[x509.Name, list[x509.Certificate]],
+                 signatures: SignatureCache):
+        self.signatures = signatures
         self._store = store
         self._groups = groups
         self._verified = verified
@@ -132,6 +144,17 @@ class WalkView:
 
     def verified_cas_named(self, subject: x509.Name) -> Sequence[x509.Certificate]:
         return self._by_subject.get(subject, ())
+
+
+def document_text(doc: object, what: str) -> str:
+    """The JSON text to store for `doc`; DpsError 400 when it could not be read back."""
+    if deeper_than(doc, MAX_STORED_DEPTH):
+        raise DpsError(BAD_REQUEST, f"the {what} nests deeper than {MAX_STORED_DEPTH} levels; "
+                       "the emulator does not store what it could not read back")
+    try:
+        return json.dumps(doc, allow_nan=False)
+    except (TypeError, ValueError):
+        raise DpsError(BAD_REQUEST, f"the {what} is not plain JSON") from None
 
 
 def _entry(kind: str, doc_text: str, etag: str, enabled: int) -> Entry:
@@ -171,6 +194,8 @@ class Store:
         self._cache_key: tuple[int, int] | None = None
         self._generation = 0
         self._view: WalkView | None = None
+        # Outlives the views: its answers depend only on the two certificates of a link.
+        self._signatures = SignatureCache()
         self._create_schema()
 
     def _create_schema(self) -> None:
@@ -247,7 +272,7 @@ class Store:
             entry = _entry(GROUP, doc, etag, enabled)
             for thumbprint in group_thumbprints(entry.doc, ca_thumbprints):
                 groups.setdefault(thumbprint, entry)
-        return WalkView(self, groups, verified, by_subject)
+        return WalkView(self, groups, verified, by_subject, self._signatures)
 
     def individual_for(self, thumbprint: str) -> Entry | None:
         rows = self._query(
@@ -269,23 +294,23 @@ class Store:
 
     # -- CA certificates ----------------------------------------------------------------
 
-    def get_ca(self, name: str) -> CaRecord | None:
+    def get_ca(self, name: str) -> CaCertificateRow | None:
         rows = self._query("SELECT name, der, thumbprint, is_verified, verification_code,"
                            " etag, created, updated FROM ca_certificates WHERE name_key = ?",
                            (name.lower(),))
         return self._ca(rows[0]) if rows else None
 
-    def list_cas(self) -> list[CaRecord]:
+    def list_cas(self) -> list[CaCertificateRow]:
         rows = self._query("SELECT name, der, thumbprint, is_verified, verification_code,"
                            " etag, created, updated FROM ca_certificates ORDER BY name_key")
         return [self._ca(row) for row in rows]
 
     @staticmethod
-    def _ca(row: tuple) -> CaRecord:
+    def _ca(row: tuple) -> CaCertificateRow:
         name, der, thumbprint, verified, code, etag, created, updated = row
-        return CaRecord(name, bytes(der), thumbprint, bool(verified), code, etag, created, updated)
+        return CaCertificateRow(name, bytes(der), thumbprint, bool(verified), code, etag, created, updated)
 
-    def put_ca(self, record: CaRecord) -> None:
+    def put_ca(self, record: CaCertificateRow) -> None:
         with self.transaction() as db:
             db.execute("INSERT OR REPLACE INTO ca_certificates VALUES (?,?,?,?,?,?,?,?,?)",
                        (record.name.lower(), record.name, record.der, record.thumbprint,
@@ -311,19 +336,26 @@ class Store:
         """Insert or replace an entry; 409 when one of its certificates (SHA-256 thumbprints,
         caReferences resolved) already belongs to another entry."""
         key = entry_id.lower()
+        text = document_text(doc, "enrollment" if kind == INDIVIDUAL else "enrollment group")
         with self.transaction() as db:
-            for thumbprint in thumbprints:
-                owner = self.owner_of(thumbprint)
-                if owner and (owner[0], owner[1].lower()) != (kind, key):
-                    raise DpsError(CONFLICT, f"certificate {thumbprint} is already used by "
-                                   f"{'enrollment group' if owner[0] == GROUP else 'individual enrollment'}"
-                                   f" {owner[1]!r}: a certificate may appear in one entry only")
+            self.check_certificates_free(kind, entry_id, thumbprints)
             db.execute("DELETE FROM cert_index WHERE kind = ? AND id_key = ?", (kind, key))
             db.executemany("INSERT OR IGNORE INTO cert_index VALUES (?,?,?)",
                            [(t, kind, key) for t in thumbprints])
             db.execute("INSERT OR REPLACE INTO entries VALUES (?,?,?,?,?)",
-                       (kind, key, json.dumps(doc), etag, int(enabled)))
+                       (kind, key, text, etag, int(enabled)))
             self._changed()
+
+    def check_certificates_free(self, kind: str, entry_id: str,
+                                thumbprints: Sequence[str]) -> None:
+        """409 when one of these certificates already belongs to another entry."""
+        key = entry_id.lower()
+        for thumbprint in thumbprints:
+            owner = self.owner_of(thumbprint)
+            if owner and (owner[0], owner[1].lower()) != (kind, key):
+                label = Entry(owner[0], owner[1], True).label
+                raise DpsError(CONFLICT, f"certificate {thumbprint} is already used by {label}: "
+                               "a certificate may appear in one entry only")
 
     def delete_entry(self, kind: str, entry_id: str) -> bool:
         key = entry_id.lower()
@@ -359,10 +391,16 @@ class Store:
         return RegistrationRow(doc.get("registrationId", registration_id), group_key,
                                doc, json.loads(internal))
 
-    def list_registrations(self, group_id: str, after: str = "", limit: int = 100) -> list[RegistrationRow]:
-        rows = self._query("SELECT id_key, group_key, doc, internal FROM registrations"
-                           " WHERE group_key = ? AND id_key > ? ORDER BY id_key LIMIT ?",
-                           (group_id.lower(), after.lower(), limit))
+    def list_registrations(self, group_id: str | None, after: str = "",
+                           limit: int = 100) -> list[RegistrationRow]:
+        """Registration records in ID order after `after`: of one group, or all (None)."""
+        if group_id is None:
+            rows = self._query("SELECT id_key, group_key, doc, internal FROM registrations"
+                               " WHERE id_key > ? ORDER BY id_key LIMIT ?", (after.lower(), limit))
+        else:
+            rows = self._query("SELECT id_key, group_key, doc, internal FROM registrations"
+                               " WHERE group_key = ? AND id_key > ? ORDER BY id_key LIMIT ?",
+                               (group_id.lower(), after.lower(), limit))
         result = []
         for id_key, group_key, doc, internal in rows:
             doc = json.loads(doc)
@@ -380,14 +418,15 @@ class Store:
         """Record the outcome and its operation in one commit; earlier operations of the
         same registration are dropped (keeps the table as small as the registrations)."""
         key = row.registration_id.lower()
+        texts = [document_text(part, "registration record")
+                 for part in (row.doc, row.internal, operation.body)]
         with self.transaction() as db:
             db.execute("INSERT OR REPLACE INTO registrations VALUES (?,?,?,?)",
-                       (key, row.group_id.lower() if row.group_id else None,
-                        json.dumps(row.doc), json.dumps(row.internal)))
+                       (key, row.group_id.lower() if row.group_id else None, texts[0], texts[1]))
             db.execute("DELETE FROM operations WHERE id_key = ?", (key,))
             db.execute("INSERT INTO operations VALUES (?,?,?,?,?)",
                        (operation.operation_id, key, operation.leaf_thumbprint,
-                        operation.ready_at, json.dumps(operation.body)))
+                        operation.ready_at, texts[2]))
 
     def get_operation(self, operation_id: str) -> OperationRow | None:
         rows = self._query("SELECT id_key, leaf_thumbprint, ready_at, body FROM operations"
@@ -396,3 +435,24 @@ class Store:
             return None
         id_key, leaf, ready_at, body = rows[0]
         return OperationRow(operation_id, id_key, leaf, ready_at, json.loads(body))
+
+    # -- overview -----------------------------------------------------------------------
+
+    def counts(self) -> dict:
+        """How much the store holds: CA certificates (verified or not), entries by kind,
+        registrations by status and by assigned hub."""
+        cas = self._query("SELECT is_verified, count(*) FROM ca_certificates GROUP BY is_verified")
+        entries = dict(self._query("SELECT kind, count(*) FROM entries GROUP BY kind"))
+        statuses = self._query("SELECT json_extract(doc, '$.status'), count(*) FROM registrations"
+                               " GROUP BY 1")
+        hubs = self._query("SELECT json_extract(doc, '$.assignedHub'), count(*) FROM registrations"
+                           " WHERE json_extract(doc, '$.status') = 'assigned' GROUP BY 1")
+        verified = sum(n for flag, n in cas if flag)
+        return {
+            "certificates": {"total": sum(n for _, n in cas), "verified": verified},
+            "enrollments": entries.get(INDIVIDUAL, 0),
+            "enrollmentGroups": entries.get(GROUP, 0),
+            "registrations": {"total": sum(n for _, n in statuses),
+                              "byStatus": {str(status): n for status, n in statuses}},
+            "assignedByHub": {str(hub): n for hub, n in hubs},
+        }

@@ -1,46 +1,32 @@
-"""What `device-sim register` reports: exit codes, the JSON object, the human summary."""
+"""What `device-sim register` reports: its exit code, the `--json` object, the human summary.
+
+The codes themselves are the one table in `device_sim.common.errors`; this maps each way a
+registration ends (`device_sim.device.registration` statuses) onto them.
+"""
 
 from __future__ import annotations
 
+from device_sim.common import errors
 from device_sim.device import registration as reg
 from device_sim.device.driver import Timings
-from device_sim.common.errors import EXIT_USAGE
-
-# Exit codes of `device-sim register` (documented in docs/device.md and the README).
-EXIT_ASSIGNED = 0
-EXIT_DISABLED = 3
-EXIT_UNAUTHORIZED = 4
-EXIT_FAILED = 5
-EXIT_TIMEOUT = 6  # timeout or unreachable: nothing (final) came back in time
-EXIT_TLS = 7
-EXIT_PROTOCOL = 8  # refused request (other 4xx) or an answer the device cannot parse
 
 EXIT_CODES = {
-    reg.ASSIGNED: EXIT_ASSIGNED,
-    reg.DISABLED: EXIT_DISABLED,
-    reg.UNAUTHORIZED: EXIT_UNAUTHORIZED,
-    reg.FAILED: EXIT_FAILED,
-    reg.TIMEOUT: EXIT_TIMEOUT,
-    reg.UNREACHABLE: EXIT_TIMEOUT,
-    reg.TLS_ERROR: EXIT_TLS,
-    reg.REJECTED: EXIT_PROTOCOL,
-    reg.PROTOCOL_ERROR: EXIT_PROTOCOL,
+    reg.ASSIGNED: errors.EXIT_ASSIGNED,
+    reg.DISABLED: errors.EXIT_DISABLED,
+    reg.UNAUTHORIZED: errors.EXIT_UNAUTHORIZED,
+    reg.FAILED: errors.EXIT_FAILED,
+    reg.TIMEOUT: errors.EXIT_TIMEOUT,
+    reg.UNREACHABLE: errors.EXIT_TIMEOUT,
+    reg.TLS_ERROR: errors.EXIT_TLS,
+    reg.REJECTED: errors.EXIT_PROTOCOL,
+    reg.PROTOCOL_ERROR: errors.EXIT_PROTOCOL,
 }
 
-EXIT_TABLE = (
-    (EXIT_ASSIGNED, "assigned to a hub"),
-    (EXIT_USAGE, "usage or configuration error (arguments, PIN, token object, certificate checks)"),
-    (EXIT_DISABLED, "the matching enrollment is disabled"),
-    (EXIT_UNAUTHORIZED, "DPS refused the device: HTTP 401 (chain not verified, unknown certificate, ID mismatch)"),
-    (EXIT_FAILED, "DPS accepted the device but the assignment failed (status 'failed')"),
-    (EXIT_TIMEOUT, "timeout or endpoint unreachable"),
-    (EXIT_TLS, "TLS handshake failed (server not trusted, client certificate refused)"),
-    (EXIT_PROTOCOL, "request refused (other HTTP 4xx) or an answer that is not DPS protocol"),
-)
+EXIT_TABLE = tuple((code, errors.EXIT_MEANINGS[code]) for code in errors.REGISTER_EXIT_CODES)
 
 
 def exit_code(outcome: reg.Outcome) -> int:
-    return EXIT_CODES.get(outcome.status, EXIT_PROTOCOL)
+    return EXIT_CODES.get(outcome.status, errors.EXIT_PROTOCOL)
 
 
 def _ms(value):
@@ -70,6 +56,7 @@ def as_json(registration_id: str, outcome: reg.Outcome, timings: Timings, **extr
         },
         "requests": timings.requests,
         "retries": timings.retries,
+        "retries_by_cause": dict(timings.retries_by_cause),
     }
     document.update(extra)
     return document
@@ -97,4 +84,6 @@ def human_summary(registration_id: str, outcome: reg.Outcome, timings: Timings) 
             parts.append(f"{name} {value:.0f} ms")
     if parts:
         lines.append("  timings:    " + ", ".join(parts))
+    if timings.retries_by_cause:
+        lines.append("  retries:    " + ", ".join(f"{cause} {n}" for cause, n in sorted(timings.retries_by_cause.items())))
     return "\n".join(lines)
