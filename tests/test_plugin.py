@@ -3,7 +3,10 @@ written in a pytest of its own, and our tests use its fixtures where they fit.""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
+
+import pytest
 
 from hsm_setup import module
 
@@ -22,6 +25,13 @@ def test_the_example_runs_against_a_module_given_by_path(pytester, tmp_path):
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--device-sim-module", softhsm,
                                            "-k", "assigned and https")
     result.assert_outcomes(passed=1)
+
+
+@pytest.mark.skipif(shutil.which("swtpm") is None, reason="swtpm is not installed")
+def test_the_example_runs_with_the_keys_in_a_software_tpm(pytester):
+    pytester.makepyfile(test_example=EXAMPLE.read_text())
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--device-sim-tpm")
+    result.assert_outcomes(passed=5)
 
 
 def test_session_emulator_is_one_emulator(device_sim_emulator_session, device_sim_pki, device_sim_register):

@@ -11,7 +11,8 @@ Fixtures:
   device_sim_register           `register(identity, emulator, transport="https", **options)`
 
 Option `--device-sim-module PATH` runs the same tests with another PKCS#11 module
-(its tokens are initialised with the PINs of `device_sim.testing.TEST_PIN`/`TEST_SO_PIN`).
+(its tokens are initialised with the PINs of `device_sim.testing.TEST_PIN`/`TEST_SO_PIN`);
+`--device-sim-tpm` with a software TPM token (device_sim.testing.tpm.SoftwareTpm).
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ def pytest_addoption(parser) -> None:
     group = parser.getgroup("device-sim")
     group.addoption("--device-sim-module", metavar="PATH", default=None,
                     help="PKCS#11 module for device_sim_pki (default: SoftHSM in a temporary directory)")
+    group.addoption("--device-sim-tpm", action="store_true", default=False,
+                    help="device_sim_pki keeps its keys in a software TPM (swtpm + tpm2-abrmd + tpm2-pkcs11)")
 
 
 @pytest.fixture(scope="session")
@@ -39,13 +42,38 @@ def device_sim_module(request) -> str | None:
     return request.config.getoption("--device-sim-module")
 
 
+@pytest.fixture(scope="session")
+def device_sim_tpm(request, tmp_path_factory):
+    """With --device-sim-tpm: the running software TPM token, else None. One per session
+    (the PKCS#11 library stays initialised with it), so the device registration IDs of a
+    session must differ from test to test."""
+    if not request.config.getoption("--device-sim-tpm"):
+        yield None
+        return
+    from device_sim.testing.token import TEST_PIN, TEST_SO_PIN
+    from device_sim.testing.tpm import SoftwareTpm
+
+    tpm = SoftwareTpm.launch(tmp_path_factory.mktemp("device-sim-tpm"), label="device-sim",
+                             user_pin=TEST_PIN, so_pin=TEST_SO_PIN, max_transients=100)
+    try:
+        yield tpm
+    finally:
+        tpm.stop()
+
+
 @pytest.fixture
-def device_sim_pki(tmp_path_factory, device_sim_module, monkeypatch):
+def device_sim_pki(tmp_path_factory, device_sim_module, device_sim_tpm, monkeypatch):
     from device_sim.testing.token import TokenPki
 
     # SoftHSM finds its directory through $SOFTHSM2_CONF: put back whatever was there.
     monkeypatch.setenv(SOFTHSM_CONF, os.environ.get(SOFTHSM_CONF, ""))
-    return TokenPki(tmp_path_factory.mktemp("device-sim-pki"), module_path=device_sim_module)
+    home = tmp_path_factory.mktemp("device-sim-pki")
+    if device_sim_tpm is None:
+        return TokenPki(home, module_path=device_sim_module)
+    for name, value in device_sim_tpm.env.items():
+        monkeypatch.setenv(name, value)
+    label = device_sim_tpm.token_label  # one TPM token holds CAs and devices
+    return TokenPki(home, module_path=device_sim_tpm.module_path, ca_token=label, device_token=label)
 
 
 @pytest.fixture

@@ -21,10 +21,10 @@ def line(device_sim_pki, device_sim_emulator):
 
 @pytest.mark.parametrize("transport", ["https", "mqtt"])
 def test_device_is_assigned(line, device_sim_pki, device_sim_emulator, device_sim_register, transport):
-    device = device_sim_pki.device("sensor-001", ca="line-1")
+    device = device_sim_pki.device(f"sensor-{transport}", ca="line-1")
     outcome = device_sim_register(device, device_sim_emulator, transport=transport)
     assert outcome.status == "assigned"
-    assert outcome.device_id == "sensor-001"
+    assert outcome.device_id == f"sensor-{transport}"
     assert outcome.assigned_hub
 
 
