@@ -7,12 +7,17 @@ step except the token's key generation and object writes is kept negligible: the
 CA key handle, sessions and the CA chain on each shard are looked up once, and
 each registry row is committed as soon as its identity is complete (cheap in WAL mode,
 and parallel workers never wait on each other's transaction).
+
+A run can be repeated: identities of the same fleet (same CA and key type, on this token
+prefix's shards) that exist already are kept, what an interrupted run left on a token
+without a registry row is removed, and exactly the missing identities are made.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import multiprocessing
+import re
 import signal
 import sys
 import time
@@ -20,15 +25,18 @@ from pathlib import Path
 from queue import Empty
 from typing import Callable
 
+import pkcs11
 from tqdm import tqdm
 
-from hsm_setup import devices, module, tokens
-from hsm_setup.ca import Issuer, open_issuer
 from device_sim.common.errors import UserError
+from device_sim.common.registration_id import validate_registration_id
+from hsm_setup import devices, tokens
+from hsm_setup.ca import Issuer, open_issuer
+from hsm_setup.context import Pkcs11Context, Pkcs11Library
+from hsm_setup.failures import as_user_error
 from hsm_setup.identities import IdentityFactory, register
 from hsm_setup.interrupts import Interrupted, StopRequest
 from hsm_setup.key_types import KeySpec, key_spec
-from device_sim.common.registration_id import validate_registration_id
 
 # Small shards keep the one key-label search awscrt makes per device TLS context cheap during
 # `device-sim fleet run` (per context, SoftHSM, token kept logged in: ~0.7 ms at 5 devices a
@@ -42,6 +50,7 @@ class FleetResult:
     created: list[dict]     # registration_id, token, uri
     tokens: list[str]       # shard tokens used
     seconds: float
+    kept: int = 0           # identities of this fleet that an earlier run made
 
     @property
     def rate(self) -> float:
@@ -91,46 +100,50 @@ class FleetJob:
 
     home: str
     module_path: str
+    ca_module_path: str
     ca_name: str
     key_type: str
     days: int
     shards: tuple[tuple[str, tuple[str, ...]], ...]
 
 
-def create_fleet(lib, home: Path, module_path: str, *, ids: list[str], issuer: Issuer,
+def create_fleet(library: Pkcs11Library, home: Path, *, ids: list[str], issuer: Issuer,
                  spec: KeySpec, pin: str, ca_pin: str, so_pin: Callable[[], str], days: int,
                  per_token: int = DEFAULT_PER_TOKEN, token_prefix: str = DEFAULT_TOKEN_PREFIX,
                  jobs: int = 1, progress: bool = True) -> FleetResult:
     """Check everything, initialise and prepare the shard tokens, then create the identities.
 
+    `library` holds the shard tokens; the issuer's CA token may be in another module.
     With jobs > 1 the shards are split over that many worker processes (one process
     per token at a time: SoftHSM is not used from two threads of one process here).
+    Every shard token is initialised, and every token write other than the identities'
+    own is done, here before the first worker starts: workers only add objects to their
+    own shards.
     """
     if jobs < 1:
         raise UserError("--jobs must be at least 1")
-    taken = devices.existing_ids(home, ids)
-    if taken:
-        raise UserError(f"{len(taken)} of these registration IDs exist already (e.g. {taken[0]!r}): "
-                        "choose another --prefix or --start")
-    plan = plan_shards(ids, per_token=per_token, token_prefix=token_prefix,
+    todo, kept = _missing_ids(home, ids, issuer=issuer, spec=spec, token_prefix=token_prefix)
+    plan = plan_shards(todo, per_token=per_token, token_prefix=token_prefix,
                        filled=devices.count_by_token(home))
-    missing = [label for label, _ in plan if tokens.find_token(lib, label, required=False) is None]
+    missing = [label for label, _ in plan if tokens.find_token(library, label, required=False) is None]
     for label in missing:  # every check and every token before the first key
-        tokens.init_token(lib, module_path, label, so_pin=so_pin(), user_pin=pin, reload=False)
+        tokens.init_token(library, label, so_pin=so_pin(), user_pin=pin, reload=False)
     if missing:  # lasting slot IDs for the new tokens (see init_token), then log in again
-        module.load_library(module_path, fresh=True)
-        issuer = open_issuer(lib, home, issuer.record.name, ca_pin)
-    factory = IdentityFactory(lib, home, issuer, spec, days=days, pin=pin)
-    for label, _ in plan:
+        library.reload()
+        if issuer.library is library:
+            issuer = open_issuer(library, home, issuer.record.name, ca_pin)
+    factory = IdentityFactory(library, home, issuer, spec, days=days, pin=pin)
+    for label, shard_ids in plan:
         factory.prepare_token(label)
-    jobs = min(jobs, len(plan))
+        factory.remove_leftovers(label, set(shard_ids))
+    jobs = max(1, min(jobs, len(plan)))
     job_list = [
-        FleetJob(str(home), module_path, issuer.record.name, spec.name, days,
+        FleetJob(str(home), library.path, issuer.library.path, issuer.record.name, spec.name, days,
                  tuple((label, tuple(shard_ids)) for label, shard_ids in plan[n::jobs]))
         for n in range(jobs)
     ]
     created: list[dict] = []
-    bar = tqdm(total=len(ids), unit="dev", file=sys.stderr, disable=not progress,
+    bar = tqdm(total=len(todo), unit="dev", file=sys.stderr, disable=not progress,
                desc="fleet create", smoothing=0.1)
 
     def report(item: dict) -> None:
@@ -140,41 +153,67 @@ def create_fleet(lib, home: Path, module_path: str, *, ids: list[str], issuer: I
     started = time.perf_counter()
     try:
         with StopRequest() as stop:
-            if jobs == 1:
-                run_job(job_list[0], pin=pin, ca_pin=ca_pin, report=report, stop=stop)
+            if not plan:
+                pass
+            elif jobs == 1:
+                _run_job_here(job_list[0], library, factory, report=report, stop=stop)
             else:
                 _run_workers(job_list, pin=pin, ca_pin=ca_pin, report=report, stop=stop)
     except Interrupted:
-        raise UserError(f"interrupted: {len(created)} of {len(ids)} identities were created "
-                        "(each complete and registered); run again with --start to continue",
-                        exit_code=130) from None
+        raise UserError(f"interrupted: {len(created)} of {len(todo)} identities were created "
+                        "(each complete and registered); run the same command again to "
+                        "create the rest", exit_code=130) from None
     finally:
         bar.close()
     return FleetResult(created=sorted(created, key=lambda c: c["registration_id"]),
-                       tokens=[label for label, _ in plan], seconds=time.perf_counter() - started)
+                       tokens=[label for label, _ in plan], seconds=time.perf_counter() - started,
+                       kept=kept)
 
 
-def run_job(job: FleetJob, *, pin: str, ca_pin: str, report: Callable[[dict], None],
-            stop: StopRequest) -> None:
-    """Create the identities of one job in this process, committing each row at once."""
-    home = Path(job.home)
-    if module.is_softhsm(job.module_path):
-        module.configure_softhsm(home)
-    lib = module.load_library(job.module_path)
-    issuer = open_issuer(lib, home, job.ca_name, ca_pin)
-    factory = IdentityFactory(lib, home, issuer, key_spec(job.key_type), days=job.days, pin=pin)
-    conn = devices.connect(home, create=True)
+def _missing_ids(home: Path, ids: list[str], *, issuer: Issuer, spec: KeySpec,
+                 token_prefix: str) -> tuple[list[str], int]:
+    """(IDs still to make, how many this fleet has already); UserError when an ID is taken
+    by another identity (another token, CA or key type)."""
+    existing = devices.existing(home, ids)
+    shard = re.compile(re.escape(token_prefix) + r"-\d{3,}\Z")
+    foreign = [rid for rid, (token, ca_name, key_type) in existing.items()
+               if not (shard.match(token) and ca_name == issuer.record.name and key_type == spec.name)]
+    if foreign:
+        raise UserError(f"{len(foreign)} of these registration IDs exist already outside this fleet "
+                        f"(e.g. {sorted(foreign)[0]!r}): choose another --prefix or --start")
+    done = {rid.lower() for rid in existing}
+    return [rid for rid in ids if rid.lower() not in done], len(existing)
+
+
+def _run_job_here(job: FleetJob, library: Pkcs11Library, factory: IdentityFactory, *,
+                  report: Callable[[dict], None], stop: StopRequest) -> None:
+    """One job in this process, with the sessions the preparation opened."""
+    conn = devices.connect(Path(job.home), create=True)
     try:
         for label, shard_ids in job.shards:
             for registration_id in shard_ids:
                 if stop.requested:
                     raise Interrupted()
-                row = factory.create(registration_id, label)
+                try:
+                    row = factory.create(registration_id, label)
+                except pkcs11.PKCS11Error as exc:
+                    raise as_user_error(exc, doing=f"creating {registration_id}", token=label) from None
                 with conn:  # commits, or rolls back the row and its token objects
                     register(conn, factory, row)
                 report({"registration_id": registration_id, "token": label, "uri": row["uri"]})
     finally:
         conn.close()
+
+
+def run_job(job: FleetJob, *, pin: str, ca_pin: str, report: Callable[[dict], None],
+            stop: StopRequest) -> None:
+    """Create the identities of one job in a worker process, committing each row at once."""
+    home = Path(job.home)
+    with Pkcs11Context(home) as ctx:
+        library = ctx.library(job.module_path)
+        issuer = open_issuer(ctx.library(job.ca_module_path), home, job.ca_name, ca_pin)
+        factory = IdentityFactory(library, home, issuer, key_spec(job.key_type), days=job.days, pin=pin)
+        _run_job_here(job, library, factory, report=report, stop=stop)
 
 
 def _run_workers(job_list: list[FleetJob], *, pin: str, ca_pin: str,

@@ -46,7 +46,8 @@ from pathlib import Path
 import pytest
 
 from device_sim.cli import hsm_setup as cli
-from hsm_setup import ca, devices, identities, module, tokens
+from hsm_setup import ca, devices, identities
+from hsm_legacy_api import module, tokens  # until conftest makes its own Pkcs11Context
 from hsm_setup.key_types import key_spec
 
 TEST_PIN = "1234"

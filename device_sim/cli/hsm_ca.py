@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import sys
 
-from device_sim.cli.hsm_options import emit, json_option, open_module, pin_book, token_options, write_out
+from device_sim.cli.hsm_options import (ca_library, device_library, emit, emit_fields, emit_list,
+                                        json_option, pin_book, token_options, token_run, warn_if_clamped, write_out)
 from device_sim.cli.options import add_home_argument
 from device_sim.common.home import ensure_home
 from hsm_setup import ca, certificates, verification
@@ -13,12 +14,16 @@ from hsm_setup.key_types import add_key_argument, key_spec
 
 
 def cmd_ca_create(args) -> int:
-    home, _, lib = open_module(args)
     pins = pin_book(args)
     pin = pins.ca()
-    with StopRequest():  # a signal while the CA is half-made waits until it is whole
-        record = ca.create_ca(lib, home, args.name, parent=args.parent, spec=key_spec(args.key),
-                              days=args.days, token_label=args.token, pin=pin)
+    with token_run(args) as (home, ctx), StopRequest():  # a signal waits until the CA is whole
+        parent_library = ca_library(ctx, args)
+        if args.parent:
+            warn_if_clamped(ca.open_issuer(parent_library, home, args.parent, pin, what="parent CA"),
+                            args.days)
+        record = ca.create_ca(device_library(ctx, args), home, args.name, parent=args.parent,
+                              spec=key_spec(args.key), days=args.days, token_label=args.token,
+                              pin=pin, parent_library=parent_library)
     kind = f"intermediate CA under {record.parent!r}" if record.parent else "root CA"
     emit(args, record.as_dict(), f"{kind} {record.name!r} created\n{record.uri}\n"
                                  f"certificate: {record.pem_path}")
@@ -26,25 +31,22 @@ def cmd_ca_create(args) -> int:
 
 
 def cmd_ca_list(args) -> int:
-    home = ensure_home(args.home)
-    records = ca.list_cas(home)
-    text = "\n".join(f"{r.name}\tparent={r.parent or '-'}\t{r.key_type}\t{r.uri}" for r in records)
-    emit(args, [r.as_dict() for r in records], text or "(no CAs)")
+    emit_list(args, ca.list_cas(ensure_home(args.home)),
+              lambda r: f"{r.name}\tparent={r.parent or '-'}\t{r.key_type}\t{r.uri}", "(no CAs)")
     return 0
 
 
 def cmd_ca_show(args) -> int:
-    record = ca.load_ca(ensure_home(args.home), args.name)
-    data = record.as_dict()
-    emit(args, data, "\n".join(f"{k}: {v}" for k, v in data.items()))
+    emit_fields(args, ca.load_ca(ensure_home(args.home), args.name).as_dict())
     return 0
 
 
 def cmd_ca_verification_cert(args) -> int:
-    home, _, lib = open_module(args)
     pin = pin_book(args).ca()
-    issuer = ca.open_issuer(lib, home, args.name, pin)
-    cert = verification.issue_verification_certificate(lib, issuer, args.code, pin=pin, days=args.days)
+    with token_run(args) as (home, ctx):
+        issuer = ca.open_issuer(ca_library(ctx, args), home, args.name, pin)
+        warn_if_clamped(issuer, args.days)
+        cert = verification.issue_verification_certificate(issuer, args.code, days=args.days)
     write_out(args, certificates.to_pem(cert))
     if args.out:
         print(f"verification certificate for {args.name!r} (CN={args.code}) written to {args.out}",
@@ -61,23 +63,20 @@ def add_verbs(group) -> None:
                    help=f"token that holds the CA key (default {ca.DEFAULT_CA_TOKEN!r})")
     p.add_argument("--days", type=int, default=ca.DEFAULT_CA_DAYS, help="validity in days")
     add_key_argument(p, help_what="CA key")
-    token_options(p, ca_pin=True)
-    json_option(p)
-    p.set_defaults(func=cmd_ca_create)
+    token_options(p, ca_pin=True, ca_module=True)
+    json_option(p, cmd_ca_create)
     p = verbs.add_parser("list", help="list registered CAs")
     add_home_argument(p)
-    json_option(p)
-    p.set_defaults(func=cmd_ca_list)
+    json_option(p, cmd_ca_list)
     p = verbs.add_parser("show", help="show one CA")
     p.add_argument("name")
     add_home_argument(p)
-    json_option(p)
-    p.set_defaults(func=cmd_ca_show)
+    json_option(p, cmd_ca_show)
     p = verbs.add_parser("verification-cert",
                          help="DPS proof-of-possession certificate (CN = CODE, signed by the CA key)")
     p.add_argument("name", help="CA name")
     p.add_argument("--code", required=True, help="verification code shown by DPS")
     p.add_argument("--days", type=int, default=verification.DEFAULT_DAYS, help="validity in days")
     p.add_argument("--out", metavar="FILE", help="write the PEM here (default: stdout)")
-    token_options(p, ca_pin=True)
+    token_options(p, ca_pin=True, ca_module=True)
     p.set_defaults(func=cmd_ca_verification_cert)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from device_sim.cli.hsm_options import emit, json_option, open_module, pin_book, token_options
+from device_sim.cli.hsm_options import (ca_library, device_library, emit, emit_fields, emit_list,
+                                        json_option, pin_book, token_options, token_run, warn_if_clamped)
 from device_sim.cli.options import add_home_argument
 from device_sim.common.home import ensure_home
 from hsm_setup import ca, devices, identities
@@ -11,30 +12,28 @@ from hsm_setup.key_types import add_key_argument, key_spec
 
 
 def cmd_device_create(args) -> int:
-    home, _, lib = open_module(args)
     pins = pin_book(args)
-    issuer = ca.open_issuer(lib, home, args.ca, pins.ca())
-    pin = pins.user()
-    with StopRequest():  # a signal while the identity is half-made waits until it is whole
-        record = identities.create_device(lib, home, args.registration_id, issuer=issuer,
-                                          spec=key_spec(args.key), token_label=args.token,
-                                          pin=pin, days=args.days)
+    with token_run(args) as (home, ctx):
+        issuer = ca.open_issuer(ca_library(ctx, args), home, args.ca, pins.ca())
+        warn_if_clamped(issuer, args.days)
+        pin = pins.user()
+        with StopRequest():  # a signal while the identity is half-made waits until it is whole
+            record = identities.create_device(device_library(ctx, args), home, args.registration_id,
+                                              issuer=issuer, spec=key_spec(args.key),
+                                              token_label=args.token, pin=pin, days=args.days)
     emit(args, record.as_dict(), f"device {record.registration_id!r} created\n{record.uri}\n"
                                  f"certificate chain: {record.chain_path}")
     return 0
 
 
 def cmd_device_list(args) -> int:
-    records = devices.list_devices(ensure_home(args.home), token_label=args.token, prefix=args.prefix)
-    text = "\n".join(f"{r.registration_id}\t{r.token_label}\t{r.key_type}\t{r.uri}" for r in records)
-    emit(args, [r.as_dict() for r in records], text or "(no devices)")
+    emit_list(args, devices.list_devices(ensure_home(args.home), token_label=args.token, prefix=args.prefix),
+              lambda r: f"{r.registration_id}\t{r.token_label}\t{r.key_type}\t{r.uri}", "(no devices)")
     return 0
 
 
 def cmd_device_show(args) -> int:
-    record = devices.lookup_device(ensure_home(args.home), args.registration_id)
-    data = record.as_dict()
-    emit(args, data, "\n".join(f"{k}: {v}" for k, v in data.items()))
+    emit_fields(args, devices.lookup_device(ensure_home(args.home), args.registration_id).as_dict())
     return 0
 
 
@@ -47,17 +46,14 @@ def add_verbs(group) -> None:
                    help=f"device token (default {identities.DEFAULT_DEVICE_TOKEN!r})")
     p.add_argument("--days", type=int, default=identities.DEFAULT_DEVICE_DAYS, help="validity in days")
     add_key_argument(p, help_what="device key")
-    token_options(p, ca_pin=True)
-    json_option(p)
-    p.set_defaults(func=cmd_device_create)
+    token_options(p, ca_pin=True, ca_module=True)
+    json_option(p, cmd_device_create)
     p = verbs.add_parser("list", help="list registered devices")
     p.add_argument("--token", metavar="LABEL", help="only devices on this token")
     p.add_argument("--prefix", help="only registration IDs starting with this")
     add_home_argument(p)
-    json_option(p)
-    p.set_defaults(func=cmd_device_list)
+    json_option(p, cmd_device_list)
     p = verbs.add_parser("show", help="show one device")
     p.add_argument("registration_id")
     add_home_argument(p)
-    json_option(p)
-    p.set_defaults(func=cmd_device_show)
+    json_option(p, cmd_device_show)

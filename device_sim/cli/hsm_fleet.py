@@ -2,30 +2,40 @@
 
 from __future__ import annotations
 
-from device_sim.cli.hsm_options import emit, json_option, lazy, open_module, pin_book, token_options
+from device_sim.cli.hsm_options import (ca_library, device_library, emit, json_option, lazy, pin_book,
+                                        token_options, token_run, warn_if_clamped)
 from hsm_setup import ca, fleet, identities
 from hsm_setup.key_types import add_key_argument, key_spec
 from hsm_setup.pins import ENV_SO_PIN, resolve_pin
 
 
 def cmd_fleet_create(args) -> int:
-    home, path, lib = open_module(args)
     pins = pin_book(args)
     ids = fleet.fleet_ids(args.prefix, args.count, args.start)
-    issuer = ca.open_issuer(lib, home, args.ca, pins.ca())
     so_pin = lazy(lambda: resolve_pin(args.so_pin_file, env=ENV_SO_PIN, what="SO PIN"))
-    result = fleet.create_fleet(
-        lib, home, path, ids=ids, issuer=issuer, spec=key_spec(args.key), pin=pins.user(),
-        ca_pin=pins.ca(), so_pin=so_pin, days=args.days, per_token=args.per_token,
-        token_prefix=args.token_prefix, jobs=args.jobs, progress=not args.no_progress)
+    with token_run(args) as (home, ctx):
+        issuer = ca.open_issuer(ca_library(ctx, args), home, args.ca, pins.ca())
+        warn_if_clamped(issuer, args.days)
+        result = fleet.create_fleet(
+            device_library(ctx, args), home, ids=ids, issuer=issuer, spec=key_spec(args.key),
+            pin=pins.user(), ca_pin=pins.ca(), so_pin=so_pin, days=args.days,
+            per_token=args.per_token, token_prefix=args.token_prefix, jobs=args.jobs,
+            progress=not args.no_progress)
+    if not result.created:
+        emit(args, {"count": 0, "kept": result.kept, "tokens": []},
+             f"all {result.kept} device identities exist already: nothing to create")
+        return 0
     summary = {"count": len(result.created), "tokens": result.tokens,
                "seconds": round(result.seconds, 3), "per_second": round(result.rate, 2),
                "first": result.created[0], "last": result.created[-1]}
+    if result.kept:
+        summary["kept"] = result.kept
     if args.json:
         summary["devices"] = result.created
+    kept = f" ({result.kept} made before were kept)" if result.kept else ""
     emit(args, summary,
          f"{len(result.created)} device identities in {result.seconds:.1f} s "
-         f"({result.rate:.1f}/s) on tokens {', '.join(result.tokens)}\n"
+         f"({result.rate:.1f}/s) on tokens {', '.join(result.tokens)}{kept}\n"
          f"first: {result.created[0]['uri']}\nlast:  {result.created[-1]['uri']}")
     return 0
 
@@ -46,6 +56,5 @@ def add_verbs(group) -> None:
     p.add_argument("--days", type=int, default=identities.DEFAULT_DEVICE_DAYS, help="validity in days")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_key_argument(p, help_what="device key")
-    token_options(p, ca_pin=True, so_pin=True)
-    json_option(p)
-    p.set_defaults(func=cmd_fleet_create)
+    token_options(p, ca_pin=True, so_pin=True, ca_module=True)
+    json_option(p, cmd_fleet_create)

@@ -17,5 +17,4 @@ def add_verbs(group) -> None:
     verbs = group("uri")
     p = verbs.add_parser("show", help="parse a PKCS#11 URI and print its parts (never the PIN)")
     p.add_argument("uri")
-    json_option(p)
-    p.set_defaults(func=cmd_uri_show)
+    json_option(p, cmd_uri_show)
