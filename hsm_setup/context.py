@@ -60,7 +60,9 @@ class Pkcs11Library:
             already = self.path in getattr(pkcs11, "_loaded", {})  # python-pkcs11's per-path cache
             try:
                 lib = pkcs11.lib(self.path)
-                if already and stale:  # initialised in this process for another configuration
+                # Initialised in this process before this run (another context, a test):
+                # which configuration SoftHSM read then is unknown, so read ours now.
+                if already and self._environment:
                     lib.reinitialize()
             except pkcs11.PKCS11Error as exc:
                 raise UserError(f"cannot load PKCS#11 module {self.path}: "

@@ -42,7 +42,7 @@ def _load_library(path: str, *, fresh: bool = False):
     library = ctx.library(path)
     library.lib  # noqa: B018 - initialise (or switch) first
     conf = os.environ[_module.ENV_SOFTHSM_CONF]
-    if fresh or _initialised_for.get(path, conf) != conf:
+    if fresh or _initialised_for.get(path) != conf:
         library.reload()
     _initialised_for[path] = conf
     return library
