@@ -15,14 +15,16 @@ without a registry row is removed, and exactly the missing identities are made.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import multiprocessing
 import re
 import signal
 import sys
 import time
+from multiprocessing import connection
 from pathlib import Path
-from queue import Empty
 from typing import Callable
 
 import pkcs11
@@ -206,57 +208,96 @@ def _run_job_here(job: FleetJob, library: Pkcs11Library, factory: IdentityFactor
 
 
 def run_job(job: FleetJob, *, pin: str, ca_pin: str, report: Callable[[dict], None],
-            stop: StopRequest) -> None:
-    """Create the identities of one job in a worker process, committing each row at once."""
+            stop: StopRequest, ready: Callable[[], None] = lambda: None) -> None:
+    """Create the identities of one job in a worker process, committing each row at once.
+
+    Everything is read first (the module's initialisation, the CA, a session per shard),
+    then `ready()` waits until every worker got that far: SoftHSM's C_Initialize reads every
+    token's files, and reading them while another process writes objects failed about one
+    run in ten ("unknown token 'ca'", CKR_GENERAL_ERROR; docs/hsm-setup.md).
+    """
     home = Path(job.home)
     with Pkcs11Context(home) as ctx:
-        library = ctx.library(job.module_path)
-        issuer = open_issuer(ctx.library(job.ca_module_path), home, job.ca_name, ca_pin)
-        factory = IdentityFactory(library, home, issuer, key_spec(job.key_type), days=job.days, pin=pin)
+        with _one_at_a_time(home):  # concurrent SoftHSM start-ups and logins failed as well
+            library = ctx.library(job.module_path)
+            issuer = open_issuer(ctx.library(job.ca_module_path), home, job.ca_name, ca_pin)
+            factory = IdentityFactory(library, home, issuer, key_spec(job.key_type), days=job.days,
+                                      pin=pin)
+            for label, _ in job.shards:
+                factory.prepare_token(label)  # the chain is there already: a search, no write
+        ready()
         _run_job_here(job, library, factory, report=report, stop=stop)
+
+
+@contextlib.contextmanager
+def _one_at_a_time(home: Path):
+    """An exclusive lock on <home>/pki/.fleet-start.lock while a worker starts up."""
+    path = devices.db_path(home).with_name(".fleet-start.lock")
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _run_workers(job_list: list[FleetJob], *, pin: str, ca_pin: str,
                  report: Callable[[dict], None], stop: StopRequest) -> None:
     # "spawn": a forked child would inherit the parent's initialised PKCS#11 library,
     # which PKCS#11 forbids using; a spawned one loads and initialises its own.
+    # One pipe per worker, not one shared Queue: a Queue's writers share a lock, and a
+    # worker that ends while its feeder thread holds it leaves the others hanging.
+    devices.connect(Path(job_list[0].home), create=True).close()  # schema and WAL mode, once
     ctx = multiprocessing.get_context("spawn")
-    queue = ctx.Queue()
-    workers = [ctx.Process(target=_worker_main, args=(job, pin, ca_pin, queue, index), daemon=True)
-               for index, job in enumerate(job_list)]
-    for worker in workers:
+    go = ctx.Event()  # set once every worker has read the tokens (see run_job)
+    workers, readers = [], {}
+    for index, job in enumerate(job_list):
+        reader, writer = ctx.Pipe(duplex=False)
+        worker = ctx.Process(target=_worker_main, args=(job, pin, ca_pin, writer, index, go), daemon=True)
         worker.start()
+        writer.close()  # the worker holds the only write end: EOF when it is gone
+        workers.append(worker)
+        readers[reader] = index
     finished: set[int] = set()
+    ready: set[int] = set()
     errors: list[str] = []
     interrupted = forwarded = False
     try:
-        while len(finished) < len(workers):
-            if stop.requested and not forwarded:
+        while readers:
+            if (stop.requested or (errors and not go.is_set())) and not forwarded:
                 for worker in workers:  # ask them to stop between identities too
                     if worker.is_alive():
                         worker.terminate()
                 forwarded = True
-            try:
-                index, kind, value = queue.get(timeout=0.5)
-            except Empty:
-                for index, worker in enumerate(workers):
-                    if index not in finished and worker.exitcode is not None and queue.empty():
+            if not go.is_set() and not errors and len(ready | finished) == len(workers):
+                go.set()
+            for reader in connection.wait(list(readers), timeout=0.5):
+                index = readers[reader]
+                try:
+                    _, kind, value = reader.recv()
+                except EOFError:  # the worker is gone
+                    del readers[reader]
+                    if index not in finished:
                         finished.add(index)
-                        if forwarded and worker.exitcode == -signal.SIGTERM:
+                        workers[index].join(timeout=5)
+                        code = workers[index].exitcode
+                        if forwarded and code == -signal.SIGTERM:
                             # Our SIGTERM reached it before it set its handler, i.e. before
                             # its first identity: nothing of it is half-written.
                             interrupted = True
                         else:
-                            errors.append(f"fleet worker {index} exited unexpectedly (code {worker.exitcode})")
-                continue
-            if kind == "device":
-                report(value)
-                continue
-            finished.add(index)
-            if kind == "interrupted":
-                interrupted = True
-            elif kind == "error":
-                errors.append(value)
+                            errors.append(f"fleet worker {index} exited unexpectedly (code {code})")
+                    continue
+                if kind == "device":
+                    report(value)
+                elif kind == "ready":
+                    ready.add(index)
+                else:
+                    finished.add(index)
+                    if kind == "interrupted":
+                        interrupted = True
+                    elif kind == "error":
+                        errors.append(value)
     finally:
         for worker in workers:
             worker.join(timeout=60)
@@ -266,16 +307,27 @@ def _run_workers(job_list: list[FleetJob], *, pin: str, ca_pin: str,
         raise Interrupted()
 
 
-def _worker_main(job: FleetJob, pin: str, ca_pin: str, queue, index: int = 0) -> None:
+def _worker_main(job: FleetJob, pin: str, ca_pin: str, conn, index: int, go) -> None:
+    def send(kind: str, value=None) -> None:
+        conn.send((index, kind, value))
+
     with StopRequest() as stop:
+        def ready() -> None:
+            send("ready")
+            while not go.wait(0.2):
+                if stop.requested:
+                    raise Interrupted()
+
         try:
-            run_job(job, pin=pin, ca_pin=ca_pin, stop=stop,
-                    report=lambda item: queue.put((index, "device", item)))
+            run_job(job, pin=pin, ca_pin=ca_pin, stop=stop, ready=ready,
+                    report=lambda item: send("device", item))
         except Interrupted:
-            queue.put((index, "interrupted", None))
+            send("interrupted")
         except UserError as exc:
-            queue.put((index, "error", str(exc)))
+            send("error", str(exc))
         except BaseException as exc:  # report, do not leave the parent waiting
-            queue.put((index, "error", f"fleet worker failed: {type(exc).__name__}: {exc}"))
+            send("error", f"fleet worker failed: {type(exc).__name__}: {exc}")
         else:
-            queue.put((index, "exit", None))
+            send("exit")
+        finally:
+            conn.close()

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import sys
+
 from device_sim.cli.hsm_options import (ca_library, device_library, emit, json_option, lazy, pin_book,
                                         token_options, token_run, warn_if_clamped)
-from hsm_setup import ca, fleet, identities
+from hsm_setup import ca, fleet, identities, tokens
 from hsm_setup.key_types import add_key_argument, key_spec
 from hsm_setup.pins import ENV_SO_PIN, resolve_pin
+
+
+# GnuTLS reads at most 48 slots and skips a module with more; SoftHSM adds one empty slot.
+GNUTLS_MAX_TOKENS = 47
 
 
 def cmd_fleet_create(args) -> int:
@@ -21,6 +27,11 @@ def cmd_fleet_create(args) -> int:
             pin=pins.user(), ca_pin=pins.ca(), so_pin=so_pin, days=args.days,
             per_token=args.per_token, token_prefix=args.token_prefix, jobs=args.jobs,
             progress=not args.no_progress)
+        shown = len(tokens.list_tokens(device_library(ctx, args)))
+    if shown > GNUTLS_MAX_TOKENS:
+        print(f"hsm-setup: warning: the module now shows {shown} tokens: GnuTLS tools (p11tool) list "
+              f"none beyond {GNUTLS_MAX_TOKENS} (docs/hsm-setup.md); a larger --per-token keeps fewer",
+              file=sys.stderr)
     if not result.created:
         emit(args, {"count": 0, "kept": result.kept, "tokens": []},
              f"all {result.kept} device identities exist already: nothing to create")
