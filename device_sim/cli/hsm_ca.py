@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from device_sim.cli.hsm_options import (ca_library, device_library, emit, emit_fields, emit_list,
+from device_sim.cli.hsm_options import (ca_library, device_library, emit, emit_list, show_command,
                                         json_option, pin_book, token_options, token_run, warn_if_clamped, write_out)
 from device_sim.cli.options import add_home_argument
 from device_sim.common.home import ensure_home
@@ -36,9 +36,7 @@ def cmd_ca_list(args) -> int:
     return 0
 
 
-def cmd_ca_show(args) -> int:
-    emit_fields(args, ca.load_ca(ensure_home(args.home), args.name).as_dict())
-    return 0
+cmd_ca_show = show_command(lambda home, args: ca.load_ca(home, args.name))
 
 
 def cmd_ca_verification_cert(args) -> int:

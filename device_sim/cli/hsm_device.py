@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from device_sim.cli.hsm_options import (ca_library, device_library, emit, emit_fields, emit_list,
+from device_sim.cli.hsm_options import (ca_library, device_library, emit, emit_list, show_command,
                                         json_option, pin_book, token_options, token_run, warn_if_clamped)
 from device_sim.cli.options import add_home_argument
 from device_sim.common.home import ensure_home
@@ -32,9 +32,7 @@ def cmd_device_list(args) -> int:
     return 0
 
 
-def cmd_device_show(args) -> int:
-    emit_fields(args, devices.lookup_device(ensure_home(args.home), args.registration_id).as_dict())
-    return 0
+cmd_device_show = show_command(lambda home, args: devices.lookup_device(home, args.registration_id))
 
 
 def add_verbs(group) -> None:

@@ -98,6 +98,14 @@ def emit_fields(args, data: dict) -> None:
     emit(args, data, "\n".join(f"{k}: {v}" for k, v in data.items()))
 
 
+def show_command(load):
+    """A `show` verb: `load(home, args)` -> a record with as_dict(), printed as fields."""
+    def cmd(args) -> int:
+        emit_fields(args, load(ensure_home(args.home), args).as_dict())
+        return 0
+    return cmd
+
+
 def write_out(args, data: bytes) -> None:
     if args.out:
         Path(args.out).write_bytes(data)
