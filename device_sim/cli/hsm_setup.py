@@ -232,9 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hsm-setup", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    _add_token(sub)
-    _add_ca(sub)
-    _add_device(sub)
+    token_verbs, ca_verbs, device_verbs = _add_token(sub), _add_ca(sub), _add_device(sub)
+    from device_sim.cli.hsm_byo import add_byo_verbs  # temporary wiring (see branch byo)
+    add_byo_verbs(token_verbs, device_verbs, ca_verbs)
     _add_export(sub)
     _add_fleet(sub)
     _add_uri(sub)
@@ -257,6 +257,7 @@ def _add_token(sub) -> None:
     _token_options(p)
     _json_option(p)
     p.set_defaults(func=cmd_token_list)
+    return verbs
 
 
 def _add_ca(sub) -> None:
@@ -288,6 +289,7 @@ def _add_ca(sub) -> None:
     p.add_argument("--out", metavar="FILE", help="write the PEM here (default: stdout)")
     _token_options(p, ca_pin=True)
     p.set_defaults(func=cmd_ca_verification_cert)
+    return verbs
 
 
 def _add_device(sub) -> None:
@@ -313,6 +315,7 @@ def _add_device(sub) -> None:
     add_home_argument(p)
     _json_option(p)
     p.set_defaults(func=cmd_device_show)
+    return verbs
 
 
 def _add_export(sub) -> None:
