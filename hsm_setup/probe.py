@@ -164,7 +164,7 @@ def _key_problems(results: list[KeyTypeResult]) -> list[str]:
 def _try_key_type(session, mechanisms: set, spec: KeySpec) -> KeyTypeResult:
     result = KeyTypeResult(spec.name)
     needed = (spec.keygen_mechanism, spec.sign_mechanism, TLS_MECHANISMS[spec.key_type])
-    missing = [m.name for m in needed if m not in mechanisms]
+    missing = [m.name for m in dict.fromkeys(needed) if m not in mechanisms]  # EC signs CSRs and TLS alike
     if spec.keygen_mechanism not in mechanisms:
         result.reason = f"mechanism {', '.join(missing)} missing"
         return result

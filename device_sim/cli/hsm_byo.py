@@ -27,7 +27,7 @@ def cmd_token_probe(args) -> int:
     label = args.token or probe.default_token_label(lib, identities.DEFAULT_DEVICE_TOKEN)
     report = probe.probe(lib, path, label, _pins(args).user)
     _emit(args, report.as_dict(), _probe_text(report))
-    return 0
+    return 0 if report.usable_for_dps else 1  # a gate for scripts: `token probe && fleet create ...`
 
 
 def _probe_text(report: probe.ProbeReport) -> str:
