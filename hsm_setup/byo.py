@@ -39,33 +39,28 @@ from hsm_setup.key_types import KEY_TYPES, KeySpec, key_spec
 from hsm_setup.signing import TokenSigner
 from hsm_setup.uri import Pkcs11Uri
 
+# Only what the token cannot tell again: the key's CKA_LABEL is the registration ID, and
+# the token's serial and slot are read when the certificate comes.
 _PENDING_SCHEMA = """
 CREATE TABLE IF NOT EXISTS pending_devices (
     registration_id TEXT NOT NULL PRIMARY KEY COLLATE NOCASE,
     token_label     TEXT NOT NULL,
-    token_serial    TEXT NOT NULL,
-    slot_id         INTEGER,
     key_id          BLOB NOT NULL,
-    label           TEXT NOT NULL,
     key_type        TEXT NOT NULL,
     csr             BLOB NOT NULL,
     created         TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%SZ', 'now'))
 );
 """
-_PENDING_COLUMNS = ("registration_id", "token_label", "token_serial", "slot_id", "key_id", "label",
-                    "key_type", "csr")
+_PENDING_COLUMNS = ("registration_id", "token_label", "key_id", "key_type", "csr")
 
 
 @dataclasses.dataclass(frozen=True)
 class PendingIdentity:
-    """A token key with a CSR out, waiting for its certificate."""
+    """A token key (CKA_LABEL = registration ID) with a CSR out, waiting for its certificate."""
 
     registration_id: str
     token_label: str
-    token_serial: str
-    slot_id: int | None
     key_id: bytes
-    label: str
     key_type: str
     csr: bytes  # DER
 
@@ -74,9 +69,7 @@ class PendingIdentity:
 
     def as_dict(self) -> dict:
         return {"registration_id": self.registration_id, "token": self.token_label,
-                "token_serial": self.token_serial, "slot_id": self.slot_id,
-                "key_id": self.key_id.hex(), "label": self.label, "key_type": self.key_type,
-                "state": "pending"}
+                "key_id": self.key_id.hex(), "key_type": self.key_type, "state": "pending"}
 
 
 @contextlib.contextmanager
@@ -137,7 +130,6 @@ def request_certificate(lib, home: Path, registration_id: str, *, token_label: s
     session = tokens.session(lib, token_label, pin)
     if _label_taken(session, registration_id):
         raise UserError(f"token {token_label!r} already holds objects labelled {registration_id!r}")
-    info = tokens.token_info(token)
     key_id = keys.new_key_id()
     public, private = keys.generate_keypair(session, spec, key_id=key_id, label=registration_id)
     try:
@@ -145,8 +137,7 @@ def request_certificate(lib, home: Path, registration_id: str, *, token_label: s
         request = csr.build_csr(TokenSigner(private, spec), spki, registration_id)
         if not x509.load_der_x509_csr(request.dump()).is_signature_valid:
             raise UserError("the token produced an invalid CSR signature: check the PKCS#11 module")
-        pending = PendingIdentity(registration_id, token_label, info.serial, info.slot_id, key_id,
-                                  registration_id, spec.name, request.dump())
+        pending = PendingIdentity(registration_id, token_label, key_id, spec.name, request.dump())
         conn = _connect(home)
         try:
             with conn:
@@ -188,6 +179,7 @@ def import_certificate(lib, home: Path, registration_id: str, *, cert_file: str,
         raise UserError(f"{cert_file}: the certificate {describe(leaf)} is not for {registration_id!r} "
                         "(its CN must be the registration ID)")
     spec = key_spec(pending.key_type)
+    info = tokens.token_info(tokens.find_token(lib, pending.token_label))
     session = tokens.session(lib, pending.token_label, pin)
     private = keys.find_private_key(session, pending.key_id)
     if not _key_matches(private, spec, leaf):
@@ -198,10 +190,10 @@ def import_certificate(lib, home: Path, registration_id: str, *, cert_file: str,
         ca_id, ca_label = _ca_object_names(home, ca_name, ca_cert)
         certificates.ensure_on_token(session, _asn1(ca_cert), key_id=ca_id, label=ca_label)
     cert_object = certificates.store_on_token(session, _asn1(leaf), key_id=pending.key_id,
-                                              label=pending.label)
+                                              label=pending.registration_id)
     try:
-        row = _row(home, leaf, chain, token_label=pending.token_label, token_serial=pending.token_serial,
-                   slot_id=pending.slot_id, key_id=pending.key_id, label=pending.label,
+        row = _row(home, leaf, chain, token_label=pending.token_label, token_serial=info.serial,
+                   slot_id=info.slot_id, key_id=pending.key_id, label=pending.registration_id,
                    spec=spec, ca_name=ca_name)
         _register(home, row, pending=pending.registration_id)
     except BaseException:
