@@ -323,3 +323,24 @@ def test_sign_csr_on_a_ca_token_that_lost_its_signing_mechanism(byo_home, tmp_pa
     conf.write_text(conf.read_text().replace("slots.mechanisms = ALL", "slots.mechanisms = CKM_EC_KEY_PAIR_GEN"))
     h.lib(fresh=True)  # SoftHSM reads its configuration at C_Initialize
     one_line_error(h.cli("ca", "sign-csr", "root", "--csr", tmp_path / "dev.csr"), "mechanism ECDSA missing")
+
+
+@needs_pkcs11_tool
+def test_adopt_finds_the_ca_on_the_token_and_wants_a_unique_label(softhsm_home, tmp_path):
+    h = softhsm_home
+    h.init_token("devices")
+    factory = FileCa("factory-ca")
+    pkcs11_tool_identity(h, tmp_path, "dev-7", factory)
+    ca_der = tmp_path / "ca.der"
+    ca_der.write_bytes(factory.cert.public_bytes(serialization.Encoding.DER))
+    pkcs11_tool(h, "--login", "--pin", h.pin, "--write-object", ca_der, "--type", "cert", "--id", "a0",
+                "--label", "factory-ca")
+    pkcs11_tool(h, "--login", "--pin", h.pin, "--keypairgen", "--key-type", "EC:prime256v1",
+                "--label", "dev-7", "--id", "03")  # a second key under the same label
+    h.lib(fresh=True)
+    one_line_error(h.cli("device", "adopt", "pkcs11:token=devices;id=%01"), "2 private keys", "unique")
+    pkcs11_tool(h, "--login", "--pin", h.pin, "--delete-object", "--type", "privkey", "--id", "03")
+    h.lib(fresh=True)
+    result = h.cli("device", "adopt", "pkcs11:token=devices;id=%01")  # no --chain: the CA is on the token
+    assert result.code == 0, result.err
+    assert devices.lookup_device(h.home, "dev-7").chain_x509() == [factory.cert]

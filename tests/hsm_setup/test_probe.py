@@ -3,8 +3,15 @@ mechanisms are cut down in softhsm2.conf (as a restricted HSM or a TPM would be)
 SoftHSM 2.6.1 ignores the documented "-CKM_..." exclusion form: lists name what stays."""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
+import pytest
 from pkcs11 import Attribute
+
+from hsm_setup import module
 
 ALL_KEY_TYPES = ["ec-p256", "ec-p384", "rsa-2048", "rsa-3072"]
 
@@ -112,3 +119,32 @@ def test_unknown_token_is_one_line(softhsm_home):
     result = h.cli("token", "probe", "--token", "nope")
     assert result.code == 2 and len(result.err.strip().splitlines()) == 1
     assert "unknown token 'nope'" in result.err
+
+
+SPY = next((p for p in ("/usr/lib/x86_64-linux-gnu/pkcs11/pkcs11-spy.so",
+                        "/usr/lib/aarch64-linux-gnu/pkcs11/pkcs11-spy.so",
+                        "/usr/lib/pkcs11/pkcs11-spy.so") if Path(p).is_file()), None)
+
+
+@pytest.mark.skipif(SPY is None, reason="OpenSC's pkcs11-spy.so is not installed")
+@pytest.mark.parametrize("pin_ok", [True, False])
+def test_one_login_and_every_session_key_destroyed_through_another_module(softhsm_home, tmp_path, pin_ok):
+    h = softhsm_home
+    h.init_token("devices")
+    spy_log = tmp_path / "spy.log"
+    env = dict(os.environ, PKCS11_MODULE=SPY, PKCS11SPY=h.module_path, PKCS11SPY_OUTPUT=str(spy_log),
+               SOFTHSM2_CONF=str(h.home / module.SOFTHSM_CONF_NAME))
+    if not pin_ok:
+        env["PKCS11_PIN"] = "999999"
+    done = subprocess.run([sys.executable, "-m", "device_sim.cli.hsm_setup", "token", "probe", "--json"],
+                          env=env, capture_output=True, text=True, timeout=120)
+    calls = spy_log.read_text(errors="replace")
+    assert calls.count("C_Login") == 1
+    if not pin_ok:
+        assert done.returncode == 2 and "wrong user PIN" in done.stderr
+        assert "C_GenerateKeyPair" not in calls
+        return
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["module"] == SPY and report["usable_for_dps"] is True
+    assert calls.count("C_GenerateKeyPair") == 4 and calls.count("C_DestroyObject") == 8
