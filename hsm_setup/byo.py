@@ -219,7 +219,7 @@ def adopt(lib, home: Path, uri_text: str, *, chain_file: str | None, pin: str) -
     if not key_id or not label:
         raise UserError(f"{uri_text}: the key needs a CKA_ID and a CKA_LABEL (the TLS stack selects "
                         "it by label, its certificate is found by CKA_ID)")
-    if uri.object is None:  # found by id: its label must still name it alone
+    if uri.id:  # found by id: its label must still name it alone
         _one_private_key(session, Pkcs11Uri(token=uri.token, object=label))
     leaf, spec = _token_certificate(session, private, key_id, uri_text)
     registration_id = common_name(leaf) or ""
@@ -248,7 +248,7 @@ def _one_private_key(session, uri: Pkcs11Uri):
     found = list(session.get_objects(attrs))
     if len(found) != 1:
         what = "no private key" if not found else f"{len(found)} private keys"
-        raise UserError(f"{what} on token {uri.token!r} match{'es' if len(found) == 1 else ''} "
+        raise UserError(f"{what} on token {uri.token!r} match{'es' if not found else ''} "
                         f"{str(uri)}: name one key (object= and id=; the TLS stack selects a key "
                         "by its label alone, so that must be unique)")
     return found[0]
