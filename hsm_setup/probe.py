@@ -3,7 +3,7 @@
 Key types are judged by trying, not by the mechanism list alone: each one whose
 mechanisms are listed gets a session key pair (CKA_TOKEN false, gone with the session
 and destroyed at once anyway), its private key's protection attributes are read back,
-a CSR is signed with it and checked, and a few signatures are timed. Nothing is stored
+a CSR is signed with it and checked, and a few signatures are timed. Nothing is left
 on the token. See docs/byo-pki.md ("Probing a token").
 """
 
@@ -140,6 +140,7 @@ def probe(lib, module_path: str, label: str, pin_source) -> ProbeReport:
         results = [KeyTypeResult(name, reason="not tried (no login)") for name in KEY_TYPES]
     else:
         session = tokens.session(lib, label, pin_source())
+        _remove_leftovers(session)
         results = [_try_key_type(session, mechanisms, spec) for spec in KEY_TYPES.values()]
         problems += _key_problems(results)
     return ProbeReport(
@@ -147,6 +148,12 @@ def probe(lib, module_path: str, label: str, pin_source) -> ProbeReport:
         model=info.model, flags=sorted(f.name for f in TokenFlag if flags & f),
         mechanisms=sorted(_mechanism_name(m) for m in mechanisms), key_results=results,
         max_sessions=max_sessions, max_rw_sessions=max_rw, problems=problems)
+
+
+def _remove_leftovers(session) -> None:
+    """Destroy probe keys an interrupted earlier probe left: a module that makes only token
+    objects (tpm2-pkcs11 refuses CKA_TOKEN false, see docs/byo-pki.md) stores them."""
+    keys.destroy_quietly(*session.get_objects({Attribute.LABEL: PROBE_LABEL}))
 
 
 def _key_problems(results: list[KeyTypeResult]) -> list[str]:

@@ -148,3 +148,15 @@ def test_one_login_and_every_session_key_destroyed_through_another_module(sofths
     report = json.loads(done.stdout)
     assert report["module"] == SPY and report["usable_for_dps"] is True
     assert calls.count("C_GenerateKeyPair") == 4 and calls.count("C_DestroyObject") == 8
+
+
+def test_keys_an_interrupted_probe_left_are_removed(softhsm_home):
+    from hsm_setup import keys
+    from hsm_setup.key_types import key_spec
+    h = softhsm_home
+    h.init_token("devices")
+    before = token_objects(h, "devices")
+    keys.generate_keypair(h.session("devices"), key_spec("ec-p256"), key_id=b"\x01", label="hsm-setup-probe")
+    assert token_objects(h, "devices") != before
+    code, _ = probe_json(h)
+    assert code == 0 and token_objects(h, "devices") == before
