@@ -17,10 +17,15 @@ from cryptography import x509
 
 from device_sim.common.errors import UserError
 from device_sim.common.registration_id import normalize_registration_id
+from device_sim.common.x509util import load_certificates, to_der
 from hsm_setup import ca
 
 DB_NAME = "devices.sqlite"
 PEM_DIR = "devices"
+# ca_name of a device whose issuer is no CA of this registry (bring-your-own PKI, see
+# docs/byo-pki.md): this prefix + the issuer's subject. Its CA certificates come from the
+# device's chain file instead of the CA registry.
+EXTERNAL_CA_PREFIX = "external:"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS devices (
@@ -190,10 +195,23 @@ def insert(conn: sqlite3.Connection, row: dict) -> None:
 def _record(home: Path, row, chains: dict) -> DeviceRecord:
     values = dict(zip(_COLUMNS, row))
     ca_name = values["ca_name"]
-    if ca_name not in chains:
-        chains[ca_name] = tuple(c.certificate for c in ca.chain_of(home, ca.load_ca(home, ca_name)))
+    if ca_name.startswith(EXTERNAL_CA_PREFIX):
+        chain = _chain_file_cas(Path(values["chain_path"]))
+    else:
+        if ca_name not in chains:
+            chains[ca_name] = tuple(c.certificate for c in ca.chain_of(home, ca.load_ca(home, ca_name)))
+        chain = chains[ca_name]
     values["key_id"] = bytes(values["key_id"])
     values["certificate"] = bytes(values["certificate"])
     values["cert_path"] = Path(values["cert_path"])
     values["chain_path"] = Path(values["chain_path"])
-    return DeviceRecord(chain=chains[ca_name], **values)
+    return DeviceRecord(chain=chain, **values)
+
+
+def _chain_file_cas(chain_path: Path) -> tuple[bytes, ...]:
+    """The CA certificates (DER) after the leaf in a device's chain file; none if it is gone."""
+    try:
+        data = chain_path.read_bytes()
+    except OSError:
+        return ()
+    return tuple(to_der(c) for c in load_certificates(data, str(chain_path))[1:])

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from device_sim.cli import hsm_ca, hsm_device, hsm_export, hsm_fleet, hsm_token, hsm_uri
+from device_sim.cli import hsm_byo, hsm_ca, hsm_device, hsm_export, hsm_fleet, hsm_token, hsm_uri
 from device_sim.cli.runner import run_cli
 
 # Verb groups in help order: name -> one-line help. A verb module asks for its group by
@@ -39,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     hsm_token.add_verbs(group)
     hsm_ca.add_verbs(group)
     hsm_device.add_verbs(group)
+    hsm_byo.add_verbs(group)  # bring-your-own PKI and the token probe (docs/byo-pki.md)
     hsm_export.add_command(sub)
     hsm_fleet.add_verbs(group)
     hsm_uri.add_verbs(group)
