@@ -33,7 +33,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from .errors import DpsError
 
 # The emulator's own codes (400 family, docs/certificate-issuance.md): no list is published.
-CSR_INVALID = 400010          # not base64 DER PKCS#10, or its signature does not verify
+CSR_INVALID = 400000  # the generic bad request: not base64 DER PKCS#10, or a bad signature
 CSR_KEY_UNSUPPORTED = 400011  # a key other than EC P-384
 CSR_CN_MISMATCH = 400012      # subject CN differs from the registration ID
 NO_CREDENTIAL_POLICY = 400013  # csr sent, but the entry names no (known) credential policy
