@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from asn1crypto import x509 as asn1_x509
+from pkcs11 import Attribute
 
 from device_sim.common.errors import UserError
 from hsm_setup import keys, tokens
@@ -93,7 +94,17 @@ def store_issued_chain(session, key: IssuanceKey, chain_der: list[bytes]) -> asn
     for ca in chain[1:]:
         ensure_on_token(session, ca, key_id=ca.key_identifier or key_identifier(ca.public_key),
                         label=ca.subject.native.get("common_name") or "ca")
+    retire_previous(session, key)
     return chain[0]
+
+
+def retire_previous(session, key: IssuanceKey) -> int:
+    """Destroy older objects labelled `<ID>.issued` (a renewal replaces the identity), so
+    the label keeps naming one key; returns how many went."""
+    older = [obj for obj in session.get_objects({Attribute.LABEL: key.label})
+             if obj[Attribute.ID] != key.key_id]
+    keys.destroy_quietly(*older)
+    return len(older)
 
 
 def discard(key: IssuanceKey) -> None:

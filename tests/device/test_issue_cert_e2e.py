@@ -1,0 +1,145 @@
+"""`device-sim register --issue-cert` end to end: a real emulator process issuing over HTTPS
+and MQTT to a SoftHSM device, the chain checked with `cryptography` and read back from the
+token (docs/certificate-issuance.md)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.x509.oid import NameOID
+from pkcs11 import Attribute, ObjectClass
+
+from device_sim.common.x509util import load_certificate_file
+from hsm_setup import ca, identities, tokens
+from hsm_setup.key_types import key_spec
+from hsm_setup.uri import Pkcs11Uri
+
+TOKEN = "issuance"
+RECORDS = {}  # this module's device records, by registration ID
+SPKI = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+
+
+def cli(*argv, env, timeout=60):
+    result = subprocess.run([sys.executable, "-m", "device_sim.cli", *map(str, argv)], env=env,
+                            capture_output=True, text=True, timeout=timeout)
+    assert "Traceback" not in result.stderr, result.stderr
+    return result
+
+
+@pytest.fixture(scope="module")
+def devices(token_pki):
+    """A token of its own, so new issuance keys do not crowd the shared device token."""
+    lib = token_pki.lib()
+    tokens.init_token(lib, token_pki.module_path, TOKEN, so_pin=token_pki.so_pin, user_pin=token_pki.pin)
+    issuer = ca.open_issuer(lib, token_pki.home, "intermediate", token_pki.pin)
+    for rid in ("issue-https", "issue-mqtt", "issue-plain"):
+        RECORDS[rid] = identities.create_device(lib, token_pki.home, rid, issuer=issuer, spec=key_spec("ec-p256"),
+                                 token_label=TOKEN, pin=token_pki.pin)
+    return token_pki
+
+
+@pytest.fixture(scope="module")
+def emulator(tmp_path_factory, devices):
+    home = tmp_path_factory.mktemp("issuing-stub")
+    env = devices.env()
+    process = subprocess.Popen([sys.executable, "-m", "device_sim.cli", "stub", "serve", "--home", str(home),
+                                "--retry-after", "0", "--port", "0", "--service-port", "0", "--mqtt-port", "0"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        line = process.stdout.readline()
+        assert line, process.stderr.read()
+        ready = json.loads(line)
+        ready["home"] = home
+        for argv in (("ca", "upload", "--verified", "root", devices.root.pem_path),
+                     ("enroll", "create", "issue-https", "--cert", RECORDS["issue-https"].cert_path,
+                      "--credential-policy", "default"),
+                     ("enroll", "create", "issue-mqtt", "--cert", RECORDS["issue-mqtt"].cert_path,
+                      "--credential-policy", "default"),
+                     ("enroll", "create", "issue-plain", "--cert", RECORDS["issue-plain"].cert_path)):
+            result = cli("stub", *argv, "--home", home, env=env)
+            assert result.returncode == 0, result.stderr
+        yield ready
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+def register(devices, ready, rid, *extra, transport="https"):
+    endpoint = ready["device_url"] if transport == "https" else ready["mqtt_url"]
+    return cli("register", "--home", devices.home, f"pkcs11:token={TOKEN};object={rid}", "--transport", transport,
+               "--endpoint", endpoint, "--id-scope", ready["id_scope"], "--trust", ready["ca_cert"],
+               "--json", *extra, env=devices.env())
+
+
+def issuing_chain(ready) -> list[x509.Certificate]:
+    return load_certificate_file(ready["home"] / "stub" / "issuing" / "ca.pem")
+
+
+def token_objects(devices, label):
+    session = tokens.session(devices.lib(), TOKEN, devices.pin)
+    found = {}
+    for obj in session.get_objects({Attribute.LABEL: label}):
+        found.setdefault(obj[Attribute.CLASS], []).append(obj)
+    return found
+
+
+@pytest.mark.parametrize("transport", ["https", "mqtt"])
+def test_issued_certificate_lands_on_the_token(devices, emulator, transport):
+    rid = f"issue-{transport}"
+    result = register(devices, emulator, rid, "--issue-cert", transport=transport)
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    issued = out["issued_certificate"]
+    uri = Pkcs11Uri.parse(issued["uri"])
+    assert uri.token == TOKEN and uri.object == f"{rid}.issued"
+    assert issued["subject"] == f"CN={rid}" and "issuing CA" in issued["issuer"]
+    assert issued["chain_length"] == 3 and issued["not_before"] < issued["not_after"]
+
+    objects = token_objects(devices, f"{rid}.issued")
+    (private,), (public,), (cert_obj,) = (objects[c] for c in (ObjectClass.PRIVATE_KEY, ObjectClass.PUBLIC_KEY,
+                                                               ObjectClass.CERTIFICATE))
+    assert private[Attribute.ID] == public[Attribute.ID] == cert_obj[Attribute.ID] == uri.id
+    assert private[Attribute.SENSITIVE] is True and private[Attribute.EXTRACTABLE] is False
+    assert private[Attribute.KEY_TYPE] is not None
+    leaf = x509.load_der_x509_certificate(cert_obj[Attribute.VALUE])
+    issuing, root = issuing_chain(emulator)
+    leaf.verify_directly_issued_by(issuing)
+    issuing.verify_directly_issued_by(root)
+    assert leaf.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == rid
+    assert leaf.public_key().curve.name == "secp384r1"
+    from hsm_setup.keys import public_key_info
+    assert public_key_info(public, key_spec("ec-p384")).dump() == leaf.public_key().public_bytes(*SPKI)
+    # the CA certificates of the chain are on the token too
+    ca_subjects = {x509.load_der_x509_certificate(o[Attribute.VALUE]).subject
+                   for o in tokens.session(devices.lib(), TOKEN, devices.pin).get_objects(
+                       {Attribute.CLASS: ObjectClass.CERTIFICATE})}
+    assert {issuing.subject, root.subject} <= ca_subjects
+
+
+def test_a_second_issuance_replaces_the_first(devices, emulator):
+    first = json.loads(register(devices, emulator, "issue-https", "--issue-cert").stdout)["issued_certificate"]
+    second = json.loads(register(devices, emulator, "issue-https", "--issue-cert").stdout)["issued_certificate"]
+    assert first["uri"] != second["uri"]
+    objects = token_objects(devices, "issue-https.issued")
+    assert sum(len(v) for v in objects.values()) == 3  # one key pair and its leaf
+
+
+def test_no_credential_policy_refused_and_no_key_left(devices, emulator):
+    result = register(devices, emulator, "issue-plain", "--issue-cert")
+    assert result.returncode == 8, result.stderr
+    out = json.loads(result.stdout)
+    assert out["status"] == "rejected" and out["error"]["code"] == 400013
+    assert "credentialPolicyName" in out["error"]["message"]
+    assert out["issued_certificate"] is None
+    assert token_objects(devices, "issue-plain.issued") == {}
+
+
+def test_without_the_flag_nothing_changes(devices, emulator):
+    result = register(devices, emulator, "issue-plain")
+    assert result.returncode == 0, result.stderr
+    assert "issued_certificate" not in json.loads(result.stdout)
