@@ -143,3 +143,47 @@ def test_without_the_flag_nothing_changes(devices, emulator):
     result = register(devices, emulator, "issue-plain")
     assert result.returncode == 0, result.stderr
     assert "issued_certificate" not in json.loads(result.stdout)
+
+
+def test_issuing_ca_key_in_a_token(devices, tmp_path):
+    """--issuing-ca-key pkcs11:...: the emulator signs every leaf inside the CA token. The
+    emulator's state directory is the one holding the tokens (SoftHSM is configured there)."""
+    home = devices.home
+    pin_file = tmp_path / "ca.pin"
+    pin_file.write_text(devices.pin + "\n")
+    key_uri = f"pkcs11:token=ca;object=intermediate?pin-source={pin_file}"
+    env = {k: v for k, v in devices.env().items() if k != "PKCS11_PIN"}  # the PIN comes from the URI
+    process = subprocess.Popen([sys.executable, "-m", "device_sim.cli", "stub", "serve", "--home", str(home),
+                                "--retry-after", "0", "--port", "0", "--service-port", "0", "--no-mqtt",
+                                "--issuing-ca-cert", devices.intermediate.chain_path,
+                                "--issuing-ca-key", key_uri],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        line = process.stdout.readline()
+        assert line, process.stderr.read()
+        ready = json.loads(line) | {"home": home}
+        assert devices.pin not in line
+        for argv in (("ca", "upload", "--verified", "root", devices.root.pem_path),
+                     ("enroll", "create", "issue-https", "--cert", RECORDS["issue-https"].cert_path,
+                      "--credential-policy", "default")):
+            assert cli("stub", *argv, "--home", home, env=devices.env()).returncode == 0
+        result = register(devices, ready, "issue-https", "--issue-cert")
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout)["issued_certificate"]["issuer"] == "CN=intermediate"
+        (cert_obj,) = token_objects(devices, "issue-https.issued")[ObjectClass.CERTIFICATE]
+        leaf = x509.load_der_x509_certificate(cert_obj[Attribute.VALUE])
+        intermediate = x509.load_der_x509_certificate(devices.intermediate.certificate)
+        leaf.verify_directly_issued_by(intermediate)
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+def test_bad_issuing_ca_options_are_one_line(devices, tmp_path):
+    result = cli("stub", "serve", "--home", tmp_path / "bad", "--no-mqtt",
+                 "--issuing-ca-cert", devices.root.pem_path, env=devices.env())
+    assert result.returncode == 2 and "--issuing-ca-key" in result.stderr
+    result = cli("stub", "serve", "--home", tmp_path / "bad", "--no-mqtt",
+                 "--issuing-ca-cert", RECORDS["issue-plain"].cert_path, "--issuing-ca-key", tmp_path / "none.pem",
+                 env=devices.env())
+    assert result.returncode == 2 and "issuing CA" in result.stderr
