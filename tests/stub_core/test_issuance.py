@@ -15,8 +15,9 @@ from cryptography.x509.oid import NameOID
 from device_sim.stub.core import issuance
 from device_sim.stub.issuing_ca import generated_issuer
 
+from device_sim.testing import TestCA
+
 from .env import SCOPE, Env
-from .pki import Issuer
 
 API = "2025-07-01-preview"
 
@@ -36,7 +37,7 @@ def csr_b64(cn: str, key=None, *, tamper: bool = False) -> str:
 def env(tmp_path):
     env = Env(tmp_path)
     env.device.issuer = generated_issuer(tmp_path / "issuing")
-    root = Issuer.root("Issuance Root")
+    root = TestCA("Issuance Root")
     env.upload_ca("root", root.cert)
     env.root = root
     return env
@@ -47,7 +48,7 @@ def body(rid: str, csr: str) -> bytes:
 
 
 def test_issued_chain_rides_the_terminal_result_only(env, tmp_path):
-    device = env.root.leaf("dev-issue")
+    device = env.root.issue_leaf("dev-issue")
     assert env.enroll(device, credentialPolicyName="default").status == 200
     key = ec.generate_private_key(ec.SECP384R1())
     reply = env.provision(device, body=body("dev-issue", csr_b64("dev-issue", key)), api=API)
@@ -63,7 +64,7 @@ def test_issued_chain_rides_the_terminal_result_only(env, tmp_path):
     assert leaf.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == "dev-issue"
     pub = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     assert leaf.public_key().public_bytes(*pub) == key.public_key().public_bytes(*pub)
-    lookup = env.device.registration_status(SCOPE, "dev-issue", API, device.chain(), b"")
+    lookup = env.device.registration_status(SCOPE, "dev-issue", API, device.chain, b"")
     assert lookup.status == 200 and "issuedCertificateChain" not in lookup.body
 
 
@@ -78,7 +79,7 @@ def test_issued_chain_rides_the_terminal_result_only(env, tmp_path):
     (lambda: "not base64!", issuance.CSR_INVALID, "base64"),
 ])
 def test_bad_csr_is_a_400_with_its_own_code(env, make_csr, code, words):
-    device = env.root.leaf("dev-issue")
+    device = env.root.issue_leaf("dev-issue")
     env.enroll(device, credentialPolicyName="default")
     reply = env.register(device, body=body("dev-issue", make_csr()), api=API)
     assert reply.status == 400 and reply.body["errorCode"] == code, reply.body
@@ -86,7 +87,7 @@ def test_bad_csr_is_a_400_with_its_own_code(env, make_csr, code, words):
 
 
 def test_csr_without_credential_policy_is_refused(env):
-    device = env.root.leaf("dev-plain")
+    device = env.root.issue_leaf("dev-plain")
     env.enroll(device)
     reply = env.register(device, body=body("dev-plain", csr_b64("dev-plain")), api=API)
     assert reply.status == 400 and reply.body["errorCode"] == issuance.NO_CREDENTIAL_POLICY
@@ -98,7 +99,7 @@ def test_csr_without_credential_policy_is_refused(env):
 
 
 def test_unknown_policy_and_group_policy(env):
-    device = env.root.leaf("dev-group")
+    device = env.root.issue_leaf("dev-group")
     env.group("line", ca_name="root", credentialPolicyName="nope")
     reply = env.register(device, body=body("dev-group", csr_b64("dev-group")), api=API)
     assert reply.status == 400 and "'nope'" in reply.body["message"]
@@ -108,9 +109,9 @@ def test_unknown_policy_and_group_policy(env):
 
 
 def test_csr_in_status_lookup_is_a_400(env):
-    device = env.root.leaf("dev-issue")
+    device = env.root.issue_leaf("dev-issue")
     env.enroll(device, credentialPolicyName="default")
-    reply = env.device.registration_status(SCOPE, "dev-issue", API, device.chain(),
+    reply = env.device.registration_status(SCOPE, "dev-issue", API, device.chain,
                                            body("dev-issue", csr_b64("dev-issue")))
     assert reply.status == 400 and "status lookup" in reply.body["message"]
 

@@ -12,20 +12,20 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
-from .emulator_proc import Emulator
-from .stubpki import write_identity
+from device_sim.testing import Emulator
+
+from .emulator_proc import stub_admin
 
 API = "2025-07-01-preview"
 
 
 @pytest.fixture(scope="module")
-def emulator(tmp_path_factory, pki):
-    running = Emulator(tmp_path_factory.mktemp("issuing-home"))
+def emulator(tmp_path_factory, file_cas):
+    running = Emulator.spawn(tmp_path_factory.mktemp("issuing-home"), "--retry-after", "0")
     files = tmp_path_factory.mktemp("issuing-files")
-    (files / "root.pem").write_bytes(pki.root.pem)
-    running.admin("ca", "upload", "root", files / "root.pem", "--verified")
-    running.admin("group", "create", "issuing", "--ca-ref", "root", "--credential-policy", "default")
-    running.files = files
+    (files / "root.pem").write_bytes(file_cas.root.cert_pem)
+    stub_admin(running, "ca", "upload", "root", files / "root.pem", "--verified")
+    stub_admin(running, "group", "create", "issuing", "--ca-ref", "root", "--credential-policy", "default")
     yield running
     running.stop()
 
@@ -54,12 +54,12 @@ def call(emulator, rid, files, body, method="put"):
     return response.status_code, response.json()
 
 
-def device(pki, tmp_path, rid):
-    return write_identity(tmp_path, rid, pki.device(rid), pki.inter2, pki.inter1, pki.root)
+def device(file_cas, tmp_path, rid):
+    return file_cas.inter2.issue_leaf(rid).write(tmp_path, rid)
 
 
-def test_issued_chain_over_https(emulator, pki, tmp_path):
-    files = device(pki, tmp_path, "https-issue")
+def test_issued_chain_over_https(emulator, file_cas, tmp_path):
+    files = device(file_cas, tmp_path, "https-issue")
     key = ec.generate_private_key(ec.SECP384R1())
     status, body = call(emulator, "https-issue", files, {"registrationId": "https-issue",
                                                          "csr": csr_text("https-issue", key)})
@@ -79,17 +79,17 @@ def test_issued_chain_over_https(emulator, pki, tmp_path):
     (lambda: csr_text("someone-else"), 400012),
     (lambda: csr_text("https-refused", tamper=True), 400000),
 ])
-def test_refusals_over_https(emulator, pki, tmp_path, csr, code):
-    files = device(pki, tmp_path, "https-refused")
+def test_refusals_over_https(emulator, file_cas, tmp_path, csr, code):
+    files = device(file_cas, tmp_path, "https-refused")
     status, body = call(emulator, "https-refused", files, {"registrationId": "https-refused", "csr": csr()})
     assert (status, body["errorCode"]) == (400, code), body
 
 
-def test_entry_without_credential_policy_over_https(emulator, pki, tmp_path):
-    files = device(pki, tmp_path, "https-plain")
+def test_entry_without_credential_policy_over_https(emulator, file_cas, tmp_path):
+    files = device(file_cas, tmp_path, "https-plain")
     leaf = files[0].read_bytes().split(b"-----END CERTIFICATE-----")[0] + b"-----END CERTIFICATE-----\n"
     (tmp_path / "leaf.pem").write_bytes(leaf)
-    emulator.admin("enroll", "create", "https-plain", "--cert", tmp_path / "leaf.pem")
+    stub_admin(emulator, "enroll", "create", "https-plain", "--cert", tmp_path / "leaf.pem")
     status, body = call(emulator, "https-plain", files, {"registrationId": "https-plain",
                                                          "csr": csr_text("https-plain")})
     assert (status, body["errorCode"]) == (400, 400013) and "individual enrollment 'https-plain'" in body["message"]
