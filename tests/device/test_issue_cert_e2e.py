@@ -15,12 +15,12 @@ from cryptography.x509.oid import NameOID
 from pkcs11 import Attribute, ObjectClass
 
 from device_sim.common.x509util import load_certificate_file
-from hsm_setup import ca, identities, tokens
+from device_sim.testing import TokenPki
+from hsm_setup import tokens
 from hsm_setup.key_types import key_spec
 from hsm_setup.uri import Pkcs11Uri
 
 TOKEN = "issuance"
-RECORDS = {}  # this module's device records, by registration ID
 SPKI = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
 
 
@@ -32,15 +32,15 @@ def cli(*argv, env, timeout=60):
 
 
 @pytest.fixture(scope="module")
-def devices(token_pki):
-    """A token of its own, so new issuance keys do not crowd the shared device token."""
-    lib = token_pki.lib()
-    tokens.init_token(lib, token_pki.module_path, TOKEN, so_pin=token_pki.so_pin, user_pin=token_pki.pin)
-    issuer = ca.open_issuer(lib, token_pki.home, "intermediate", token_pki.pin)
+def devices(tmp_path_factory):
+    """A state directory of its own: new issuance keys and device records stay out of the
+    session's shared token PKI."""
+    pki = TokenPki(tmp_path_factory.mktemp("issuance-pki"), device_token=TOKEN)
+    pki.ca("root")
+    pki.ca("intermediate", parent="root")
     for rid in ("issue-https", "issue-mqtt", "issue-plain"):
-        RECORDS[rid] = identities.create_device(lib, token_pki.home, rid, issuer=issuer, spec=key_spec("ec-p256"),
-                                 token_label=TOKEN, pin=token_pki.pin)
-    return token_pki
+        pki.device(rid, ca="intermediate")
+    return pki
 
 
 @pytest.fixture(scope="module")
@@ -55,12 +55,12 @@ def emulator(tmp_path_factory, devices):
         assert line, process.stderr.read()
         ready = json.loads(line)
         ready["home"] = home
-        for argv in (("ca", "upload", "--verified", "root", devices.root.pem_path),
-                     ("enroll", "create", "issue-https", "--cert", RECORDS["issue-https"].cert_path,
+        for argv in (("ca", "upload", "--verified", "root", devices.cas["root"].pem_path),
+                     ("enroll", "create", "issue-https", "--cert", devices.devices["issue-https"].cert_path,
                       "--credential-policy", "default"),
-                     ("enroll", "create", "issue-mqtt", "--cert", RECORDS["issue-mqtt"].cert_path,
+                     ("enroll", "create", "issue-mqtt", "--cert", devices.devices["issue-mqtt"].cert_path,
                       "--credential-policy", "default"),
-                     ("enroll", "create", "issue-plain", "--cert", RECORDS["issue-plain"].cert_path)):
+                     ("enroll", "create", "issue-plain", "--cert", devices.devices["issue-plain"].cert_path)):
             result = cli("stub", *argv, "--home", home, env=env)
             assert result.returncode == 0, result.stderr
         yield ready
@@ -155,7 +155,7 @@ def test_issuing_ca_key_in_a_token(devices, tmp_path):
     env = {k: v for k, v in devices.env().items() if k != "PKCS11_PIN"}  # the PIN comes from the URI
     process = subprocess.Popen([sys.executable, "-m", "device_sim.cli", "stub", "serve", "--home", str(home),
                                 "--retry-after", "0", "--port", "0", "--service-port", "0", "--no-mqtt",
-                                "--issuing-ca-cert", devices.intermediate.chain_path,
+                                "--issuing-ca-cert", devices.cas["intermediate"].chain_path,
                                 "--issuing-ca-key", key_uri],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
@@ -163,8 +163,8 @@ def test_issuing_ca_key_in_a_token(devices, tmp_path):
         assert line, process.stderr.read()
         ready = json.loads(line) | {"home": home}
         assert devices.pin not in line
-        for argv in (("ca", "upload", "--verified", "root", devices.root.pem_path),
-                     ("enroll", "create", "issue-https", "--cert", RECORDS["issue-https"].cert_path,
+        for argv in (("ca", "upload", "--verified", "root", devices.cas["root"].pem_path),
+                     ("enroll", "create", "issue-https", "--cert", devices.devices["issue-https"].cert_path,
                       "--credential-policy", "default")):
             assert cli("stub", *argv, "--home", home, env=devices.env()).returncode == 0
         result = register(devices, ready, "issue-https", "--issue-cert")
@@ -172,7 +172,7 @@ def test_issuing_ca_key_in_a_token(devices, tmp_path):
         assert json.loads(result.stdout)["issued_certificate"]["issuer"] == "CN=intermediate"
         (cert_obj,) = token_objects(devices, "issue-https.issued")[ObjectClass.CERTIFICATE]
         leaf = x509.load_der_x509_certificate(cert_obj[Attribute.VALUE])
-        intermediate = x509.load_der_x509_certificate(devices.intermediate.certificate)
+        intermediate = x509.load_der_x509_certificate(devices.cas["intermediate"].certificate)
         leaf.verify_directly_issued_by(intermediate)
     finally:
         process.terminate()
@@ -181,9 +181,9 @@ def test_issuing_ca_key_in_a_token(devices, tmp_path):
 
 def test_bad_issuing_ca_options_are_one_line(devices, tmp_path):
     result = cli("stub", "serve", "--home", tmp_path / "bad", "--no-mqtt",
-                 "--issuing-ca-cert", devices.root.pem_path, env=devices.env())
+                 "--issuing-ca-cert", devices.cas["root"].pem_path, env=devices.env())
     assert result.returncode == 2 and "--issuing-ca-key" in result.stderr
     result = cli("stub", "serve", "--home", tmp_path / "bad", "--no-mqtt",
-                 "--issuing-ca-cert", RECORDS["issue-plain"].cert_path, "--issuing-ca-key", tmp_path / "none.pem",
+                 "--issuing-ca-cert", devices.devices["issue-plain"].cert_path, "--issuing-ca-key", tmp_path / "none.pem",
                  env=devices.env())
     assert result.returncode == 2 and "issuing CA" in result.stderr
