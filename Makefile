@@ -6,15 +6,33 @@ HOME_DIR ?= .device-sim
 
 .PHONY: test demo sysdeps venv bench clean
 
-# System packages: SoftHSM2 (the token used by default, in tests and in the demo) and
-# OpenSC's PKCS#11 modules (pkcs11-spy: the tests run hsm-setup through a module that is
-# not SoftHSM by name).
-SYSPKGS := softhsm2 opensc-pkcs11
+# System packages: SoftHSM2 (the token used by default, in tests and in the demo), OpenSC's
+# PKCS#11 modules (pkcs11-spy: the tests run hsm-setup through a module that is not SoftHSM
+# by name), and OpenSSL's command line and curl (the token key through standard OpenSSL,
+# docs/openssl.md).
+SYSPKGS := softhsm2 opensc-pkcs11 openssl curl
+# pkcs11-provider (the OpenSSL 3 provider for token keys) is in Debian 12 only in the
+# backports suite. That suite is added from the mirror the machine's own `bookworm` entry
+# names (apt parses sources.list and deb822 .sources alike), so no host is written here.
+BACKPORTS      := bookworm-backports
+BACKPORTS_PKGS := pkcs11-provider
+BACKPORTS_LIST := /etc/apt/sources.list.d/device-sim-backports.list
 sysdeps:
 	@missing=$$(for p in $(SYSPKGS); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 		echo "installing $$missing with apt-get"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+	@missing=$$(for p in $(BACKPORTS_PKGS); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		if ! apt-get indextargets --no-release-info --format '$$(RELEASE)' | grep -qx '$(BACKPORTS)'; then \
+			uri=$$(apt-get indextargets --no-release-info --format '$$(REPO_URI)' 'Release: bookworm' 'Target-Of: deb' | head -n 1); \
+			if [ -z "$$uri" ]; then echo "no 'bookworm' entry in the apt sources to take the mirror from: add $(BACKPORTS) and install $$missing by hand" >&2; exit 1; fi; \
+			echo "adding $(BACKPORTS) ($$uri) as $(BACKPORTS_LIST)"; \
+			echo "deb $$uri $(BACKPORTS) main" > $(BACKPORTS_LIST); \
+		fi; \
+		echo "installing $$missing from $(BACKPORTS) with apt-get"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq -t $(BACKPORTS) $$missing >/dev/null; \
 	fi
 
 $(STAMP): pyproject.toml
