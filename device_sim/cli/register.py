@@ -74,6 +74,9 @@ def add_subparser(subparsers) -> None:
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="S",
                         help=f"total deadline in seconds, retries and polls included (default {DEFAULT_TIMEOUT:g})")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the summary")
+    parser.add_argument("--tls", choices=("awscrt", "openssl"), default="awscrt",
+                        help="TLS stack: awscrt (default, TLS 1.2) or OpenSSL through pkcs11-provider "
+                             "(TLS 1.2/1.3, HTTPS only; docs/openssl.md)")
     parser.set_defaults(func=cmd_register)
 
 
@@ -168,11 +171,20 @@ def cmd_register(args) -> int:
                              cert_file=args.cert)
     candidates = chain_builder.gather_candidates(home, files=args.chain_file, extra=identity.ca_certs)
     chain = chain_builder.build_chain(identity.leaf, candidates, args.chain_to)
-    tls_context = client_tls_context(TlsIdentity(
-        identity.module_path, identity.key_label, chain_builder.to_pem(chain), identity.pin,
-        slot_id=identity.slot_id), target.trust_pem)
     registration_id = args.registration_id or identity.registration_id
-    transport = target.new_transport(registration_id, tls_context)
+    if args.tls == "openssl":
+        from device_sim.device import transport_openssl
+
+        if target.transport != "https":
+            raise UserError("--tls openssl carries DPS over HTTPS only: drop --transport mqtt (docs/openssl.md)")
+        transport = transport_openssl.OpensslHttpsTransport(
+            target.host, target.port, target.id_scope, registration_id, transport_openssl.client_context(
+                identity.module_path, identity.uri, chain_builder.to_pem(chain), identity.pin, target.trust_pem),
+            api_version=target.api_version)
+    else:
+        transport = target.new_transport(registration_id, client_tls_context(TlsIdentity(
+            identity.module_path, identity.key_label, chain_builder.to_pem(chain), identity.pin,
+            slot_id=identity.slot_id), target.trust_pem))
     outcome, timings = run_registration(RegistrationFlow(registration_id, target.payload), transport, args.timeout)
     if args.json:
         print(json.dumps(as_json(registration_id, outcome, timings, endpoint=f"{target.host}:{target.port}",
