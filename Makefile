@@ -41,7 +41,17 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	touch $(STAMP)
 
-venv: sysdeps $(STAMP)
+# The official azure-iot-device SDK pins paho-mqtt < 2, which the test extras cannot share:
+# it gets its own venv, used by tests/openssl to register through the emulator with the
+# token key (docs/openssl.md).
+SDK_VENV  := $(VENV)/sdk
+SDK_STAMP := $(SDK_VENV)/.installed
+$(SDK_STAMP):
+	python3 -m venv $(SDK_VENV)
+	$(SDK_VENV)/bin/python -m pip install -q azure-iot-device
+	touch $(SDK_STAMP)
+
+venv: sysdeps $(STAMP) $(SDK_STAMP)
 
 test: venv
 	$(VENV)/bin/pytest -q
