@@ -110,6 +110,8 @@ def openssl_cnf(provider_module: str, pkcs11_module: str, *, softhsm: bool,
         "[pkcs11_sect]",
         f"module = {provider_module}",
         f"pkcs11-module-path = {pkcs11_module}",
+        # Only key operations belong in the token: OpenSSL would otherwise also hash there.
+        "pkcs11-module-block-operations = digest",
     ]
     if softhsm:
         lines.append(f"pkcs11-module-quirks = {SOFTHSM_QUIRKS}")
