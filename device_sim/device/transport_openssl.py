@@ -146,7 +146,8 @@ class OpensslHttpsTransport:
         try:
             connection.connect()
         except (ssl.SSLError, ssl.CertificateError) as exc:
-            raise TlsFailure(f"TLS handshake failed while {what}: {getattr(exc, 'reason', None) or exc}") from None
+            reason = getattr(exc, "verify_message", None) or getattr(exc, "reason", None) or exc
+            raise TlsFailure(f"TLS handshake failed while {what}: {reason}") from None
         except (socket.timeout, TimeoutError):
             raise TransportTimeout(f"no TLS session with {self.host}:{self.port} within {timeout:.3g} s") from None
         except OSError as exc:
