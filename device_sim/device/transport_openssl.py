@@ -23,6 +23,7 @@ relies on (OpenSSL 3.0 and pkcs11-provider 1.0 on Debian 12, SoftHSM 2.6; docs/o
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import ctypes.util
 import http.client
 import socket
@@ -117,25 +118,26 @@ class _Connection(http.client.HTTPSConnection):
         self.sock = tls
 
 
+@dataclasses.dataclass(eq=False)
 class OpensslHttpsTransport:
     """One device's HTTPS connection to DPS over CPython `ssl`; implements `Transport`."""
+
+    host: str
+    port: int
+    id_scope: str
+    registration_id: str
+    tls_context: ssl.SSLContext
+    api_version: str = DEFAULT_API_VERSION
+    server_name: str | None = None
+    connection: _Connection | None = dataclasses.field(default=None, init=False)
+    connects: int = dataclasses.field(default=0, init=False)
 
     _base = HttpsTransport._base
     register_path = HttpsTransport.register_path
     poll_path = HttpsTransport.poll_path
 
-    def __init__(self, host: str, port: int, id_scope: str, registration_id: str,
-                 tls_context: ssl.SSLContext, *, api_version: str = DEFAULT_API_VERSION,
-                 server_name: str | None = None):
-        self.host = host
-        self.port = port
-        self.id_scope = id_scope
-        self.registration_id = registration_id
-        self.api_version = api_version
-        self.tls_context = tls_context
-        self.server_name = server_name or host
-        self.connection: _Connection | None = None
-        self.connects = 0
+    def __post_init__(self):
+        self.server_name = self.server_name or self.host
 
     def connect(self, timeout: float) -> None:
         if self.connection is not None:
