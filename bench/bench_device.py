@@ -77,7 +77,7 @@ def build_state(home: Path, env: dict) -> None:
 
 def start_emulator(home: Path, env: dict):
     proc = subprocess.Popen([BIN / "device-sim", "stub", "serve", "--home", home, "--port", "0",
-                             "--service-port", "0", "--no-mqtt", "--retry-after", "0"],
+                             "--service-port", "0", "--no-mqtt", "--no-amqp", "--retry-after", "0"],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
     select.select([proc.stdout], [], [], 30)
     ready = json.loads(proc.stdout.readline())

@@ -58,7 +58,7 @@ def create_fleet(env, count: int, per_token: int | None, jobs: int) -> float:
 def start_emulator(env, home: Path) -> tuple[subprocess.Popen, dict]:
     process = subprocess.Popen(
         [sys.executable, "-m", "device_sim.cli", "stub", "serve", "--home", str(home), "--retry-after", "0",
-         "--assignment-delay", "0", "--no-mqtt", "--max-connections", "1024"],
+         "--assignment-delay", "0", "--no-mqtt", "--no-amqp", "--max-connections", "1024"],
         stdout=subprocess.PIPE, stderr=open(home / "serve.log", "ab"), text=True, cwd=ROOT, env=env)
     line = process.stdout.readline()
     if not line:

@@ -81,7 +81,7 @@ def cli(*argv) -> None:
 
 def start_emulator(home: Path) -> tuple[subprocess.Popen, dict]:
     command = [sys.executable, "-m", "device_sim.cli", "stub", "serve", "--home", str(home), "--port", "0",
-               "--mqtt-port", "0", "--retry-after", "0", "--assignment-delay", "0"]
+               "--mqtt-port", "0", "--no-amqp", "--retry-after", "0", "--assignment-delay", "0"]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, cwd=ROOT)
     line = process.stdout.readline()
     if not line:

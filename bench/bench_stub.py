@@ -44,7 +44,7 @@ API_VERSION = "2021-06-01"
 
 def start_emulator(home: Path) -> tuple[subprocess.Popen, dict]:
     command = [sys.executable, "-m", "device_sim.cli", "stub", "serve", "--home", str(home),
-               "--retry-after", "0", "--assignment-delay", "0", "--no-mqtt"]
+               "--retry-after", "0", "--assignment-delay", "0", "--no-mqtt", "--no-amqp"]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, cwd=ROOT)
     line = process.stdout.readline()
     if not line:

@@ -10,7 +10,7 @@ from pathlib import Path
 from device_sim.cli.options import add_home_argument
 from device_sim.common.errors import UserError
 from device_sim.common.home import ensure_home
-from device_sim.stub.net import mqtt
+from device_sim.stub.net import amqp, mqtt
 
 
 # --------------------------------------------------------------------------- serve
@@ -54,6 +54,7 @@ def add_serve(verbs) -> None:
     parser.add_argument("--max-connections", type=int, default=512, metavar="N",
                         help="connections served at once per port; more wait in the backlog (default 512)")
     _add_mqtt_arguments(parser)
+    _add_amqp_arguments(parser)
     parser.set_defaults(func=run_serve)
 
 
@@ -91,7 +92,7 @@ def run_serve(args) -> int:
         assignment_delay=args.assignment_delay, retry_after=args.retry_after, throttle=args.throttle,
         limits=Limits(max_connections=args.max_connections),
     )
-    factories = [f for f in (_mqtt_listener_factory(args),) if f is not None]
+    factories = [f for f in (_mqtt_listener_factory(args), _amqp_listener_factory(args)) if f is not None]
     stub = server.StubServer(options, factories)
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -125,6 +126,7 @@ LISTENER_OPTIONS = {
     "device": ("device API", "--port"),
     "service": ("service API", "--service-port"),
     "mqtt": ("MQTT", "--mqtt-port"),
+    "amqp": ("AMQP", "--amqp-port"),
 }
 
 
@@ -134,6 +136,8 @@ def _listen_error_text(exc) -> str:
     text = f"{what} port {exc.port} {exc.reason}: cannot listen on {exc.host}:{exc.port}; {option} 0 picks a free port"
     if exc.name == "mqtt":
         text += ", --no-mqtt turns MQTT off"
+    if exc.name == "amqp":
+        text += ", --no-amqp turns AMQP off"
     return text
 
 
@@ -155,3 +159,20 @@ def _mqtt_listener_factory(args):
     if not 0 <= port <= 65535:
         raise UserError(f"--mqtt-port {port} is not a TCP port (0..65535)")
     return mqtt.listener_factory(port)
+
+
+def _add_amqp_arguments(parser) -> None:
+    parser.add_argument("--amqp-port", type=int, default=amqp.DEFAULT_PORT, metavar="PORT",
+                        help=f"DPS AMQP 1.0 (TLS) port; 0 picks a free one (default {amqp.DEFAULT_PORT}, "
+                             "the port the Azure SDKs use)")
+    parser.add_argument("--no-amqp", action="store_true", help="do not serve AMQP")
+
+
+def _amqp_listener_factory(args):
+    """The AMQP `server.ListenerFactory` for `stub serve`, or None with --no-amqp."""
+    if args.no_amqp:
+        return None
+    port = args.amqp_port
+    if not 0 <= port <= 65535:
+        raise UserError(f"--amqp-port {port} is not a TCP port (0..65535)")
+    return amqp.listener_factory(port)

@@ -23,7 +23,7 @@ DEVICE_SIM = str(BIN / "device-sim")
 
 def start_emulator(home: Path, *extra) -> tuple[subprocess.Popen, dict]:
     proc = subprocess.Popen([DEVICE_SIM, "stub", "serve", "--home", str(home), "--port", "0", "--service-port", "0",
-                             "--no-mqtt", *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             "--no-mqtt", "--no-amqp", *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     ready, _, _ = select.select([proc.stdout], [], [], 30)
     line = proc.stdout.readline() if ready else ""
     if not line:

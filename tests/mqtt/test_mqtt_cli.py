@@ -22,7 +22,7 @@ def cli(*argv, env=None, check=True, timeout=60):
 def emulator(tmp_path_factory, token_pki):
     home = tmp_path_factory.mktemp("mqtt-cli-stub")
     process = subprocess.Popen([sys.executable, "-m", "device_sim.cli", "stub", "serve", "--home", str(home),
-                                "--retry-after", "0", "--port", "0", "--mqtt-port", "0"],
+                                "--retry-after", "0", "--port", "0", "--mqtt-port", "0", "--no-amqp"],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         line = process.stdout.readline()
@@ -82,7 +82,7 @@ def test_busy_mqtt_port_is_a_one_line_error(tmp_path):
         busy.listen(1)
         port = busy.getsockname()[1]
         result = cli("stub", "serve", "--home", tmp_path, "--port", "0", "--service-port", "0",
-                     "--mqtt-port", port, check=False)
+                     "--mqtt-port", port, "--no-amqp", check=False)
     assert result.returncode != 0
     assert result.stderr.count("\n") == 1, result.stderr
     assert f"MQTT port {port}" in result.stderr and "--mqtt-port 0" in result.stderr

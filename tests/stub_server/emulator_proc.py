@@ -29,7 +29,7 @@ class Emulator:
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "device_sim.cli", "stub", "serve", "--home", str(home),
-                 "--retry-after", "0", "--mqtt-port", "0", *extra],
+                 "--retry-after", "0", "--mqtt-port", "0", "--amqp-port", "0", *extra],
                 stdout=subprocess.PIPE, stderr=log, text=True, cwd=REPO,
             )
         line = self.process.stdout.readline()

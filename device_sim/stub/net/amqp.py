@@ -16,7 +16,6 @@ from typing import Callable
 
 from OpenSSL import SSL
 
-from device_sim.stub.net.amqp_session import DpsAmqpSession
 from device_sim.stub.net.listener import Limits, TlsListener
 from device_sim.stub.net.log import log_stderr
 from device_sim.stub.net.tls_context import UnreadablePeerChain, device_context
@@ -29,6 +28,10 @@ WEBSOCKET_SUBPROTOCOL = "AMQPWSB10"
 def serve_amqp(stream, api, limits: Limits, max_body: int,
                log: Callable[[str], None] | None = None) -> None:
     """Run one device connection to its end; the caller closes the stream afterwards."""
+    # Imported here: proton takes ~0.1 s to load, which every CLI verb would pay, since
+    # `stub serve` reads DEFAULT_PORT from this module to build its options.
+    from device_sim.stub.net.amqp_session import DpsAmqpSession
+
     try:
         chain = stream.presented_chain()
     except UnreadablePeerChain:
@@ -40,7 +43,7 @@ def serve_amqp(stream, api, limits: Limits, max_body: int,
         return  # the peer vanished mid-answer (reset, broken pipe): nothing left to tell it
 
 
-def _serve(stream, session: DpsAmqpSession, limits: Limits) -> None:
+def _serve(stream, session, limits: Limits) -> None:
     # Deadlines are absolute, not per read: the connection must open within
     # request_timeout; afterwards each protocol step (attach, a whole request message)
     # renews idle_timeout, and a message arriving in pieces must be whole within
