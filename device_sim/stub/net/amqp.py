@@ -94,6 +94,20 @@ def stream_handler(api, limits: Limits, max_body: int, log: Callable[[str], None
     return handler
 
 
+def register_websocket(app) -> bool:
+    """Serve AMQP over WebSockets (subprotocol AMQPWSB10) on the device port of `app`.
+
+    Goes through the device port's subprotocol registry (`app.websocket_subprotocols`,
+    net/websocket.py); False, and nothing done, where the app has no WebSocket upgrades.
+    """
+    subprotocols = getattr(app, "websocket_subprotocols", None)
+    if subprotocols is None:
+        return False
+    subprotocols.register_subprotocol(
+        WEBSOCKET_SUBPROTOCOL, stream_handler(app.device_api, app.limits, app.config.max_body, app.log))
+    return True
+
+
 def amqp_listener(api, context, host: str = "127.0.0.1", port: int = DEFAULT_PORT, *,
                   limits: Limits | None = None, max_body: int = 96 * 1024,
                   url_host: str | None = None, log: Callable[[str], None] | None = None) -> TlsListener:

@@ -8,7 +8,9 @@ loop is in `net/amqp.py`; docs/emulator.md ("AMQP") lists the names used on the 
 What a device does, and what it gets:
 
     AMQP header, or SASL header  SASL is optional: a device may skip it (X.509 devices
-                                 authenticate in TLS), or pick ANONYMOUS / EXTERNAL
+                                 authenticate in TLS) or pick ANONYMOUS, the one mechanism
+                                 offered (proton's built-in SASL offers EXTERNAL only when
+                                 proton runs the TLS itself, and here our TlsStream does)
     open, begin                  open, begin (a few sessions at most)
     attach, address              the link is attached when its address (target of the
     {scope}/registrations/{id}   device's sender, source of its receiver) has that shape,
@@ -182,7 +184,7 @@ class DpsAmqpSession:
         self.transport.max_frame_size = MAX_FRAME_SIZE
         self.transport.channel_max = MAX_CHANNEL
         self.transport.require_auth(False)  # X.509 devices skip SASL: TLS authenticated them
-        SASL(self.transport).allowed_mechs("ANONYMOUS EXTERNAL")
+        SASL(self.transport).allowed_mechs("ANONYMOUS")
         self.connection = Connection()
         self.collector = Collector()
         self.connection.collect(self.collector)
