@@ -341,3 +341,67 @@ def test_api_version_from_link_properties_or_the_default():
     assert link_api_version({symbol("com.microsoft:api-version"): "2019-03-31"}) == "2019-03-31"
     assert link_api_version(None) == "2021-06-01"
     assert link_api_version({symbol("com.microsoft:api-version"): 7}) == "2021-06-01"
+
+
+def test_throttled_register_is_rejected_with_retry_after_in_the_info(tmp_path, pki):
+    emulator = Emulator(tmp_path / "home", throttle=1)
+    try:
+        emulator.service("PUT", "/certificates/root", {"properties": {"certificate": _pem(pki.root.cert),
+                                                                      "isVerified": True}})
+        emulator.group("all", pki.root.cert)
+        leaf = pki.root.issue("amqp-throttled")
+        connection = device(emulator, tmp_path, leaf, pki.root)
+        try:
+            address = emulator.address("amqp-throttled")
+            receiver = connection.create_receiver(address)
+            sender = connection.create_sender(address)
+            throttled = sender.send(register_message("amqp-throttled", "t-1"), error_states=[])
+            _reply, body = request(sender, receiver, register_message("amqp-throttled", "t-2"))
+        finally:
+            connection.close()
+    finally:
+        emulator.server.close()
+    condition = throttled.remote.condition
+    assert throttled.remote_state == Delivery.REJECTED
+    assert condition.name == "com.microsoft:device-container-throttled"
+    assert json.loads(condition.description)["errorCode"] == 429001
+    assert condition.info["retry-after"] == "1"
+    assert body["status"] == "assigning"  # the retry goes through
+
+
+def _serve(home, *args):
+    import subprocess
+    import sys
+
+    return subprocess.Popen([sys.executable, "-m", "device_sim.cli", "stub", "serve", "--home", str(home),
+                             "--port", "0", "--service-port", "0", "--no-mqtt", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_stub_serve_amqp_port_and_ready_line(tmp_path):
+    process = _serve(tmp_path, "--amqp-port", "0")
+    try:
+        ready = json.loads(process.stdout.readline())
+        assert ready["amqp_url"].startswith("amqps://localhost:")
+        assert int(ready["amqp_url"].rsplit(":", 1)[1]) > 0
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+    off = _serve(tmp_path, "--no-amqp")
+    try:
+        assert "amqp_url" not in json.loads(off.stdout.readline())
+    finally:
+        off.terminate()
+        off.wait(timeout=10)
+
+
+def test_busy_amqp_port_is_a_one_line_error(tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        process = _serve(tmp_path, "--amqp-port", str(port))
+        _out, err = process.communicate(timeout=30)
+    assert process.returncode != 0
+    assert err.count("\n") == 1, err
+    assert f"AMQP port {port}" in err and "--amqp-port 0" in err and "--no-amqp" in err
