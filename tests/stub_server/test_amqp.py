@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import socket
 import ssl
+import threading
 import time
 import uuid
 
@@ -405,3 +406,94 @@ def test_busy_amqp_port_is_a_one_line_error(tmp_path):
     assert process.returncode != 0
     assert err.count("\n") == 1, err
     assert f"AMQP port {port}" in err and "--amqp-port 0" in err and "--no-amqp" in err
+
+
+class WebSocketRelay:
+    """A local port where proton's client speaks plain AMQP; each connection is carried in
+    WebSocket binary messages (wsproto's client, subprotocol AMQPWSB10) over TLS, with the
+    device's certificate, to the emulator's device port, as the SDKs' AMQP-over-WebSockets does."""
+
+    def __init__(self, emulator, cert, key):
+        from wsproto import ConnectionType, WSConnection
+
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        context = ssl.create_default_context(cafile=emulator.ready["ca_cert"])
+        context.load_cert_chain(str(cert), str(key))
+        device_port = int(emulator.ready["device_url"].rsplit(":", 1)[1])
+        self.tls = context.wrap_socket(socket.create_connection(("127.0.0.1", device_port), timeout=10),
+                                       server_hostname="localhost")
+        self.ws = WSConnection(ConnectionType.CLIENT)
+        self.lock = threading.Lock()
+        self.accepted = self._upgrade()
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _upgrade(self):
+        from wsproto.events import AcceptConnection, RejectConnection, Request
+
+        self.tls.sendall(self.ws.send(Request(host="localhost", target="/$iothub/websocket",
+                                              subprotocols=["AMQPWSB10"])))
+        while True:
+            self.ws.receive_data(self.tls.recv(65536))
+            for event in self.ws.events():
+                if isinstance(event, (AcceptConnection, RejectConnection)):
+                    return event
+
+    def _run(self) -> None:
+        client, _ = self.listener.accept()
+        threading.Thread(target=self._upstream, args=(client,), daemon=True).start()
+        from wsproto.events import BytesMessage, CloseConnection, Ping
+
+        try:
+            while data := self.tls.recv(65536):
+                with self.lock:
+                    self.ws.receive_data(data)
+                    events = list(self.ws.events())
+                for event in events:
+                    if isinstance(event, BytesMessage):
+                        client.sendall(event.data)
+                    elif isinstance(event, Ping):
+                        with self.lock:
+                            self.tls.sendall(self.ws.send(event.response()))
+                    elif isinstance(event, CloseConnection):
+                        return
+        except OSError:
+            pass
+        finally:
+            client.close()
+
+    def _upstream(self, client) -> None:
+        from wsproto.events import BytesMessage
+
+        try:
+            while data := client.recv(65536):
+                with self.lock:
+                    self.tls.sendall(self.ws.send(BytesMessage(data=data)))
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        for sock in (self.tls, self.listener):
+            try:
+                sock.close()
+            except OSError:
+                pass
+
+
+def test_amqp_over_websockets_on_the_device_port(emulator, tmp_path, pki):
+    pytest.importorskip("device_sim.stub.net.websocket", reason="WebSockets on the device port (branch ws)")
+    registration_id = "amqp-ws-dev"
+    leaf = pki.inter2.issue(registration_id)
+    cert, key = write_identity(tmp_path, registration_id, leaf, pki.inter2, pki.inter1, pki.root)
+    relay = WebSocketRelay(emulator, cert, key)
+    try:
+        assert relay.accepted.subprotocol == "AMQPWSB10"
+        connection = BlockingConnection(f"amqp://127.0.0.1:{relay.port}", sasl_enabled=False, timeout=10)
+        try:
+            replies, body = provision(connection, emulator.address(registration_id), registration_id)
+        finally:
+            connection.close()
+    finally:
+        relay.close()
+    assert body["status"] == "assigned"
+    assert body["registrationState"]["deviceId"] == registration_id  # the chain of the TLS under the WebSocket
