@@ -146,3 +146,16 @@ def test_sections_proton_reads_as_empty_get_the_400_answer():
     delivery = client.send(client.sender("s"), b"\xff\xff\xff\xff", "1")
     assert delivery.remote_state == Delivery.REJECTED
     assert json.loads(delivery.remote.condition.description)["errorCode"] == 400000
+
+
+def test_detached_links_free_their_place_and_replies_go_to_the_new_receiver():
+    client = ClientEngine(DpsAmqpSession(EchoDeviceApi(), [], 96 * 1024))
+    for i in range(MAX_LINKS * 2):  # attach and detach again and again: never refused
+        link = client.receiver(f"r{i}")
+        assert not link.state & Endpoint.REMOTE_CLOSED
+        link.close()
+        client.pump()
+    receiver = client.receiver("last")
+    client.send(client.sender("s"), register(correlation_id="c-9"), "1")
+    (reply,) = client.replies(receiver)
+    assert reply.correlation_id == "c-9"

@@ -189,8 +189,7 @@ class DpsAmqpSession:
         self.collector = Collector()
         self.connection.collect(self.collector)
         self.transport.bind(self.connection)
-        self._links = 0
-        self._sessions = 0
+        self._links = 0  # attached DPS links
         self._reply_links: dict[tuple[str, str], object] = {}
         self._queued: list[tuple[tuple[str, str], Message]] = []
         self._tag = 0
@@ -291,14 +290,17 @@ class DpsAmqpSession:
     def _attach(self, link) -> None:
         remote = link.remote_target if link.is_receiver else link.remote_source
         address = parse_address(remote.address)
-        self._links += 1
-        if address is None or self._links > MAX_LINKS:
-            why = ("too many links on one connection" if address is not None
-                   else f"no DPS node {remote.address!r}: the address is {{idScope}}/registrations/{{registrationId}}")
+        if address is None or self._links >= MAX_LINKS:
+            if address is None:
+                condition = Condition("amqp:not-found", f"no DPS node {remote.address!r}: the address is "
+                                      "{idScope}/registrations/{registrationId}")
+            else:
+                condition = Condition("amqp:resource-limit-exceeded", f"{MAX_LINKS} links at most on one connection")
             link.open()  # attach with a null terminus, then detach: how AMQP refuses a link
-            link.condition = Condition("amqp:not-found" if address is None else "amqp:resource-limit-exceeded", why)
+            link.condition = condition
             link.close()
             return
+        self._links += 1
         link.source.copy(link.remote_source)
         link.target.copy(link.remote_target)
         link.dps_address = address
@@ -314,8 +316,10 @@ class DpsAmqpSession:
 
     def _detached(self, link) -> None:
         address = getattr(link, "dps_address", None)
-        if address is not None and self._reply_links.get(address.key) is link:
-            del self._reply_links[address.key]
+        if address is not None:
+            self._links -= 1
+            if self._reply_links.get(address.key) == link:
+                del self._reply_links[address.key]
         if not link.state & Endpoint.LOCAL_CLOSED:
             link.close()
 
