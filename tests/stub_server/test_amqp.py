@@ -497,3 +497,17 @@ def test_amqp_over_websockets_on_the_device_port(emulator, tmp_path, pki):
         relay.close()
     assert body["status"] == "assigned"
     assert body["registrationState"]["deviceId"] == registration_id  # the chain of the TLS under the WebSocket
+
+
+def test_a_device_insisting_on_sasl_external_gets_a_clean_refusal(emulator, tmp_path, pki):
+    from proton import ConnectionException
+
+    leaf = pki.root.issue("amqp-external")
+    cert, key = write_identity(tmp_path, "amqp-external", leaf, pki.root)
+    domain = SSLDomain(SSLDomain.MODE_CLIENT)
+    domain.set_trusted_ca_db(emulator.ready["ca_cert"])
+    domain.set_credentials(str(cert), str(key), None)
+    with pytest.raises(ConnectionException):
+        BlockingConnection(emulator.ready["amqp_url"], ssl_domain=domain, sasl_enabled=True,
+                           allowed_mechs="EXTERNAL", timeout=10)
+    assert not [line for line in emulator.logged if "Traceback" in line or "connection failed" in line]
