@@ -511,3 +511,18 @@ def test_a_device_insisting_on_sasl_external_gets_a_clean_refusal(emulator, tmp_
         BlockingConnection(emulator.ready["amqp_url"], ssl_domain=domain, sasl_enabled=True,
                            allowed_mechs="EXTERNAL", timeout=10)
     assert not [line for line in emulator.logged if "Traceback" in line or "connection failed" in line]
+
+
+def test_an_idle_connection_is_closed_with_an_amqp_error(tmp_path, pki):
+    from proton.utils import ConnectionClosed
+
+    emulator = Emulator(tmp_path / "home", limits=Limits(request_timeout=1.0, idle_timeout=1.0))
+    try:
+        leaf = pki.root.issue("amqp-idle")
+        connection = device(emulator, tmp_path, leaf, pki.root)
+        time.sleep(2.5)
+        with pytest.raises(ConnectionClosed) as closed:
+            connection.create_sender(emulator.address("amqp-idle"))
+        assert closed.value.connection.remote_condition.name == "amqp:resource-limit-exceeded"
+    finally:
+        emulator.server.close()

@@ -169,7 +169,8 @@ class DpsAmqpSession:
     """One device connection: `receive(data)`, then `output()`; `finished` when it is over.
 
     `note(reason)` hears why a connection ends badly (for the log, never sent as text the
-    device did not cause). Nothing raises out of `receive`.
+    device did not cause). `DeviceApi` answers every request with a `Reply`, never an
+    exception, so nothing a device sends raises out of `receive`.
     """
 
     def __init__(self, api, chain: Sequence[x509.Certificate], max_body: int,
@@ -245,9 +246,9 @@ class DpsAmqpSession:
             if self.connection.state & Endpoint.LOCAL_UNINIT:
                 self.connection.open()  # a close frame needs an open before it
             self.connection.close()
+        # The input stays open: closing it now would make the engine replace our error
+        # with its own "connection aborted" before the close frame is written.
         self._process()
-        if self.transport.capacity() >= 0:
-            self.transport.close_tail()  # whatever the device sends now is not read
 
     # -- protocol events ----------------------------------------------------------------
 
