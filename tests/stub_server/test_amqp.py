@@ -28,7 +28,7 @@ from device_sim.stub.net import amqp
 from device_sim.stub.net.amqp_session import link_api_version, parse_address
 from device_sim.stub.net.listener import Limits
 
-from .stubpki import issue, write_identity
+from device_sim.testing import TestCA
 
 API_VERSION = "2021-06-01"
 
@@ -65,12 +65,12 @@ class Emulator:
 
 
 @pytest.fixture(scope="module")
-def emulator(tmp_path_factory, pki):
+def emulator(tmp_path_factory, file_cas):
     emulator = Emulator(tmp_path_factory.mktemp("amqp-home"), assignment_delay=0.3)
-    emulator.service("PUT", "/certificates/root", {"properties": {"certificate": _pem(pki.root.cert),
+    emulator.service("PUT", "/certificates/root", {"properties": {"certificate": _pem(file_cas.root.cert),
                                                                   "isVerified": True}})
-    emulator.group("all-devices", pki.root.cert)
-    emulator.line_2 = pki.root.issue("amqp-line-2-ca", ca=True)
+    emulator.group("all-devices", file_cas.root.cert)
+    emulator.line_2 = file_cas.root.issue_intermediate("amqp-line-2-ca")
     emulator.group("line-2", emulator.line_2.cert, enabled=False)  # met before the root's group
     yield emulator
     emulator.server.close()
@@ -86,7 +86,7 @@ class DpsLinkProperties(LinkOption):
 
 
 def device(emulator, tmp_path, leaf, *chain, sasl: bool = False) -> BlockingConnection:
-    cert, key = write_identity(tmp_path, leaf.cert.subject.rfc4514_string()[3:], leaf, *chain)
+    cert, key = leaf.write(tmp_path, leaf.cert.subject.rfc4514_string()[3:], above=chain)
     domain = SSLDomain(SSLDomain.MODE_CLIENT)
     domain.set_trusted_ca_db(emulator.ready["ca_cert"])
     domain.set_peer_authentication(SSLDomain.VERIFY_PEER_NAME)
@@ -133,10 +133,10 @@ def provision(connection, address: str, registration_id: str) -> tuple[list[Mess
 
 
 @pytest.mark.parametrize("sasl", [False, True], ids=["no-sasl", "sasl"])
-def test_register_and_poll_until_assigned(emulator, tmp_path, pki, sasl):
+def test_register_and_poll_until_assigned(emulator, tmp_path, file_cas, sasl):
     registration_id = f"amqp-dev-{int(sasl)}"
-    leaf = pki.inter2.issue(registration_id)
-    connection = device(emulator, tmp_path, leaf, pki.inter2, pki.inter1, pki.root, sasl=sasl)
+    leaf = file_cas.inter2.issue_leaf(registration_id)
+    connection = device(emulator, tmp_path, leaf, file_cas.inter2, file_cas.inter1, file_cas.root, sasl=sasl)
     try:
         replies, body = provision(connection, emulator.address(registration_id), registration_id)
     finally:
@@ -149,10 +149,10 @@ def test_register_and_poll_until_assigned(emulator, tmp_path, pki, sasl):
     assert body["registrationState"]["registrationId"] == registration_id
 
 
-def test_c_sdk_address_form_with_host(emulator, tmp_path, pki):
+def test_c_sdk_address_form_with_host(emulator, tmp_path, file_cas):
     registration_id = "amqp-c-style"
-    leaf = pki.root.issue(registration_id)
-    connection = device(emulator, tmp_path, leaf, pki.root)
+    leaf = file_cas.root.issue_leaf(registration_id)
+    connection = device(emulator, tmp_path, leaf, file_cas.root)
     try:
         address = f"amqps://localhost/{emulator.address(registration_id)}"
         _replies, body = provision(connection, address, registration_id)
@@ -162,10 +162,10 @@ def test_c_sdk_address_form_with_host(emulator, tmp_path, pki):
     assert body["registrationState"]["assignedHub"] == "stub-hub-1.azure-devices.net"
 
 
-def test_disabled_enrollment_answers_disabled(emulator, tmp_path, pki):
+def test_disabled_enrollment_answers_disabled(emulator, tmp_path, file_cas):
     registration_id = "amqp-disabled"
-    leaf = emulator.line_2.issue(registration_id)
-    connection = device(emulator, tmp_path, leaf, emulator.line_2, pki.root)
+    leaf = emulator.line_2.issue_leaf(registration_id)
+    connection = device(emulator, tmp_path, leaf, emulator.line_2, file_cas.root)
     try:
         _replies, body = provision(connection, emulator.address(registration_id), registration_id)
     finally:
@@ -175,8 +175,8 @@ def test_disabled_enrollment_answers_disabled(emulator, tmp_path, pki):
 
 
 def test_unknown_certificate_is_rejected_with_the_401_error_json(emulator, tmp_path):
-    stranger_root = issue("stranger-root")
-    leaf = stranger_root.issue("amqp-stranger")
+    stranger_root = TestCA("stranger-root")
+    leaf = stranger_root.issue_leaf("amqp-stranger")
     connection = device(emulator, tmp_path, leaf, stranger_root)
     try:
         address = emulator.address("amqp-stranger")
@@ -193,9 +193,9 @@ def test_unknown_certificate_is_rejected_with_the_401_error_json(emulator, tmp_p
     assert error["trackingId"] and error["message"].startswith("Invalid certificate")
 
 
-def test_registration_id_other_than_the_certificate_cn_is_rejected(emulator, tmp_path, pki):
-    leaf = pki.root.issue("amqp-honest")
-    connection = device(emulator, tmp_path, leaf, pki.root)
+def test_registration_id_other_than_the_certificate_cn_is_rejected(emulator, tmp_path, file_cas):
+    leaf = file_cas.root.issue_leaf("amqp-honest")
+    connection = device(emulator, tmp_path, leaf, file_cas.root)
     try:
         address = emulator.address("amqp-someone-else")
         connection.create_receiver(address)
@@ -207,9 +207,9 @@ def test_registration_id_other_than_the_certificate_cn_is_rejected(emulator, tmp
     assert json.loads(delivery.remote.condition.description)["errorCode"] == 401002
 
 
-def test_unknown_operation_type_is_rejected_as_a_bad_request(emulator, tmp_path, pki):
-    leaf = pki.root.issue("amqp-odd-op")
-    connection = device(emulator, tmp_path, leaf, pki.root)
+def test_unknown_operation_type_is_rejected_as_a_bad_request(emulator, tmp_path, file_cas):
+    leaf = file_cas.root.issue_leaf("amqp-odd-op")
+    connection = device(emulator, tmp_path, leaf, file_cas.root)
     try:
         address = emulator.address("amqp-odd-op")
         connection.create_receiver(address)
@@ -225,9 +225,9 @@ def test_unknown_operation_type_is_rejected_as_a_bad_request(emulator, tmp_path,
     assert "iotdps-operation-id" in json.loads(no_operation_id.remote.condition.description)["message"]
 
 
-def test_wrong_link_address_is_refused(emulator, tmp_path, pki):
-    leaf = pki.root.issue("amqp-lost")
-    connection = device(emulator, tmp_path, leaf, pki.root)
+def test_wrong_link_address_is_refused(emulator, tmp_path, file_cas):
+    leaf = file_cas.root.issue_leaf("amqp-lost")
+    connection = device(emulator, tmp_path, leaf, file_cas.root)
     try:
         with pytest.raises(LinkDetached) as refused:
             connection.create_sender("$cbs")
@@ -293,9 +293,9 @@ def test_silent_and_trickling_clients_are_cut_off(tmp_path):
         emulator.server.close()
 
 
-def test_oversized_message_detaches_the_link(emulator, tmp_path, pki):
-    leaf = pki.root.issue("amqp-big")
-    connection = device(emulator, tmp_path, leaf, pki.root)
+def test_oversized_message_detaches_the_link(emulator, tmp_path, file_cas):
+    leaf = file_cas.root.issue_leaf("amqp-big")
+    connection = device(emulator, tmp_path, leaf, file_cas.root)
     try:
         address = emulator.address("amqp-big")
         connection.create_receiver(address)
@@ -308,9 +308,9 @@ def test_oversized_message_detaches_the_link(emulator, tmp_path, pki):
         connection.close()
 
 
-def test_body_over_the_core_limit_is_rejected_413(emulator, tmp_path, pki):
-    leaf = pki.root.issue("amqp-fat")
-    connection = device(emulator, tmp_path, leaf, pki.root)
+def test_body_over_the_core_limit_is_rejected_413(emulator, tmp_path, file_cas):
+    leaf = file_cas.root.issue_leaf("amqp-fat")
+    connection = device(emulator, tmp_path, leaf, file_cas.root)
     try:
         address = emulator.address("amqp-fat")
         connection.create_receiver(address)
@@ -344,14 +344,14 @@ def test_api_version_from_link_properties_or_the_default():
     assert link_api_version({symbol("com.microsoft:api-version"): 7}) == "2021-06-01"
 
 
-def test_throttled_register_is_rejected_with_retry_after_in_the_info(tmp_path, pki):
+def test_throttled_register_is_rejected_with_retry_after_in_the_info(tmp_path, file_cas):
     emulator = Emulator(tmp_path / "home", throttle=1)
     try:
-        emulator.service("PUT", "/certificates/root", {"properties": {"certificate": _pem(pki.root.cert),
+        emulator.service("PUT", "/certificates/root", {"properties": {"certificate": _pem(file_cas.root.cert),
                                                                       "isVerified": True}})
-        emulator.group("all", pki.root.cert)
-        leaf = pki.root.issue("amqp-throttled")
-        connection = device(emulator, tmp_path, leaf, pki.root)
+        emulator.group("all", file_cas.root.cert)
+        leaf = file_cas.root.issue_leaf("amqp-throttled")
+        connection = device(emulator, tmp_path, leaf, file_cas.root)
         try:
             address = emulator.address("amqp-throttled")
             receiver = connection.create_receiver(address)
@@ -480,11 +480,11 @@ class WebSocketRelay:
                 pass
 
 
-def test_amqp_over_websockets_on_the_device_port(emulator, tmp_path, pki):
+def test_amqp_over_websockets_on_the_device_port(emulator, tmp_path, file_cas):
     pytest.importorskip("device_sim.stub.net.websocket", reason="WebSockets on the device port (branch ws)")
     registration_id = "amqp-ws-dev"
-    leaf = pki.inter2.issue(registration_id)
-    cert, key = write_identity(tmp_path, registration_id, leaf, pki.inter2, pki.inter1, pki.root)
+    leaf = file_cas.inter2.issue_leaf(registration_id)
+    cert, key = leaf.write(tmp_path, registration_id)
     relay = WebSocketRelay(emulator, cert, key)
     try:
         assert relay.accepted.subprotocol == "AMQPWSB10"
@@ -499,11 +499,11 @@ def test_amqp_over_websockets_on_the_device_port(emulator, tmp_path, pki):
     assert body["registrationState"]["deviceId"] == registration_id  # the chain of the TLS under the WebSocket
 
 
-def test_a_device_insisting_on_sasl_external_gets_a_clean_refusal(emulator, tmp_path, pki):
+def test_a_device_insisting_on_sasl_external_gets_a_clean_refusal(emulator, tmp_path, file_cas):
     from proton import ConnectionException
 
-    leaf = pki.root.issue("amqp-external")
-    cert, key = write_identity(tmp_path, "amqp-external", leaf, pki.root)
+    leaf = file_cas.root.issue_leaf("amqp-external")
+    cert, key = leaf.write(tmp_path, "amqp-external")
     domain = SSLDomain(SSLDomain.MODE_CLIENT)
     domain.set_trusted_ca_db(emulator.ready["ca_cert"])
     domain.set_credentials(str(cert), str(key), None)
@@ -513,13 +513,13 @@ def test_a_device_insisting_on_sasl_external_gets_a_clean_refusal(emulator, tmp_
     assert not [line for line in emulator.logged if "Traceback" in line or "connection failed" in line]
 
 
-def test_an_idle_connection_is_closed_with_an_amqp_error(tmp_path, pki):
+def test_an_idle_connection_is_closed_with_an_amqp_error(tmp_path, file_cas):
     from proton.utils import ConnectionClosed
 
     emulator = Emulator(tmp_path / "home", limits=Limits(request_timeout=1.0, idle_timeout=1.0))
     try:
-        leaf = pki.root.issue("amqp-idle")
-        connection = device(emulator, tmp_path, leaf, pki.root)
+        leaf = file_cas.root.issue_leaf("amqp-idle")
+        connection = device(emulator, tmp_path, leaf, file_cas.root)
         time.sleep(2.5)
         with pytest.raises(ConnectionClosed) as closed:
             connection.create_sender(emulator.address("amqp-idle"))
