@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import io as _io
+import re
 import threading
 from dataclasses import dataclass, field
 from urllib.parse import quote
@@ -124,19 +125,36 @@ def client_tls_context(identity: TlsIdentity, trust_pem: bytes | None, runtime: 
         options.override_default_trust_store(trust_pem)
     try:
         return crt_io.ClientTlsContext(options)
-    except crt_exceptions.AwsCrtError as exc:
-        raise UserError(_context_error(exc)) from None
+    except (crt_exceptions.AwsCrtError, RuntimeError) as exc:
+        # awscrt's C extension raises a plain RuntimeError "1081 (AWS_ERROR_...): text"
+        # (e.g. a token that went away: CKR_GENERAL_ERROR from C_Login / C_FindObjects).
+        name, message = _crt_error(exc)
+        if name is None:
+            raise
+        raise UserError(_context_error(name, message)) from None
 
 
-def _context_error(exc: crt_exceptions.AwsCrtError) -> str:
-    name = exc.name
+_CRT_RUNTIME_ERROR = re.compile(r"^-?\d+ \((AWS_[A-Z0-9_]+)\): ?(.*)$", re.DOTALL)
+
+
+def _crt_error(exc: Exception) -> tuple[str | None, str]:
+    """(awscrt error name, its text); name None for a RuntimeError that is not awscrt's."""
+    if isinstance(exc, crt_exceptions.AwsCrtError):
+        return exc.name, exc.message
+    match = _CRT_RUNTIME_ERROR.match(str(exc))
+    return (match.group(1), match.group(2).strip()) if match else (None, str(exc))
+
+
+def _context_error(name: str, message: str) -> str:
     if "PIN" in name:
         return f"the token refused the PIN ({name}); check --pin-file / PKCS11_PIN"
     if "KEY_NOT_FOUND" in name or "OBJECT" in name:
         return f"the private key was not found on the token ({name}); check the URI's object/id"
     if "PEM" in name or "X509" in name or "CERT" in name:
         return f"the certificate chain could not be loaded ({name})"
-    return f"cannot set up TLS with the token key: {name}: {exc.message}"
+    if "PKCS11" in name:
+        return f"the token failed while setting up TLS with the device key ({name}): is it still there?"
+    return f"cannot set up TLS with the token key: {name}: {message}"
 
 
 def classify(exc: BaseException, what: str, *, connecting: bool = False) -> TransportError:
@@ -152,6 +170,10 @@ def classify(exc: BaseException, what: str, *, connecting: bool = False) -> Tran
     if isinstance(exc, TransportError):
         return exc
     name = getattr(exc, "name", type(exc).__name__)
+    if "PKCS11" in name:  # the token could not sign the handshake: retrying cannot help
+        # (checked first: CKR_SESSION_CLOSED is no socket closing)
+        return TlsFailure(f"the token failed to sign the TLS handshake while {what}: {name} "
+                          "(is it still there?)", reg.TLS_REJECTED)
     if "REFUSED" in name:
         return Unreachable(f"{what} failed: {name} (check --endpoint and the network)", reg.REFUSED)
     if "RESET" in name:

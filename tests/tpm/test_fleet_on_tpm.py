@@ -1,0 +1,201 @@
+"""Fleets on a TPM token (tpm2-pkcs11): `hsm-setup fleet create` of TPM-held identities,
+`device-sim fleet run` of them over HTTPS, a TPM key registering over MQTT, and a TPM that
+disappears in the middle of a fleet run (issue 10; token quirks in docs/token-quirks.md).
+
+Every TPM here is one of this file's own and is used only by subprocesses, as a user runs
+the tools: this process's libtpm2_pkcs11.so belongs to the session TPM (see conftest.py),
+and python-pkcs11 keeps one library per path per process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from device_sim.testing import Emulator
+from device_sim.testing.tpm import SoftwareTpm
+from hsm_setup.module import SOFTHSM_CANDIDATES
+
+from .conftest import TEST_PIN, TEST_SO_PIN
+
+REPO = Path(__file__).resolve().parents[2]
+FLEET_SIZE = 20
+# The variables of the session TPM (and of SoftHSM) that must not leak into a child that
+# is meant to talk to another token.
+FOREIGN_ENV = ("DBUS_", "TPM2_PKCS11_", "TPM2TOOLS_", "TSS2_", "SOFTHSM2_CONF", "PKCS11_")
+
+
+def _softhsm_module() -> str:
+    return next(p for p in SOFTHSM_CANDIDATES if Path(p).is_file())
+
+
+def _env(home: Path, tpm: SoftwareTpm | None) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(FOREIGN_ENV)}
+    env.update(DEVICE_SIM_HOME=str(home), PKCS11_PIN=TEST_PIN, PKCS11_SO_PIN=TEST_SO_PIN)
+    if tpm is not None:
+        env.update(tpm.env, PKCS11_MODULE=tpm.module_path)
+    return env
+
+
+def _run(env, program, *args, check=True, timeout=300):
+    done = subprocess.run([sys.executable, "-m", program, *map(str, args)], capture_output=True,
+                          text=True, cwd=REPO, env=env, timeout=timeout)
+    if check and done.returncode != 0:
+        raise AssertionError(f"{program} {' '.join(map(str, args))}: exit {done.returncode}\n{done.stderr}")
+    return done
+
+
+def hsm(env, *args, **kw):
+    return _run(env, "device_sim.cli.hsm_setup", *args, **kw)
+
+
+def device_sim(env, *args, **kw):
+    return _run(env, "device_sim.cli", *args, **kw)
+
+
+def _fleet_create(env, prefix: str, ca: str, *extra) -> dict:
+    made = hsm(env, "fleet", "create", "--count", FLEET_SIZE, "--prefix", prefix, "--ca", ca,
+               "--no-progress", "--json", *extra)
+    return json.loads(made.stdout)
+
+
+def _emulator(home: Path, env: dict, root_pem: Path, *args) -> Emulator:
+    emulator = Emulator.spawn(home, "--retry-after", "0", *args, env=env)
+    try:
+        emulator.admin.upload_ca("root", root_pem.read_bytes(), verified=True)
+        emulator.admin.create_group("all", ca_ref="root")
+    except BaseException:
+        emulator.stop()
+        raise
+    return emulator
+
+
+@pytest.fixture(scope="module")
+def tpm_fleet(tmp_path_factory):
+    """20 devices on TPM shard tokens (default 10 per token) under a CA whose key is in the
+    TPM too, and an emulator (HTTPS + MQTT) that trusts the CA."""
+    work = tmp_path_factory.mktemp("tpm-fleet")
+    with SoftwareTpm.start(work / "tpm", label="fleet-ca", user_pin=TEST_PIN, so_pin=TEST_SO_PIN) as tpm:
+        home = work / "home"
+        home.mkdir()
+        env = _env(home, tpm)
+        hsm(env, "ca", "create", "root", "--token", "fleet-ca")
+        created = _fleet_create(env, "tpmfl-", "root", "--token-prefix", "tpmshard")
+        softhsm = _softhsm_rate(work / "softhsm-home")
+        print(f"\nfleet create, {FLEET_SIZE} ec-p256 identities: TPM {created['per_second']}/s "
+              f"({created['seconds']} s), SoftHSM {softhsm['per_second']}/s ({softhsm['seconds']} s)")
+        emulator = _emulator(home, env, home / "pki/ca/root/cert.pem", "--assignment-delay", "0")
+        try:
+            yield home, env, created, emulator
+        finally:
+            emulator.stop()
+
+
+def _softhsm_rate(home: Path) -> dict:
+    """The same `fleet create` on SoftHSM, for the figure beside the TPM's."""
+    home.mkdir()
+    env = _env(home, None)
+    hsm(env, "token", "init", "ca")
+    hsm(env, "ca", "create", "root", "--token", "ca")
+    return _fleet_create(env, "shfl-", "root")
+
+
+def test_fleet_create_puts_20_identities_on_tpm_shard_tokens(tpm_fleet):
+    home, env, created, _ = tpm_fleet
+    assert created["count"] == FLEET_SIZE
+    assert created["tokens"] == ["tpmshard-001", "tpmshard-002"]
+    assert created["per_second"] > 0
+    listed = json.loads(hsm(env, "device", "show", "tpmfl-0020", "--json").stdout)
+    assert listed["uri"].startswith("pkcs11:token=tpmshard-002;object=tpmfl-0020")
+    # Run again: every identity is there already, nothing is made twice.
+    again = _fleet_create(env, "tpmfl-", "root", "--token-prefix", "tpmshard")
+    assert again["count"] == 0 and again["kept"] == FLEET_SIZE
+
+
+def test_fleet_run_of_tpm_held_devices_over_https(tpm_fleet, tmp_path):
+    home, env, _, emulator = tpm_fleet
+    report = tmp_path / "report.json"
+    done = device_sim(env, "fleet", "run", "--emulator", "--no-progress", "--prefix", "tpmfl-",
+                      "--concurrency", 4, "--json", report)
+    assert f"assigned {FLEET_SIZE}" in done.stdout, done.stdout
+    data = json.loads(report.read_text())
+    assert len(data["devices"]) == FLEET_SIZE
+    assert data["summary"]["outcomes"] == {"assigned": FLEET_SIZE}
+    assert all(d["tls_ms"] > 0 for d in data["devices"])
+    assert emulator.admin.get_registration("tpmfl-0013")["status"] == "assigned"
+
+
+def test_register_with_a_tpm_key_over_mqtt(tpm_fleet):
+    _, env, _, _ = tpm_fleet
+    done = device_sim(env, "register", "tpmfl-0007", "--emulator", "--transport", "mqtt", "--json",
+                      "--timeout", "60")
+    answer = json.loads(done.stdout)
+    assert answer["status"] == "assigned", answer
+
+
+def _registered(emulator: Emulator, registration_id: str) -> bool:
+    try:
+        return emulator.admin.get_registration(registration_id).get("status") == "assigned"
+    except Exception:  # not registered yet
+        return False
+
+
+def test_a_tpm_that_disappears_mid_run_ends_the_affected_devices_and_the_run(tmp_path):
+    """The CA is in SoftHSM (--ca-module): only the device token goes away."""
+    with SoftwareTpm.start(tmp_path / "tpm", label="unused", user_pin=TEST_PIN,
+                           so_pin=TEST_SO_PIN) as tpm:
+        home = tmp_path / "home"
+        home.mkdir()
+        env = _env(home, tpm)
+        softhsm = _softhsm_module()
+        hsm(env, "token", "init", "ca", "--module", softhsm)
+        hsm(env, "ca", "create", "root", "--token", "ca", "--module", softhsm)
+        hsm(env, "fleet", "create", "--count", FLEET_SIZE, "--prefix", "gone-", "--ca", "root",
+            "--ca-module", softhsm, "--token-prefix", "goneshard", "--no-progress")
+        emulator = _emulator(home, env, home / "pki/ca/root/cert.pem", "--assignment-delay", "1",
+                             "--no-mqtt", "--no-amqp")
+        report = tmp_path / "report.json"
+        try:
+            run = subprocess.Popen(
+                [sys.executable, "-m", "device_sim.cli", "fleet", "run", "--emulator", "--no-progress",
+                 "--prefix", "gone-", "--concurrency", "2", "--timeout", "20", "--json", str(report)],
+                cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            try:
+                deadline = time.monotonic() + 60
+                while not _registered(emulator, "gone-0001") and time.monotonic() < deadline:
+                    assert run.poll() is None, run.communicate()
+                    time.sleep(0.1)
+                tpm.kill_tpm()
+                killed_at = time.monotonic()
+                out, err = run.communicate(timeout=120)  # nothing hangs
+            finally:
+                if run.poll() is None:
+                    run.kill()
+                    run.communicate()
+            print(f"\nrun ended {time.monotonic() - killed_at:.1f} s after the TPM was killed")
+            before = [f"gone-{n:04d}" for n in range(1, FLEET_SIZE + 1) if _registered(emulator, f"gone-{n:04d}")]
+        finally:
+            emulator.stop()
+    assert run.returncode == 1, err
+    assert "Traceback" not in err
+    data = json.loads(report.read_text())
+    devices = {d["registration_id"]: d for d in data["devices"]}
+    assert len(devices) == FLEET_SIZE
+    assigned = sorted(r for r, d in devices.items() if d["status"] == "assigned")
+    failed = {r: d for r, d in devices.items() if d["status"] != "assigned"}
+    assert "gone-0001" in assigned and failed, data["summary"]
+    assert sorted(before) == assigned  # assigned before the kill: still assigned
+    for registration_id, record in failed.items():
+        message = record.get("error_message") or ""
+        # setup_error: the TLS context (C_Login, key search) failed; tls_error: C_Sign did.
+        assert record["status"] in ("setup_error", "tls_error"), record
+        assert "the token failed" in message and "AWS_ERROR_PKCS11_CKR_" in message, record
+        assert "Traceback" not in message and "RuntimeError" not in message and "\n" not in message
+    print(f"assigned {len(assigned)}, failed {len(failed)}: "
+          f"{sorted({d['error_message'] for d in failed.values()})}")
