@@ -48,7 +48,8 @@ def emulator(tmp_path_factory, devices):
     home = tmp_path_factory.mktemp("issuing-stub")
     env = devices.env()
     process = subprocess.Popen([sys.executable, "-m", "device_sim.cli", "stub", "serve", "--home", str(home),
-                                "--retry-after", "0", "--port", "0", "--service-port", "0", "--mqtt-port", "0"],
+                                "--retry-after", "0", "--port", "0", "--service-port", "0", "--mqtt-port", "0",
+                                "--amqp-port", "0"],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         line = process.stdout.readline()
@@ -154,7 +155,7 @@ def test_issuing_ca_key_in_a_token(devices, tmp_path):
     key_uri = f"pkcs11:token=ca;object=intermediate?pin-source={pin_file}"
     env = {k: v for k, v in devices.env().items() if k != "PKCS11_PIN"}  # the PIN comes from the URI
     process = subprocess.Popen([sys.executable, "-m", "device_sim.cli", "stub", "serve", "--home", str(home),
-                                "--retry-after", "0", "--port", "0", "--service-port", "0", "--no-mqtt",
+                                "--retry-after", "0", "--port", "0", "--service-port", "0", "--no-mqtt", "--no-amqp",
                                 "--issuing-ca-cert", devices.cas["intermediate"].chain_path,
                                 "--issuing-ca-key", key_uri],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
@@ -180,10 +181,10 @@ def test_issuing_ca_key_in_a_token(devices, tmp_path):
 
 
 def test_bad_issuing_ca_options_are_one_line(devices, tmp_path):
-    result = cli("stub", "serve", "--home", tmp_path / "bad", "--no-mqtt",
+    result = cli("stub", "serve", "--home", tmp_path / "bad", "--no-mqtt", "--no-amqp",
                  "--issuing-ca-cert", devices.cas["root"].pem_path, env=devices.env())
     assert result.returncode == 2 and "--issuing-ca-key" in result.stderr
-    result = cli("stub", "serve", "--home", tmp_path / "bad", "--no-mqtt",
+    result = cli("stub", "serve", "--home", tmp_path / "bad", "--no-mqtt", "--no-amqp",
                  "--issuing-ca-cert", devices.devices["issue-plain"].cert_path, "--issuing-ca-key", tmp_path / "none.pem",
                  env=devices.env())
     assert result.returncode == 2 and "issuing CA" in result.stderr

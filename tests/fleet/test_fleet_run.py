@@ -12,6 +12,7 @@ import time
 
 import pytest
 
+from device_sim.common.errors import UserError
 from device_sim.testing import Emulator
 from stub_server.emulator_proc import REPO, stub_admin
 
@@ -99,13 +100,26 @@ def test_mqtt_transport(world, tmp_path):
     assert json.loads(report.read_text())["summary"]["outcomes"] == {"assigned": 3}
 
 
+def _etag(emulator, registration_id: str) -> str | None:
+    try:
+        return emulator.admin.get_registration(registration_id).get("etag")
+    except UserError:
+        return None
+
+
 def test_ctrl_c_stops_cleanly_and_still_writes_the_report(world, tmp_path):
-    _, env, _ = world
+    _, env, emulator = world
     report = tmp_path / "report.json"
+    before = _etag(emulator, FLEET[0])
     proc = subprocess.Popen([sys.executable, "-m", "device_sim.cli", "fleet", "run", "--emulator", "--no-progress",
                              "--prefix", "fl-", "--rate", "2", "--json", str(report)],
                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(2.5)
+    # Interrupt once the first device of this run is assigned (a fixed sleep raced start-up
+    # on a loaded machine); at 2 arrivals/s most of the fleet is still to come.
+    deadline = time.monotonic() + 30
+    while _etag(emulator, FLEET[0]) == before and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    time.sleep(0.2)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
