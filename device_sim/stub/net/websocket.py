@@ -90,7 +90,9 @@ class WebSocketStream:
         self.log = log
         self._pending = bytearray()
         self._message_size = 0
-        self._ended = False  # a close frame came or went, or the TCP connection ended
+        self._ended = False  # no more data for the reader: a close frame came or went, or EOF
+        self._eof = False  # the TLS connection underneath ended
+        self._unparseable = False
 
     def presented_chain(self) -> list[x509.Certificate]:
         return self.stream.presented_chain()
@@ -99,7 +101,7 @@ class WebSocketStream:
         """Up to `size` bytes of message data; b"" once the WebSocket is closed."""
         deadline = time.monotonic() + timeout
         while not self._pending and not self._ended:
-            self._read_more(deadline)
+            self._pump(deadline)
         data = bytes(self._pending[:size])
         del self._pending[:size]
         return data
@@ -117,28 +119,33 @@ class WebSocketStream:
             if self.ws.state in (ConnectionState.OPEN, ConnectionState.REMOTE_CLOSING):
                 self._send(CloseConnection(code=CloseReason.NORMAL_CLOSURE))
             deadline = time.monotonic() + CLOSE_WAIT
-            while self.ws.state is ConnectionState.LOCAL_CLOSING and time.monotonic() < deadline:
-                self._read_more(deadline)
+            while self.ws.state is ConnectionState.LOCAL_CLOSING and not (self._eof or self._unparseable):
+                self._pump(deadline)
         except (TimeoutError, OSError, SSL.Error, LocalProtocolError):
             pass
         self._ended = True
 
-    def _read_more(self, deadline: float) -> None:
-        for event in self.ws.events():
-            self._on_event(event)
-        if self._pending or self._ended or self.ws.state is ConnectionState.CLOSED:
-            self._ended = self._ended or self.ws.state is ConnectionState.CLOSED
+    def _pump(self, deadline: float) -> None:
+        """Handle what wsproto holds, else read once from the connection underneath."""
+        if self._handle_events():
             return
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise TimeoutError("client too slow")
         data = self.stream.recv(READ_CHUNK, remaining)
         if not data:
-            self._ended = True  # TCP/TLS ended without a close frame (RFC 6455 code 1006)
+            self._eof = self._ended = True  # gone without a close frame (RFC 6455 code 1006)
             return
-        self.ws.receive_data(data)
+        if self.ws.state is not ConnectionState.CLOSED:
+            self.ws.receive_data(data)
+            self._handle_events()
+
+    def _handle_events(self) -> bool:
+        handled = False
         for event in self.ws.events():
             self._on_event(event)
+            handled = True
+        return handled
 
     def _on_event(self, event: Event) -> None:
         if isinstance(event, BytesMessage):
@@ -160,7 +167,9 @@ class WebSocketStream:
             if self.ws.state is ConnectionState.REMOTE_CLOSING:
                 self._send(event.response())  # the client's close, echoed
             elif self.ws.state is ConnectionState.OPEN:
-                # wsproto reports a frame it could not parse as a close with the code to send.
+                # wsproto reports a frame it could not parse as a close with the code to
+                # send; nothing after it can be parsed, so no close frame will be read either.
+                self._unparseable = True
                 self._fail(event.code, event.reason or "malformed frame")
             self._ended = True
         # Pong: only an answer to a ping we never send; nothing to do.
