@@ -26,7 +26,17 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	touch $(STAMP)
 
-venv: sysdeps $(STAMP)
+# The official azure-iot-device SDK pins paho-mqtt < 2, which the test extras cannot share:
+# it gets its own venv, used by tests/openssl to register through the emulator with the
+# token key (docs/openssl.md).
+SDK_VENV  := $(VENV)/sdk
+SDK_STAMP := $(SDK_VENV)/.installed
+$(SDK_STAMP):
+	python3 -m venv $(SDK_VENV)
+	$(SDK_VENV)/bin/python -m pip install -q azure-iot-device
+	touch $(SDK_STAMP)
+
+venv: sysdeps $(STAMP) $(SDK_STAMP)
 
 test: venv
 	$(VENV)/bin/pytest -q
@@ -39,3 +49,13 @@ bench: venv
 
 clean:
 	rm -rf $(VENV) $(HOME_DIR) .pytest_cache
+
+# The official service SDK (azure-iot-deviceprovisioning) shares the SDK venv: tests/stub_server
+# creates and reads enrollments with it, and registers with azure-iot-device over MQTT and
+# MQTT over WebSockets (docs/emulator.md, "WebSockets").
+SERVICE_SDK_STAMP := $(SDK_VENV)/.service-sdk
+$(SERVICE_SDK_STAMP): $(SDK_STAMP)
+	$(SDK_VENV)/bin/python -m pip install -q azure-iot-deviceprovisioning
+	touch $(SERVICE_SDK_STAMP)
+
+venv: $(SERVICE_SDK_STAMP)
