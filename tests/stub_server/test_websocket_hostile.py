@@ -12,7 +12,9 @@ import struct
 import time
 
 import pytest
-from wsproto.events import AcceptConnection, BytesMessage, CloseConnection, Message, Ping, Pong, RejectConnection
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from wsproto.events import AcceptConnection, BytesMessage, CloseConnection, Message, Ping, Pong
 
 from device_sim.mqtt import topics
 from device_sim.mqtt.codec import Connack, Connect, Decoder, Disconnect, encode
@@ -130,7 +132,7 @@ def sink(tmp_path):
     running = start(tmp_path)
 
     def drain(stream):
-        while stream.recv(65536, 5.0):
+        while stream.recv(65536, 0.5):
             pass
 
     running.app.websocket_subprotocols.register_subprotocol("sink", drain)
@@ -307,3 +309,43 @@ def test_many_upgraded_connections_end_cleanly(emulator, port, ca):
     for client in clients:
         client.close()
     assert_no_traceback(emulator)
+
+
+def test_pings_do_not_extend_the_connect_deadline(tmp_path):
+    running = start(tmp_path, limits=Limits(request_timeout=1.0, idle_timeout=1.0, handshake_timeout=1.0))
+    try:
+        client = upgraded(running.port, running.ca_cert)
+        started = time.monotonic()
+        closed = None
+        try:
+            while time.monotonic() - started < 5 and closed is None:
+                try:
+                    client.send(Ping(b"still here"))
+                except OSError:
+                    break
+                client.sock.settimeout(0.3)
+                try:
+                    for event in client.events():
+                        if isinstance(event, CloseConnection):
+                            closed = time.monotonic() - started
+                except (socket.timeout, ssl.SSLError, OSError):
+                    pass
+        finally:
+            client.close()
+        assert closed is not None and closed < 2.5, closed
+    finally:
+        running.close()
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.binary(min_size=1, max_size=2048))
+def test_any_bytes_after_the_upgrade_end_in_a_close(sink, data):
+    client = sink_client(sink)
+    try:
+        client.sock.sendall(data)
+        client.sock.sendall(b"\x88\x80\x00\x00\x00\x00")  # and then a close frame, if still parseable
+        closes_with(client, timeout=10)
+    finally:
+        client.close()
+    # Still serving; that nothing escaped as a failure, the sink fixture checks in its log.
+    sink_client(sink).close()

@@ -34,7 +34,6 @@ from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 from device_sim.stub.core import errors
 from device_sim.stub.core.errors import error_reply
 from device_sim.stub.net import http
-from device_sim.stub.net.listener import Limits
 
 PATH = "/$iothub/websocket"  # the only path the official SDKs upgrade
 MQTT = "mqtt"
@@ -190,27 +189,32 @@ UpgradeHandler = Callable[[object, "http.Request", bytes], bool]
 
 def is_websocket_upgrade(request: http.Request) -> bool:
     """A request for `/$iothub/websocket` that asks to switch to the WebSocket protocol."""
-    tokens = {token.strip().lower() for token in request.headers.get("upgrade", "").split(",")}
+    upgrade = request.headers.get("upgrade")
+    if upgrade is None:  # every device request passes here: the common case costs one lookup
+        return False
+    tokens = {token.strip().lower() for token in upgrade.split(",")}
     return "websocket" in tokens and unquote(request.path) == PATH
 
 
-def upgrade_handler(subprotocols: Subprotocols, limits: Limits, max_message: int = DEFAULT_MAX_MESSAGE,
+def upgrade_handler(subprotocols: Subprotocols, max_message: int = DEFAULT_MAX_MESSAGE,
                     log: Callable[[str], None] | None = None) -> UpgradeHandler:
     """What `http.serve_http` calls with each request: True when it took the connection over."""
 
     def upgrade(stream, request: http.Request, buffered: bytes) -> bool:
         if not is_websocket_upgrade(request):
             return False
-        serve_websocket(stream, request, buffered, subprotocols, limits, max_message, log)
+        serve_websocket(stream, request, buffered, subprotocols, max_message, log)
         return True
 
     return upgrade
 
 
 def serve_websocket(stream, request: http.Request, buffered: bytes, subprotocols: Subprotocols,
-                    limits: Limits, max_message: int = DEFAULT_MAX_MESSAGE,
-                    log: Callable[[str], None] | None = None) -> None:
-    """Answer the upgrade request and run the chosen subprotocol's loop to its end."""
+                    max_message: int = DEFAULT_MAX_MESSAGE, log: Callable[[str], None] | None = None) -> None:
+    """Answer the upgrade request and run the chosen subprotocol's loop to its end.
+
+    Deadlines: the request itself was read under the HTTP ones; after the upgrade the
+    subprotocol's loop keeps its own (they pass through `WebSocketStream.recv`)."""
     accepted = _handshake(request, subprotocols)
     if not isinstance(accepted, tuple):
         _refuse(stream, accepted)
