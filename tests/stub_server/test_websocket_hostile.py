@@ -21,8 +21,7 @@ from device_sim.mqtt.codec import Connack, Connect, Decoder, Disconnect, encode
 from device_sim.stub.net.listener import Limits
 
 from .conftest import client_context, read_response, tls_connect
-from .emulator_proc import Emulator
-from .stubpki import write_identity
+from device_sim.testing import Emulator
 from .ws_helpers import PATH, WsClient, start
 
 KEY = "dGhlIHNhbXBsZSBub25jZQ=="  # the RFC 6455 example key
@@ -30,7 +29,7 @@ KEY = "dGhlIHNhbXBsZSBub25jZQ=="  # the RFC 6455 example key
 
 @pytest.fixture(scope="module")
 def emulator(tmp_path_factory):
-    running = Emulator(tmp_path_factory.mktemp("ws-hostile-home"), "--no-mqtt")
+    running = Emulator.spawn(tmp_path_factory.mktemp("ws-hostile-home"), "--no-mqtt")
     yield running
     assert running.stop() == 0
     log = running.log.read_text()
@@ -250,8 +249,8 @@ def mqtt_packets(client: WsClient, until: type, timeout: float = 5.0):
     return pongs, packets
 
 
-def test_fragments_pings_and_messages_make_one_byte_stream(emulator, port, ca, pki, tmp_path):
-    identity = write_identity(tmp_path, "ws-frag", pki.device("ws-frag"), pki.inter2, pki.inter1, pki.root)
+def test_fragments_pings_and_messages_make_one_byte_stream(emulator, port, ca, file_cas, tmp_path):
+    identity = file_cas.device("ws-frag").write(tmp_path, "ws-frag")
     client = upgraded(port, ca, identity)
     try:
         connect = encode(Connect("ws-frag", topics.format_username(emulator.ready["id_scope"], "ws-frag",

@@ -12,15 +12,15 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from device_sim.mqtt import topics
+from device_sim.testing import TestCA
 
-from .stubpki import write_identity
 from .ws_helpers import PATH, start
 
 
 @pytest.fixture(scope="module")
-def running(tmp_path_factory, pki):
+def running(tmp_path_factory, file_cas):
     stub = start(tmp_path_factory.mktemp("ws-paho-home"))
-    stub.enroll_group("ws-inter2", pki.inter2)
+    stub.enroll_group("ws-inter2", file_cas.inter2)
     yield stub
     stub.close()
 
@@ -51,10 +51,9 @@ class PahoOverWebSockets:
         self.client.loop_stop()
 
 
-def test_paho_registers_over_mqtt_over_websockets(running, pki, tmp_path):
+def test_paho_registers_over_mqtt_over_websockets(running, file_cas, tmp_path):
     registration_id = "ws-paho-1"
-    identity = write_identity(tmp_path, registration_id, pki.device(registration_id), pki.inter2, pki.inter1,
-                              pki.root)
+    identity = file_cas.device(registration_id).write(tmp_path, registration_id)
     device = PahoOverWebSockets(running, registration_id, identity)
     try:
         assert device.connack.get(timeout=10) == 0
@@ -76,10 +75,8 @@ def test_paho_registers_over_mqtt_over_websockets(running, pki, tmp_path):
 
 
 def test_a_stranger_certificate_gets_the_core_answer_401002(running, tmp_path):
-    from .stubpki import issue
-
-    stranger = issue("ws-stranger-root")
-    identity = write_identity(tmp_path, "ws-stranger", stranger.issue("ws-stranger"), stranger)
+    stranger = TestCA("ws-stranger-root")
+    identity = stranger.issue_leaf("ws-stranger").write(tmp_path, "ws-stranger")
     device = PahoOverWebSockets(running, "ws-stranger", identity)
     try:
         assert device.connack.get(timeout=10) == 0
@@ -90,8 +87,8 @@ def test_a_stranger_certificate_gets_the_core_answer_401002(running, tmp_path):
         device.close()
 
 
-def test_a_registration_id_other_than_the_cn_is_refused_at_connack(running, pki, tmp_path):
-    identity = write_identity(tmp_path, "ws-real", pki.device("ws-real"), pki.inter2, pki.inter1, pki.root)
+def test_a_registration_id_other_than_the_cn_is_refused_at_connack(running, file_cas, tmp_path):
+    identity = file_cas.device("ws-real").write(tmp_path, "ws-real")
     device = PahoOverWebSockets(running, "ws-claimed", identity)
     try:
         assert str(device.connack.get(timeout=10)) == "Not authorized"

@@ -17,9 +17,9 @@ import subprocess
 
 import pytest
 
-from .emulator_proc import Emulator
+from device_sim.testing import Emulator
+from .emulator_proc import stub_admin
 from .sdk_venv import fixed_ports, sdk_python
-from .stubpki import write_identity
 
 DEVICE_CLIENT = r"""
 import json, sys
@@ -57,11 +57,11 @@ def fixed(tmp_path_factory):
     WebSockets; no 8883, so a WebSocket registration cannot have gone anywhere else) and one
     with MQTT on 8883."""
     with fixed_ports():
-        on_443 = Emulator(tmp_path_factory.mktemp("ws-sdk-443"), "--port", "443", "--no-mqtt",
+        on_443 = Emulator.spawn(tmp_path_factory.mktemp("ws-sdk-443"), "--port", "443", "--no-mqtt",
                           "--service-on-device-port", "--service-connection-string")
         on_8883 = None
         try:
-            on_8883 = Emulator(tmp_path_factory.mktemp("ws-sdk-8883"), "--mqtt-port", "8883")
+            on_8883 = Emulator.spawn(tmp_path_factory.mktemp("ws-sdk-8883"), "--mqtt-port", "8883")
             assert on_443.ready["device_url"].endswith(":443") and "mqtt_url" not in on_443.ready
             assert on_8883.ready["mqtt_url"].endswith(":8883")
             yield {"ws": on_443, "mqtt": on_8883}
@@ -90,13 +90,13 @@ def run_sdk(script: str, *args, ca_cert: str | None = None) -> dict:
 
 
 @pytest.fixture(scope="module")
-def enrolled(emulator, pki, tmp_path_factory):
+def enrolled(emulator, file_cas, tmp_path_factory):
     """The inter2 group made by the service SDK itself, through the device port (443); the
     root it chains to uploaded as verified with the admin verbs (the SDK has no CA calls)."""
     files = tmp_path_factory.mktemp("ws-sdk-files")
-    (files / "inter2.pem").write_bytes(pki.inter2.pem)
-    (files / "root.pem").write_bytes(pki.root.pem)
-    emulator.admin("ca", "upload", "sdk-root", files / "root.pem", "--verified")
+    (files / "inter2.pem").write_bytes(file_cas.inter2.cert_pem)
+    (files / "root.pem").write_bytes(file_cas.root.cert_pem)
+    stub_admin(emulator, "ca", "upload", "sdk-root", files / "root.pem", "--verified")
     outcome = run_sdk(SERVICE_CLIENT, emulator.ready["service_connection_string"], "sdk-inter2",
                       files / "inter2.pem", ca_cert=emulator.ready["ca_cert"])
     return outcome
@@ -105,12 +105,12 @@ def enrolled(emulator, pki, tmp_path_factory):
 def test_the_service_sdk_creates_and_reads_a_group_on_the_device_port(emulator, enrolled):
     assert enrolled["created"] == enrolled["read"] == "sdk-inter2"
     assert enrolled["status"] == "enabled" and enrolled["etag"]
-    listed = json.loads(emulator.admin("group", "get", "sdk-inter2", "--json").stdout)
+    listed = json.loads(stub_admin(emulator, "group", "get", "sdk-inter2", "--json").stdout)
     assert listed["enrollmentGroupId"] == "sdk-inter2"
 
 
-def test_the_service_sdk_on_the_service_port(emulator, pki, tmp_path):
-    (tmp_path / "inter1.pem").write_bytes(pki.inter1.pem)
+def test_the_service_sdk_on_the_service_port(emulator, file_cas, tmp_path):
+    (tmp_path / "inter1.pem").write_bytes(file_cas.inter1.cert_pem)
     key = emulator.ready["service_connection_string"].split("SharedAccessKey=", 1)[1]
     port = emulator.ready["service_url"].rsplit(":", 1)[1]
     connection_string = (f"HostName=localhost:{port};SharedAccessKeyName=provisioningserviceowner;"
@@ -121,17 +121,16 @@ def test_the_service_sdk_on_the_service_port(emulator, pki, tmp_path):
 
 
 @pytest.mark.parametrize("transport", ["mqtt", "ws"])
-def test_the_device_sdk_provisions(fixed, enrolled, pki, tmp_path, transport):
+def test_the_device_sdk_provisions(fixed, enrolled, file_cas, tmp_path, transport):
     emulator = fixed[transport]
     if transport == "mqtt":
-        (tmp_path / "root.pem").write_bytes(pki.root.pem)
-        (tmp_path / "inter2.pem").write_bytes(pki.inter2.pem)
-        emulator.admin("ca", "upload", "sdk-root", tmp_path / "root.pem", "--verified")
-        emulator.admin("group", "create", "sdk-inter2", "--cert", tmp_path / "inter2.pem")
+        (tmp_path / "root.pem").write_bytes(file_cas.root.cert_pem)
+        (tmp_path / "inter2.pem").write_bytes(file_cas.inter2.cert_pem)
+        stub_admin(emulator, "ca", "upload", "sdk-root", tmp_path / "root.pem", "--verified")
+        stub_admin(emulator, "group", "create", "sdk-inter2", "--cert", tmp_path / "inter2.pem")
     registration_id = f"sdk-{transport}-device"
-    chain, key = write_identity(tmp_path, registration_id, pki.device(registration_id), pki.inter2, pki.inter1,
-                                pki.root)
+    chain, key = file_cas.device(registration_id).write(tmp_path, registration_id)
     outcome = run_sdk(DEVICE_CLIENT, json.dumps(emulator.ready), chain, key, registration_id, transport)
     assert outcome["status"] == "assigned" and outcome["device_id"] == registration_id
-    record = json.loads(emulator.admin("registration", "get", registration_id, "--json").stdout)
+    record = json.loads(stub_admin(emulator, "registration", "get", registration_id, "--json").stdout)
     assert record["status"] == "assigned"

@@ -14,9 +14,9 @@ from wsproto.events import AcceptConnection, RejectConnection, RejectData, Reque
 
 from device_sim.stub import server
 from device_sim.stub.core import sas
+from device_sim.testing import TestCA
 
 from .conftest import client_context, tls_connect
-from .stubpki import Issued
 
 SERVICE_API = "2021-10-01"
 PATH = "/$iothub/websocket"
@@ -49,9 +49,9 @@ class Running:
         assert reply.status < 300, (method, path, reply.status, reply.body)
         return reply.body
 
-    def enroll_group(self, group_id: str, ca: Issued) -> None:
+    def enroll_group(self, group_id: str, ca: TestCA) -> None:
         """`ca` uploaded as verified and made the signing certificate of an enrollment group."""
-        pem = ca.pem.decode()
+        pem = ca.cert_pem.decode()
         self.service("PUT", f"/certificates/{group_id}", {"properties": {"certificate": pem, "isVerified": True}})
         self.service("PUT", f"/enrollmentGroups/{group_id}", {
             "enrollmentGroupId": group_id,
