@@ -69,3 +69,13 @@ bench: venv
 
 clean:
 	rm -rf $(VENV) $(HOME_DIR) .pytest_cache
+
+# The official service SDK (azure-iot-deviceprovisioning) shares the SDK venv: tests/stub_server
+# creates and reads enrollments with it, and registers with azure-iot-device over MQTT and
+# MQTT over WebSockets (docs/emulator.md, "WebSockets").
+SERVICE_SDK_STAMP := $(SDK_VENV)/.service-sdk
+$(SERVICE_SDK_STAMP): $(SDK_STAMP)
+	$(SDK_VENV)/bin/python -m pip install -q azure-iot-deviceprovisioning
+	touch $(SERVICE_SDK_STAMP)
+
+venv: $(SERVICE_SDK_STAMP)

@@ -29,8 +29,10 @@ from device_sim.stub.core.config import Hub, StubConfig
 from device_sim.stub.layout import StateLayout, ensure_service_key, read_service_key
 from device_sim.stub.net import amqp
 from device_sim.stub.net import http as http_server
+from device_sim.stub.net import websocket
 from device_sim.stub.net.listener import Limits, TlsListener
 from device_sim.stub.net.log import log_stderr
+from device_sim.stub.net.mqtt import serve_mqtt
 from device_sim.stub.net.server_pki import ServerIdentity, ensure_server_identity, supplied_identity
 from device_sim.stub.net.tls_context import device_context, service_context
 
@@ -92,6 +94,9 @@ class StubApp:
     url_host: str
     limits: Limits
     log: Callable[[str], None]
+    # What `GET /$iothub/websocket` on the device port may switch to; a front end adds its
+    # own with register_subprotocol(name, handler) (net/websocket.py).
+    websocket_subprotocols: websocket.Subprotocols = field(default_factory=websocket.Subprotocols)
 
     def device_context(self) -> SSL.Context:
         """pyOpenSSL context for device ports (asks for any client chain, accepts any)."""
@@ -247,9 +252,14 @@ class StubServer:
         on_device = http_server.device_handler(app.device_api)
         if options.service_on_device_port:
             on_device = http_server.device_or_service_handler(on_device, on_service)
+        # MQTT over WebSockets belongs to the device port (as on DPS), whether or not 8883 is served.
+        app.websocket_subprotocols.register_subprotocol(
+            websocket.MQTT, lambda stream: serve_mqtt(stream, app.device_api, app.limits, log=self.log))
+        upgrade = websocket.upgrade_handler(app.websocket_subprotocols, log=self.log)
         device = TlsListener(
             "device", "https", options.host, options.port, app.device_context(),
-            lambda stream: http_server.serve_http(stream, on_device, app.limits, app.config.max_body, self.log),
+            lambda stream: http_server.serve_http(stream, on_device, app.limits, app.config.max_body, self.log,
+                                                  upgrade),
             limits=app.limits, on_not_tls=http_server.plain_http_hint, url_host=app.url_host, log=self.log,
             one_at_a_time=True,  # the device handlers only wait in TlsStream reads and writes
         )

@@ -249,8 +249,12 @@ def serve_http(
     limits: Limits,
     max_body: int = DEFAULT_MAX_BODY,
     log: Callable[[str], None] | None = None,
+    upgrade: Callable[[TlsStream, Request, bytes], bool] | None = None,
 ) -> None:
-    """Answer requests on one connection until the client closes, idles out, or errs."""
+    """Answer requests on one connection until the client closes, idles out, or errs.
+
+    `upgrade(stream, request, buffered)` may take the connection over (net/websocket.py);
+    it gets the bytes read past the request and returns True when it did."""
     try:
         chain, refusal = stream.presented_chain(), None
     except UnreadablePeerChain as exc:
@@ -266,6 +270,8 @@ def serve_http(
         except (TlsClosed, SSL.Error, OSError):
             return
         if request is None:
+            return
+        if upgrade is not None and upgrade(stream, request, reader.buffer):
             return
         try:
             reply = refusal or handle(request, chain)
