@@ -84,3 +84,40 @@ def test_nothing_is_lost_or_doubled_under_faults(world, tmp_path):
     assert by_cause.get("dropped", 0) <= plan_report["rules"][1]["fired"]
     assert by_cause.get("reset", 0) + by_cause.get("refused", 0) + by_cause.get("tls_eof", 0) > 0
     assert "retries:" in result.stdout and "server_error" in result.stdout
+
+
+def register_calls(emulator) -> int:
+    return sum(r["registerRequests"] for r in json.loads(emulator.admin("registration", "list", "--json").stdout))
+
+
+def test_a_plan_set_while_the_fleet_registers_applies_at_once(world, tmp_path):
+    home, env, emulator = world
+    before = {r["registrationId"]: r["registerRequests"]
+              for r in json.loads(emulator.admin("registration", "list", "--json").stdout)}
+    report_file, plan_file = tmp_path / "report.json", tmp_path / "plan.json"
+    plan_file.write_text(json.dumps({"seed": 5, "rules": [
+        {"match": {"operation": "register"}, "probability": 0.5, "action": {"status": 503, "retry_after": 1}}]}))
+    fleet = subprocess.Popen([sys.executable, "-m", "device_sim.cli", "fleet", "run", "--emulator", "--no-progress",
+                              "--prefix", "ff-", "--concurrency", "8", "--rate", "25", "--json", str(report_file)],
+                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while register_calls(emulator) - sum(before.values()) < 10:  # some devices are through
+        assert time.monotonic() < deadline and fleet.poll() is None
+        time.sleep(0.2)
+    emulator.admin("faults", "set", plan_file)  # the rest still to come
+    out, err = fleet.communicate(timeout=120)
+    assert fleet.returncode == 0 and "Traceback" not in err, err
+    plan_report = json.loads(emulator.admin("faults", "show", "--json").stdout)
+    emulator.admin("faults", "clear")
+    report = json.loads(report_file.read_text())
+    rule = plan_report["rules"][0]
+    assert 0 < rule["matched"] < COUNT + rule["fired"]  # only the registers after the change
+    assert rule["fired"] > 0
+    assert report["summary"]["retries_by_cause"].get("server_error") == rule["fired"]
+    records = [{**r, "registerRequests": r["registerRequests"] - before.get(r["registrationId"], 0)}
+               for r in json.loads(emulator.admin("registration", "list", "--json").stdout)]
+    figures = reconcile(report["devices"], records, plan_report)
+    assert figures["assigned"] == COUNT and figures["lost"] == [] and figures["doubled_beyond_faults"] == 0
+    # The devices through before the change saw no fault.
+    clean = [d for d in report["devices"] if not d["retries_by_cause"]]
+    assert len(clean) >= 10
