@@ -16,7 +16,8 @@ import time
 import pytest
 
 from device_sim.fleet.reconcile import reconcile
-from stub_server.emulator_proc import REPO, Emulator
+from device_sim.testing import Emulator
+from stub_server.emulator_proc import REPO, stub_admin
 
 COUNT = 100
 PIN, SO_PIN = "1234", "87654321"
@@ -43,9 +44,9 @@ def world(tmp_path_factory):
                  ("fleet", "create", "--count", COUNT, "--prefix", "ff-", "--ca", "root",
                   "--per-token", 50, "--no-progress")):
         assert run(env, "device_sim.cli.hsm_setup", *args).returncode == 0
-    emulator = Emulator(home, "--assignment-delay", "0")
-    emulator.admin("ca", "upload", "root", home / "pki" / "ca" / "root" / "cert.pem", "--verified")
-    emulator.admin("group", "create", "all", "--ca-ref", "root")
+    emulator = Emulator.spawn(home, "--retry-after", "0", "--assignment-delay", "0")
+    stub_admin(emulator, "ca", "upload", "root", home / "pki" / "ca" / "root" / "cert.pem", "--verified")
+    stub_admin(emulator, "group", "create", "all", "--ca-ref", "root")
     yield home, env, emulator
     emulator.stop()
 
@@ -54,15 +55,15 @@ def test_nothing_is_lost_or_doubled_under_faults(world, tmp_path):
     home, env, emulator = world
     plan_file, report_file = tmp_path / "plan.json", tmp_path / "report.json"
     plan_file.write_text(json.dumps(PLAN))
-    emulator.admin("faults", "set", plan_file)  # the outage counts from now
+    stub_admin(emulator, "faults", "set", plan_file)  # the outage counts from now
     started = time.monotonic()
     result = run(env, "device_sim.cli", "fleet", "run", "--emulator", "--no-progress", "--prefix", "ff-",
                  "--concurrency", 32, "--rate", 40, "--timeout", 60, "--json", report_file)
     assert time.monotonic() - started > 4  # the run lasted past the outage window
     report = json.loads(report_file.read_text())
-    plan_report = json.loads(emulator.admin("faults", "show", "--json").stdout)
-    emulator.admin("faults", "clear")
-    records = json.loads(emulator.admin("registration", "list", "--json").stdout)
+    plan_report = json.loads(stub_admin(emulator, "faults", "show", "--json").stdout)
+    stub_admin(emulator, "faults", "clear")
+    records = json.loads(stub_admin(emulator, "registration", "list", "--json").stdout)
 
     figures = reconcile(report["devices"], records, plan_report)
     assert figures["devices"] == COUNT and figures["lost"] == [] and figures["unstated"] == []
@@ -87,13 +88,13 @@ def test_nothing_is_lost_or_doubled_under_faults(world, tmp_path):
 
 
 def register_calls(emulator) -> int:
-    return sum(r["registerRequests"] for r in json.loads(emulator.admin("registration", "list", "--json").stdout))
+    return sum(r["registerRequests"] for r in json.loads(stub_admin(emulator, "registration", "list", "--json").stdout))
 
 
 def test_a_plan_set_while_the_fleet_registers_applies_at_once(world, tmp_path):
     home, env, emulator = world
     before = {r["registrationId"]: r["registerRequests"]
-              for r in json.loads(emulator.admin("registration", "list", "--json").stdout)}
+              for r in json.loads(stub_admin(emulator, "registration", "list", "--json").stdout)}
     report_file, plan_file = tmp_path / "report.json", tmp_path / "plan.json"
     plan_file.write_text(json.dumps({"seed": 5, "rules": [
         {"match": {"operation": "register"}, "probability": 0.5, "action": {"status": 503, "retry_after": 1}}]}))
@@ -104,18 +105,18 @@ def test_a_plan_set_while_the_fleet_registers_applies_at_once(world, tmp_path):
     while register_calls(emulator) - sum(before.values()) < 10:  # some devices are through
         assert time.monotonic() < deadline and fleet.poll() is None
         time.sleep(0.2)
-    emulator.admin("faults", "set", plan_file)  # the rest still to come
+    stub_admin(emulator, "faults", "set", plan_file)  # the rest still to come
     out, err = fleet.communicate(timeout=120)
     assert fleet.returncode == 0 and "Traceback" not in err, err
-    plan_report = json.loads(emulator.admin("faults", "show", "--json").stdout)
-    emulator.admin("faults", "clear")
+    plan_report = json.loads(stub_admin(emulator, "faults", "show", "--json").stdout)
+    stub_admin(emulator, "faults", "clear")
     report = json.loads(report_file.read_text())
     rule = plan_report["rules"][0]
     assert 0 < rule["matched"] < COUNT + rule["fired"]  # only the registers after the change
     assert rule["fired"] > 0
     assert report["summary"]["retries_by_cause"].get("server_error") == rule["fired"]
     records = [{**r, "registerRequests": r["registerRequests"] - before.get(r["registrationId"], 0)}
-               for r in json.loads(emulator.admin("registration", "list", "--json").stdout)]
+               for r in json.loads(stub_admin(emulator, "registration", "list", "--json").stdout)]
     figures = reconcile(report["devices"], records, plan_report)
     assert figures["assigned"] == COUNT and figures["lost"] == [] and figures["doubled_beyond_faults"] == 0
     # The devices through before the change saw no fault.
