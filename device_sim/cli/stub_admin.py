@@ -135,6 +135,9 @@ def _add_record_commands(verbs, noun: str, help_text: str) -> None:
         p.add_argument("--device-id", help="IoT Hub device ID (default: the registration ID)")
     p.add_argument("--disabled", action="store_true", help="create it disabled")
     p.add_argument("--hub", action="append", default=[], metavar="HOST", help="restrict to these linked hubs")
+    p.add_argument("--credential-policy", metavar="NAME",
+                   help="credentialPolicyName: devices sending a csr get a certificate from this policy "
+                        "(the emulator has 'default')")
     p.set_defaults(func=_record_create, noun=noun)
     for action, text in (("get", "show one"), ("delete", "delete one"), ("enable", "enable one"),
                          ("disable", "disable one")):
@@ -159,6 +162,8 @@ def _record_create(args) -> int:
         record = admin.group_record(args.id, args.ca_ref, cert, args.disabled, args.hub)
     else:
         record = admin.enrollment_record(args.id, cert, args.device_id, args.disabled, args.hub)
+    if args.credential_policy:
+        record["credentialPolicyName"] = args.credential_policy
     result = _client(args).put_record(RECORD_KINDS[args.noun], args.id, record)
     return _emit(args, result, _record_summary(args.noun, result))
 

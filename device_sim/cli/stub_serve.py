@@ -58,6 +58,12 @@ def add_serve(verbs) -> None:
     parser.add_argument("--tls-chain", type=Path, metavar="FILE",
                         help="CA certificates for --tls-cert (intermediates are sent, the file is the "
                              "ready line's ca_cert)")
+    parser.add_argument("--issuing-ca-cert", type=Path, metavar="FILE",
+                        help="certificate issuance: the issuing CA (PEM, its root may follow); "
+                             "default: one made in <home>/stub/issuing/")
+    parser.add_argument("--issuing-ca-key", metavar="FILE|URI",
+                        help="the key of --issuing-ca-cert: an unencrypted PEM file or a pkcs11: URI "
+                             "(signatures made in the token; PIN from ?pin-source= or $PKCS11_PIN)")
     parser.add_argument("--max-connections", type=int, default=512, metavar="N",
                         help="connections served at once per port; more wait in the backlog (default 512)")
     _add_mqtt_arguments(parser)
@@ -100,6 +106,8 @@ def run_serve(args) -> int:
         assignment_delay=args.assignment_delay, retry_after=args.retry_after, throttle=args.throttle,
         limits=Limits(max_connections=args.max_connections),
         faults=_read_fault_plan(args.faults), quota_units=args.quota_units,
+        issuing_ca_cert=args.issuing_ca_cert and args.issuing_ca_cert.absolute(),
+        issuing_ca_key=_absolute_unless_uri(args.issuing_ca_key),
     )
     factories = [f for f in (_mqtt_listener_factory(args),) if f is not None]
     stub = server.StubServer(options, factories)
@@ -131,6 +139,12 @@ def _read_fault_plan(path: Path | None):
         raise UserError(f"--faults {path}: cannot read it ({exc.strerror or exc})") from None
     except FaultPlanError as exc:
         raise UserError(f"--faults {path}: {exc}") from None
+
+
+def _absolute_unless_uri(value: str | None) -> str | None:
+    if value is None or value.lower().startswith("pkcs11:"):
+        return value
+    return str(Path(value).absolute())
 
 
 def _check_tls_options(args) -> None:

@@ -74,6 +74,9 @@ class ServeOptions:
     faults: object = None  # core.faults.FaultPlan from --faults, or None
     quota_units: int = 0
     limits: Limits = field(default_factory=Limits)
+    # Certificate issuance: None/None = the issuing CA generated in <home>/stub/issuing/.
+    issuing_ca_cert: Path | None = None
+    issuing_ca_key: str | None = None  # a PEM file or a pkcs11: URI
 
 
 @dataclass
@@ -173,6 +176,7 @@ class StubServer:
         from device_sim.stub.core.device_api import DeviceApi
         from device_sim.stub.core.service import ServiceApi
         from device_sim.stub.core.store import Store
+        from device_sim.stub.issuing_ca import load_issuer
 
         options = self.options
         layout = StateLayout.of(options.home)
@@ -182,7 +186,8 @@ class StubServer:
         key_path = ensure_service_key(layout.service_key)
         identity = server_identity(layout, options)
         store = Store(layout.database)
-        device_api = DeviceApi(store, config)
+        device_api = DeviceApi(store, config, issuer=load_issuer(
+            directory, options.issuing_ca_cert, options.issuing_ca_key))
         device_api.faults.set(options.faults)
         url_host = "localhost" if options.host in ("127.0.0.1", "::1", "localhost", "0.0.0.0", "::") else options.host
         self.app = app = StubApp(

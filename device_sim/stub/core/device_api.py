@@ -20,7 +20,9 @@ Decisions where the public documentation is silent (docs/x509-rules.md, "Open qu
 - The device `payload` is stored with the registration (visible as `devicePayload` in
   the service API) but not echoed to the device: real DPS only returns a payload produced
   by a custom-allocation webhook, which the emulator does not run.
-- `csr` (certificate issuance, preview API) is refused with 400.
+- `csr` (certificate issuance, preview API): checked and issued through `issuance`
+  (docs/certificate-issuance.md); the chain rides only the terminal operation result.
+  Sent to the status lookup it is a 400, as the spec says.
 - Polls are authenticated cheaply: the leaf CN must match the path and the leaf must be
   the certificate that started the operation (the TLS handshake proved its key).
 - The status lookup (POST) runs the full walk: an unauthenticated chain gets 401002,
@@ -44,7 +46,7 @@ from device_sim.common import dps
 from device_sim.common.registration_id import MAX_LENGTH, registration_id_problem
 from device_sim.common.x509util import common_name, sha256_thumbprint
 
-from . import errors
+from . import errors, issuance
 from .allocation import allocate
 from .config import StubConfig
 from .enrollment_walk import DISABLED, GROUP, UNAUTHORIZED, decide
@@ -85,10 +87,13 @@ def new_operation_id() -> str:
 
 
 class DeviceApi:
-    def __init__(self, store: Store, config: StubConfig, clock=time.time):
+    def __init__(self, store: Store, config: StubConfig, clock=time.time,
+                 issuer: issuance.Issuer | None = None, policies=None):
         self.store = store
         self.config = config
         self.clock = clock
+        self.issuer = issuer  # None: no issuing CA, so a csr is refused
+        self.policies = issuance.default_policies() if policies is None else policies
         self._throttled: dict[str, int] = {}
         self._throttle_lock = threading.Lock()
         # The fault plan every edge asks (docs/emulator.md, "Fault plans"); set live.
@@ -174,9 +179,6 @@ class DeviceApi:
                            "Invalid RegistrationId: the body's registrationId differs from the path")
         if data.get("payload") is not None and not isinstance(data["payload"], dict):
             raise DpsError(errors.BAD_REQUEST, "payload must be a JSON object")
-        if data.get("csr") is not None:
-            raise DpsError(errors.BAD_REQUEST,
-                           "certificate issuance (csr) is not supported by the emulator")
         return data
 
     @staticmethod
@@ -200,17 +202,34 @@ class DeviceApi:
         decision = decide(chain, self.store.walk_view(), now)
         if decision.outcome == UNAUTHORIZED:
             raise DpsError(errors.INVALID_CERTIFICATE, f"Invalid certificate: {decision.reason}")
+        csr = self._checked_csr(data.get("csr"), registration_id, decision)
         previous = self.store.get_registration(registration_id)
         row = self._outcome(decision, previous, data.get("payload"), api_version, now)
         operation_id = new_operation_id()
         terminal = {"operationId": operation_id, "status": row.doc["status"],
                     "registrationState": {"x509": {}, **row.doc}}
+        if csr is not None and row.doc["status"] == dps.ASSIGNED:
+            chain = self.issuer.issue(csr[0], decision.registration_id, csr[1], now)
+            terminal["registrationState"]["issuedCertificateChain"] = issuance.chain_base64(chain)
         self.store.save_registration(row, OperationRow(
             operation_id, registration_id, decision.leaf_thumbprint,
             stamp + max(self.config.assignment_delay, hold or 0.0), terminal))
         headers = {"Retry-After": str(self.config.retry_after),
                    "Location": location(host, f"/{id_scope}/registrations/{registration_id}/register")}
         return Reply(202, {"operationId": operation_id, "status": dps.ASSIGNING}, headers)
+
+    def _checked_csr(self, value, registration_id, decision):
+        """(request, policy) when the body asks for a certificate, else None; a fault is a 400."""
+        if value is None:
+            return None
+        csr = issuance.parse_csr(value, registration_id)
+        if decision.outcome == DISABLED:
+            return None
+        policy = issuance.policy_for(decision.entry.doc, self.policies, decision.entry.label)
+        if self.issuer is None:
+            raise DpsError(issuance.NO_CREDENTIAL_POLICY,
+                           "this emulator runs without an issuing CA, so it cannot issue certificates")
+        return csr, policy
 
     def _outcome(self, decision, previous: RegistrationRow | None, payload,
                  api_version, now: datetime) -> RegistrationRow:
@@ -269,7 +288,9 @@ class DeviceApi:
 
     def _registration_status(self, id_scope, registration_id, api_version, chain, body) -> Reply:
         self._check_request(id_scope, registration_id, api_version)
-        self._parse_body(body, registration_id)
+        if self._parse_body(body, registration_id).get("csr") is not None:
+            raise DpsError(errors.BAD_REQUEST, "csr is not allowed in a registration status "
+                           "lookup; send it with the register call")
         self._leaf_matches(chain, registration_id)
         decision = decide(chain, self.store.walk_view(), self._now()[1])
         if decision.outcome == UNAUTHORIZED:
