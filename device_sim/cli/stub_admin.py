@@ -1,4 +1,4 @@
-"""`device-sim stub ca|group|enroll|registration|status ...`: manage the emulator's CA
+"""`device-sim stub ca|group|enroll|registration|status|faults ...`: manage the emulator's CA
 certificates, enrollments and registration records through its service API, and show what
 it holds."""
 
@@ -20,6 +20,7 @@ def add_admin(verbs) -> None:
     _add_record_commands(verbs, "enroll", "individual enrollments (a device's leaf certificate)")
     _add_registration(verbs)
     _add_status(verbs)
+    _add_faults(verbs)
 
 
 # --------------------------------------------------------------------------- admin commands
@@ -239,6 +240,10 @@ def _status_text(status: dict) -> str:
     for hub in status.get("hubs", []):
         lines.append(f"hub\t{hub.get('name')}\tweight {hub.get('weight')}\t"
                      f"{hub.get('assignedRegistrations', 0)} assigned")
+    if status.get("quotaUnits"):
+        lines.append(f"quota units\t{status['quotaUnits']}")
+    if status.get("faults"):
+        lines.extend(_fault_lines(status["faults"]))
     for name, value in (status.get("server") or {}).items():
         lines.append(f"{name}\t{value}")
     return "\n".join(lines)
@@ -247,3 +252,43 @@ def _status_text(status: dict) -> str:
 def _status(args) -> int:
     status = _client(args).status()
     return _emit(args, status, _status_text(status))
+
+
+def _add_faults(verbs) -> None:
+    parser = verbs.add_parser("faults", help="the live fault plan: show, set, clear",
+                              description="The running emulator's fault plan (docs/emulator.md, "
+                                          "'Fault plans'); a change applies to new requests at once.")
+    sub = parser.add_subparsers(dest="faults_command", required=True, metavar="ACTION")
+    p = _admin_parser(sub, "show", "show the plan and the counters of its rules")
+    p.set_defaults(func=_faults_show)
+    p = _admin_parser(sub, "set", "replace the plan (counters and windows start again)")
+    p.add_argument("file", help="fault plan JSON file")
+    p.set_defaults(func=_faults_set)
+    p = _admin_parser(sub, "clear", "remove the plan: no more faults")
+    p.set_defaults(func=_faults_clear)
+
+
+def _fault_lines(report: dict) -> list[str]:
+    lines = [f"fault plan\tseed {report.get('seed')}, {len(report.get('rules', []))} rule(s), "
+             f"started {report.get('startedUtc')}"]
+    for rule in report.get("rules", []):
+        lines.append(f"rule {rule.get('index')}\tmatched {rule.get('matched', 0)}\tfired {rule.get('fired', 0)}\t"
+                     f"{json.dumps(rule.get('match', {}))} -> {json.dumps(rule.get('action', {}))}")
+    return lines
+
+
+def _faults_show(args) -> int:
+    report = _client(args).faults_show()
+    return _emit(args, report, "\n".join(_fault_lines(report)) if report else "(no fault plan)")
+
+
+def _faults_set(args) -> int:
+    from device_sim.stub.admin import read_fault_plan
+
+    report = _client(args).faults_set(read_fault_plan(args.file))
+    return _emit(args, report, "\n".join(_fault_lines(report or {})))
+
+
+def _faults_clear(args) -> int:
+    _client(args).faults_clear()
+    return _emit(args, None, "fault plan cleared")

@@ -42,6 +42,13 @@ def add_serve(verbs) -> None:
     parser.add_argument("--retry-after", type=int, default=1, metavar="S", help="Retry-After seconds on 202 (default 1)")
     parser.add_argument("--throttle", type=int, default=0, metavar="N",
                         help="answer the first N device requests of each registration ID with 429 (default 0)")
+    parser.add_argument("--faults", type=Path, metavar="FILE",
+                        help="fault plan (JSON: seed and rules) to start with; change it live with "
+                             "`device-sim stub faults set|clear` (docs/emulator.md, 'Fault plans')")
+    parser.add_argument("--quota-units", type=int, default=0, metavar="N",
+                        help="enforce DPS quotas for N units: 1,000 registrations and 1,000 service "
+                             "operations per minute per unit, 5 polls per 10 s per device; 429 past them "
+                             "(default 0: no quotas)")
     parser.add_argument("--server-name", action="append", default=[], metavar="NAME",
                         help="extra DNS name or IP for the server certificate (localhost and 127.0.0.1 are always in it)")
     parser.add_argument("--tls-cert", type=Path, metavar="FILE",
@@ -88,6 +95,8 @@ def run_serve(args) -> int:
     if args.max_connections < 1:
         raise UserError("--max-connections must be at least 1")
     _check_tls_options(args)
+    if not 0 <= args.quota_units <= 10_000:
+        raise UserError("--quota-units must be 0..10000 (0: no quotas)")
     options = server.ServeOptions(
         home=home, host=args.host, port=args.port, service_port=args.service_port,
         server_names=args.server_name, tls_cert=args.tls_cert, tls_key=args.tls_key, tls_chain=args.tls_chain,
@@ -96,6 +105,7 @@ def run_serve(args) -> int:
         id_scope=args.id_scope, hubs=_parse_hubs(args.hub),
         assignment_delay=args.assignment_delay, retry_after=args.retry_after, throttle=args.throttle,
         limits=Limits(max_connections=args.max_connections),
+        faults=_read_fault_plan(args.faults), quota_units=args.quota_units,
         issuing_ca_cert=args.issuing_ca_cert and args.issuing_ca_cert.absolute(),
         issuing_ca_key=_absolute_unless_uri(args.issuing_ca_key),
     )
@@ -116,6 +126,19 @@ def run_serve(args) -> int:
     print(json.dumps(ready), flush=True)
     stub.serve_until(stop)
     return 0
+
+
+def _read_fault_plan(path: Path | None):
+    from device_sim.stub.core.faults import FaultPlanError, parse_plan
+
+    if path is None:
+        return None
+    try:
+        return parse_plan(path.read_bytes())
+    except OSError as exc:
+        raise UserError(f"--faults {path}: cannot read it ({exc.strerror or exc})") from None
+    except FaultPlanError as exc:
+        raise UserError(f"--faults {path}: {exc}") from None
 
 
 def _absolute_unless_uri(value: str | None) -> str | None:

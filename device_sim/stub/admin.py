@@ -210,6 +210,29 @@ class ServiceClient:
     def status(self) -> dict:
         return self.json("GET", "/emulator/status") or {}
 
+    # -- fault plan (docs/emulator.md, "Fault plans")
+
+    def faults_show(self) -> dict | None:
+        return (self.json("GET", "/emulator/faults") or {}).get("plan")
+
+    def faults_set(self, plan: dict) -> dict | None:
+        return (self.json("PUT", "/emulator/faults", plan) or {}).get("plan")
+
+    def faults_clear(self) -> None:
+        self.json("DELETE", "/emulator/faults")
+
+
+def read_fault_plan(path: str | Path) -> dict:
+    """A plan file as JSON, checked here first so a bad field is named before any call."""
+    from device_sim.stub.core.faults import FaultPlanError, parse_plan
+
+    try:
+        return parse_plan(Path(path).read_bytes()).source
+    except OSError as exc:
+        raise UserError(f"cannot read {path} ({exc.strerror or exc})") from None
+    except FaultPlanError as exc:
+        raise UserError(f"{path}: {exc}") from None
+
 
 def group_record(group_id: str, ca_ref: str | None, cert_pem: str | None, disabled: bool,
                  hubs: list[str]) -> dict:

@@ -74,6 +74,8 @@ class ServeOptions:
     assignment_delay: float = 0.0
     retry_after: int = 1
     throttle: int = 0
+    faults: object = None  # core.faults.FaultPlan from --faults, or None
+    quota_units: int = 0
     limits: Limits = field(default_factory=Limits)
     # Certificate issuance: None/None = the issuing CA generated in <home>/stub/issuing/.
     issuing_ca_cert: Path | None = None
@@ -141,6 +143,7 @@ def resolve_config(directory: Path, options: ServeOptions) -> StubConfig:
         assignment_delay=options.assignment_delay,
         retry_after=options.retry_after,
         throttle=options.throttle,
+        quota_units=options.quota_units,
     )  # validates: a bad value raises ValueError before anything is remembered
     settings = {"id_scope": id_scope, "hubs": [asdict(hub) for hub in hubs]}
     write_atomic(StateLayout.at(directory).settings, json.dumps(settings, indent=2) + "\n")
@@ -189,14 +192,17 @@ class StubServer:
         key_path = ensure_service_key(layout.service_key)
         identity = server_identity(layout, options)
         store = Store(layout.database)
+        device_api = DeviceApi(store, config, issuer=load_issuer(
+            directory, options.issuing_ca_cert, options.issuing_ca_key))
+        device_api.faults.set(options.faults)
         url_host = "localhost" if options.host in ("127.0.0.1", "::1", "localhost", "0.0.0.0", "::") else options.host
         self.app = app = StubApp(
             state_dir=directory,
             config=config,
             store=store,
-            device_api=DeviceApi(store, config, issuer=load_issuer(
-                directory, options.issuing_ca_cert, options.issuing_ca_key)),
-            service_api=ServiceApi(store, config, read_service_key(key_path), server_status=self.status),
+            device_api=device_api,
+            service_api=ServiceApi(store, config, read_service_key(key_path), server_status=self.status,
+                                   faults=device_api.faults),
             identity=identity,
             host=options.host,
             url_host=url_host,
@@ -222,6 +228,10 @@ class StubServer:
             "home": str(options.home),
             "pid": os.getpid(),
         }
+        if options.faults is not None:
+            self.ready["faults"] = app.device_api.faults.summary()
+        if options.quota_units:
+            self.ready["quota_units"] = options.quota_units
         if options.service_connection_string:
             self.ready["service_connection_string"] = self._service_connection_string(app)
         # Private: the connection string carries the service key.
@@ -248,7 +258,7 @@ class StubServer:
         options = self.options
         # AMQP over WebSockets belongs to the device port, whether or not 5671 is served.
         amqp.register_websocket(app)
-        on_service = http_server.service_handler(app.service_api)
+        on_service = http_server.service_handler(app.service_api, app.device_api.faults)
         on_device = http_server.device_handler(app.device_api)
         if options.service_on_device_port:
             on_device = http_server.device_or_service_handler(on_device, on_service)
@@ -262,6 +272,7 @@ class StubServer:
                                                   upgrade),
             limits=app.limits, on_not_tls=http_server.plain_http_hint, url_host=app.url_host, log=self.log,
             one_at_a_time=True,  # the device handlers only wait in TlsStream reads and writes
+            faults=app.device_api.faults, transport="https",
         )
         self.listeners.append(device)
         service = TlsListener(

@@ -51,7 +51,9 @@ from .allocation import allocate
 from .config import StubConfig
 from .enrollment_walk import DISABLED, GROUP, UNAUTHORIZED, decide
 from .errors import DpsError, Reply, error_reply, utc_text, with_request_id
+from .faults import Faults
 from .json_body import json_object
+from .quotas import Quotas
 from .store import OperationRow, RegistrationRow, Store
 
 __all__ = ["DeviceApi", "Reply", "validate_registration_id", "new_etag"]
@@ -94,14 +96,19 @@ class DeviceApi:
         self.policies = issuance.default_policies() if policies is None else policies
         self._throttled: dict[str, int] = {}
         self._throttle_lock = threading.Lock()
+        # The fault plan every edge asks (docs/emulator.md, "Fault plans"); set live.
+        self.faults = Faults()
+        self.quotas = Quotas(config.quota_units)
 
     # -- the three operations -----------------------------------------------------------
 
     def register(self, id_scope: str, registration_id: str, api_version: str | None,
-                 chain: Sequence[x509.Certificate], body: bytes, host: str | None = None) -> Reply:
-        """`host`: the request's Host header (HTTPS), which makes `Location` absolute."""
+                 chain: Sequence[x509.Certificate], body: bytes, host: str | None = None,
+                 hold: float | None = None) -> Reply:
+        """`host`: the request's Host header (HTTPS), which makes `Location` absolute.
+        `hold`: seconds the operation stays `assigning` at least (a fault plan's assigning_s)."""
         return self._guarded(self._register, id_scope, registration_id, api_version, chain,
-                             body, host)
+                             body, host, hold)
 
     def operation_status(self, id_scope: str, registration_id: str, operation_id: str,
                          api_version: str | None, chain: Sequence[x509.Certificate]) -> Reply:
@@ -153,6 +160,13 @@ class DeviceApi:
         raise DpsError(errors.THROTTLED, "Too many requests (emulator throttle setting)",
                        {"Retry-After": "1"})
 
+    @staticmethod
+    def _check_quota(retry_after: int | None, what: str) -> None:
+        if retry_after is not None:
+            raise DpsError(errors.THROTTLED, f"Too many requests: the {what} quota of this "
+                           "instance is used up (emulator --quota-units)",
+                           {"Retry-After": str(retry_after)})
+
     def _parse_body(self, body: bytes, registration_id: str) -> dict:
         if len(body) > self.config.max_body:
             raise DpsError(errors.PAYLOAD_TOO_LARGE,
@@ -179,8 +193,9 @@ class DeviceApi:
 
     # -- register -----------------------------------------------------------------------
 
-    def _register(self, id_scope, registration_id, api_version, chain, body, host) -> Reply:
+    def _register(self, id_scope, registration_id, api_version, chain, body, host, hold) -> Reply:
         self._check_request(id_scope, registration_id, api_version)
+        self._check_quota(self.quotas.admit_registration(), "device registrations")
         data = self._parse_body(body, registration_id)
         self._leaf_matches(chain, registration_id)
         stamp, now = self._now()
@@ -198,7 +213,7 @@ class DeviceApi:
             terminal["registrationState"]["issuedCertificateChain"] = issuance.chain_base64(chain)
         self.store.save_registration(row, OperationRow(
             operation_id, registration_id, decision.leaf_thumbprint,
-            stamp + self.config.assignment_delay, terminal))
+            stamp + max(self.config.assignment_delay, hold or 0.0), terminal))
         headers = {"Retry-After": str(self.config.retry_after),
                    "Location": location(host, f"/{id_scope}/registrations/{registration_id}/register")}
         return Reply(202, {"operationId": operation_id, "status": dps.ASSIGNING}, headers)
@@ -243,7 +258,10 @@ class DeviceApi:
                                 substatus=result.substatus, initialHub=result.initial_hub)
         doc.update(lastUpdatedDateTimeUtc=now_text, etag=new_etag())
         internal.update(devicePayload=payload, entryKind=entry.kind, entryId=entry.id,
-                        leafThumbprint=decision.leaf_thumbprint, apiVersion=api_version)
+                        leafThumbprint=decision.leaf_thumbprint, apiVersion=api_version,
+                        # Register calls this record has seen: a fleet run proves with it
+                        # that no device registered more often than its faults forced.
+                        registerRequests=before.get("registerRequests", 0) + 1)
         group_id = entry.id if entry.kind == GROUP else None
         return RegistrationRow(cn, group_id, doc, internal)
 
@@ -252,6 +270,7 @@ class DeviceApi:
     def _operation_status(self, id_scope, registration_id, operation_id, api_version,
                           chain) -> Reply:
         self._check_request(id_scope, registration_id, api_version)
+        self._check_quota(self.quotas.admit_poll(registration_id), "operation-status polls")
         self._leaf_matches(chain, registration_id)
         operation = self.store.get_operation(operation_id)
         if operation is None or operation.registration_id != registration_id.lower():

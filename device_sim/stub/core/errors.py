@@ -56,7 +56,7 @@ class Reply:
     """
 
     status: int
-    body: dict | list | None
+    body: dict | list | bytes | None  # bytes: sent as they are (a fault plan's non-JSON body)
     headers: dict[str, str] = field(default_factory=dict)
 
 

@@ -19,6 +19,11 @@ def registration_view(row: RegistrationRow) -> dict:
     return view
 
 
+def emulator_view(row: RegistrationRow) -> dict:
+    """The record with what only the emulator knows: how many register calls made it."""
+    return {**registration_view(row), "registerRequests": row.internal.get("registerRequests", 1)}
+
+
 class Registrations:
     def __init__(self, store: Store):
         self.store = store
@@ -47,10 +52,10 @@ class Registrations:
 
     def query_all(self, *, headers, body) -> Reply:
         paging.check_query(body)
-        return self._page(None, headers)
+        return self._page(None, headers, emulator_view)
 
-    def _page(self, group_id: str | None, headers) -> Reply:
+    def _page(self, group_id: str | None, headers, view=registration_view) -> Reply:
         after, count = paging.page_args(headers)
         rows = self.store.list_registrations(group_id, after, count + 1)
-        return paging.paged([registration_view(r) for r in rows],
+        return paging.paged([view(r) for r in rows],
                             [r.registration_id.lower() for r in rows], count, "DeviceRegistration")
