@@ -40,7 +40,19 @@ def read_pin_file(path: str | os.PathLike, *, what: str = "PIN") -> str:
     value = text.splitlines()[0] if text else ""
     if not value:
         raise UserError(f"{what} file {path} is empty")
+    _warn_if_shared(path, what)
     return value
+
+
+def _warn_if_shared(path, what: str) -> None:
+    """A PIN others can read is a leaked PIN: say so (once per file read), still use it."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return
+    if mode & 0o044:
+        print(f"warning: {what} file {path} is readable by others (mode {mode & 0o777:o}); "
+              f"run `chmod 600 {path}`", file=sys.stderr)
 
 
 def _option_for(env: str) -> str:

@@ -14,7 +14,8 @@ from pathlib import Path
 from hsm_setup import ca, certificates, devices, fleet, identities, module, tokens, verification
 from device_sim.cli.runner import run_cli
 from device_sim.common.errors import UserError
-from device_sim.cli.options import add_home_argument
+from device_sim.cli.durations import human_duration
+from device_sim.cli.options import add_home_argument, existing_home
 from device_sim.common.home import ensure_home
 from hsm_setup.interrupts import StopRequest
 from hsm_setup.key_types import add_key_argument, key_spec
@@ -38,8 +39,11 @@ def _token_options(parser: argparse.ArgumentParser, *, ca_pin: bool = False, so_
                             help="security-officer PIN for new tokens (default: $PKCS11_SO_PIN, else prompt)")
 
 
-def _json_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
+def _json_option(parser: argparse.ArgumentParser, help_text: str = "print machine-readable JSON") -> None:
+    parser.add_argument("--json", action="store_true", help=help_text)
+
+
+_ERRORS_AS_JSON = "on failure also print a JSON error object on stdout (the PEM output is unchanged)"
 
 
 def _open(args) -> tuple[Path, str, object]:
@@ -98,7 +102,7 @@ def cmd_ca_create(args) -> int:
 
 
 def cmd_ca_list(args) -> int:
-    home = ensure_home(args.home)
+    home = existing_home(args.home)
     records = ca.list_cas(home)
     text = "\n".join(f"{r.name}\tparent={r.parent or '-'}\t{r.key_type}\t{r.uri}" for r in records)
     _emit(args, [r.as_dict() for r in records], text or "(no CAs)")
@@ -106,7 +110,7 @@ def cmd_ca_list(args) -> int:
 
 
 def cmd_ca_show(args) -> int:
-    record = ca.load_ca(ensure_home(args.home), args.name)
+    record = ca.load_ca(existing_home(args.home), args.name)
     data = record.as_dict()
     _emit(args, data, "\n".join(f"{k}: {v}" for k, v in data.items()))
     return 0
@@ -141,14 +145,14 @@ def cmd_device_create(args) -> int:
 
 
 def cmd_device_list(args) -> int:
-    records = devices.list_devices(ensure_home(args.home), token_label=args.token, prefix=args.prefix)
+    records = devices.list_devices(existing_home(args.home), token_label=args.token, prefix=args.prefix)
     text = "\n".join(f"{r.registration_id}\t{r.token_label}\t{r.key_type}\t{r.uri}" for r in records)
     _emit(args, [r.as_dict() for r in records], text or "(no devices)")
     return 0
 
 
 def cmd_device_show(args) -> int:
-    record = devices.lookup_device(ensure_home(args.home), args.registration_id)
+    record = devices.lookup_device(existing_home(args.home), args.registration_id)
     data = record.as_dict()
     _emit(args, data, "\n".join(f"{k}: {v}" for k, v in data.items()))
     return 0
@@ -157,7 +161,7 @@ def cmd_device_show(args) -> int:
 # --- export ---------------------------------------------------------------------
 
 def cmd_export(args) -> int:
-    home = ensure_home(args.home)
+    home = existing_home(args.home)
     if args.what == "bundle":
         records = ca.list_cas(home)
         if args.ca:
@@ -201,7 +205,7 @@ def cmd_fleet_create(args) -> int:
     if args.json:
         summary["devices"] = result.created
     _emit(args, summary,
-          f"{len(result.created)} device identities in {result.seconds:.1f} s "
+          f"{len(result.created)} device identities in {human_duration(result.seconds)} "
           f"({result.rate:.1f}/s) on tokens {', '.join(result.tokens)}\n"
           f"first: {result.created[0]['uri']}\nlast:  {result.created[-1]['uri']}")
     return 0
@@ -287,6 +291,7 @@ def _add_ca(sub) -> None:
     p.add_argument("--days", type=int, default=verification.DEFAULT_DAYS, help="validity in days")
     p.add_argument("--out", metavar="FILE", help="write the PEM here (default: stdout)")
     _token_options(p, ca_pin=True)
+    _json_option(p, _ERRORS_AS_JSON)
     p.set_defaults(func=cmd_ca_verification_cert)
 
 
@@ -326,6 +331,7 @@ def _add_export(sub) -> None:
     p.add_argument("--roots-only", action="store_true", help="bundle: only root certificates")
     p.add_argument("--out", metavar="FILE", help="write here (default: stdout)")
     add_home_argument(p)
+    _json_option(p, _ERRORS_AS_JSON)
     p.set_defaults(func=cmd_export)
 
 

@@ -53,6 +53,8 @@ def add_serve(verbs) -> None:
                              "ready line's ca_cert)")
     parser.add_argument("--max-connections", type=int, default=512, metavar="N",
                         help="connections served at once per port; more wait in the backlog (default 512)")
+    parser.add_argument("--json", action="store_true",
+                        help="on failure also print a JSON error object on stdout")
     _add_mqtt_arguments(parser)
     parser.set_defaults(func=run_serve)
 
