@@ -11,8 +11,9 @@ HOME_DIR ?= .device-sim
 # not SoftHSM by name), and a software TPM 2.0 token for tests/tpm (device_sim/testing/tpm.py):
 # the emulator (swtpm, swtpm-tools), the resource manager on a session D-Bus (tpm2-abrmd,
 # libtss2-tcti-tabrmd0, dbus), the PKCS#11 module and its token tool (libtpm2-pkcs11-1,
-# libtpm2-pkcs11-tools) and tpm2-tools, which that tool runs.
-SYSPKGS := softhsm2 opensc-pkcs11 swtpm swtpm-tools tpm2-abrmd libtss2-tcti-tabrmd0 libtpm2-pkcs11-1 libtpm2-pkcs11-tools tpm2-tools dbus
+# libtpm2-pkcs11-tools) and tpm2-tools, which that tool runs. Chromium: the browser the
+# dashboard test drives through Playwright (which is told not to fetch a browser of its own).
+SYSPKGS := softhsm2 opensc-pkcs11 swtpm swtpm-tools tpm2-abrmd libtss2-tcti-tabrmd0 libtpm2-pkcs11-1 libtpm2-pkcs11-tools tpm2-tools dbus chromium
 sysdeps:
 	@missing=$$(for p in $(SYSPKGS); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
 	if [ -n "$$missing" ]; then \

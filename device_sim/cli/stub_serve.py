@@ -56,6 +56,7 @@ def add_serve(verbs) -> None:
     parser.add_argument("--json", action="store_true",
                         help="on failure also print a JSON error object on stdout")
     _add_mqtt_arguments(parser)
+    _add_dashboard_arguments(parser)
     parser.set_defaults(func=run_serve)
 
 
@@ -93,7 +94,7 @@ def run_serve(args) -> int:
         assignment_delay=args.assignment_delay, retry_after=args.retry_after, throttle=args.throttle,
         limits=Limits(max_connections=args.max_connections),
     )
-    factories = [f for f in (_mqtt_listener_factory(args),) if f is not None]
+    factories = [f for f in (_mqtt_listener_factory(args), _dashboard_factory(args)) if f is not None]
     stub = server.StubServer(options, factories)
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -127,6 +128,7 @@ LISTENER_OPTIONS = {
     "device": ("device API", "--port"),
     "service": ("service API", "--service-port"),
     "mqtt": ("MQTT", "--mqtt-port"),
+    "dashboard": ("dashboard", "--dashboard-port"),
 }
 
 
@@ -157,3 +159,23 @@ def _mqtt_listener_factory(args):
     if not 0 <= port <= 65535:
         raise UserError(f"--mqtt-port {port} is not a TCP port (0..65535)")
     return mqtt.listener_factory(port)
+
+
+def _add_dashboard_arguments(parser) -> None:
+    parser.add_argument("--dashboard-port", type=int, default=0, metavar="PORT",
+                        help="port of the dashboard page (plain HTTP; the ready line's dashboard_url "
+                             "carries its access token); 0 picks a free one (default)")
+    parser.add_argument("--dashboard-host", default="127.0.0.1", metavar="ADDR",
+                        help="address the dashboard listens on (default 127.0.0.1: this machine only)")
+    parser.add_argument("--no-dashboard", action="store_true", help="do not serve the dashboard")
+
+
+def _dashboard_factory(args):
+    """The dashboard `server.ListenerFactory` for `stub serve`, or None with --no-dashboard."""
+    from device_sim.stub.net import dashboard
+
+    if args.no_dashboard:
+        return None
+    if not 0 <= args.dashboard_port <= 65535:
+        raise UserError(f"--dashboard-port {args.dashboard_port} is not a TCP port (0..65535)")
+    return dashboard.listener_factory(args.dashboard_port, args.dashboard_host)
