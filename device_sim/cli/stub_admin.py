@@ -36,7 +36,9 @@ def _admin_parser(verbs, name: str, help_text: str) -> argparse.ArgumentParser:
 def _client(args):
     from device_sim.stub import admin
 
-    endpoint = admin.find_endpoint(existing_home(args.home), args.service_url)
+    home = existing_home(args.home, hint="no emulator ran there: start one with "
+                         "`device-sim stub serve --home DIR`", exit_code=admin.EXIT_UNREACHABLE)
+    endpoint = admin.find_endpoint(home, args.service_url)
     return admin.ServiceClient(endpoint)
 
 

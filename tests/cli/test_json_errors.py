@@ -57,17 +57,18 @@ def test_without_json_stdout_stays_empty_on_failure(capsys, tmp_path):
     assert "no state directory at" in err
 
 
-@pytest.mark.parametrize("entry,argv", [
-    (hsm_cli, ("ca", "list")), (hsm_cli, ("ca", "show", "root")), (hsm_cli, ("device", "list")),
-    (hsm_cli, ("device", "show", "dev-1")), (hsm_cli, ("export", "bundle")),
-    (device_cli, ("stub", "status")), (device_cli, ("stub", "ca", "list")),
+@pytest.mark.parametrize("entry,argv,exit_code", [
+    (hsm_cli, ("ca", "list"), 2), (hsm_cli, ("ca", "show", "root"), 2),
+    (hsm_cli, ("device", "list"), 2), (hsm_cli, ("device", "show", "dev-1"), 2),
+    (hsm_cli, ("export", "bundle"), 2),
+    (device_cli, ("stub", "status"), 4), (device_cli, ("stub", "ca", "list"), 4),
 ])
-def test_read_only_verbs_do_not_create_a_mistyped_home(capsys, tmp_path, entry, argv):
+def test_read_only_verbs_do_not_create_a_mistyped_home(capsys, tmp_path, entry, argv, exit_code):
     missing = tmp_path / "typo-home"
     code, out, err = run(entry, capsys, *argv, "--home", missing, "--json")
-    assert code == 2
+    assert code == exit_code  # the stub verbs keep 4: no emulator answering
     error = json_error(out)
-    assert error["code"] == "no_home" and error["exit_code"] == 2
+    assert error["code"] == "no_home" and error["exit_code"] == exit_code
     assert error["message"].startswith(f"no state directory at {missing}: ")
     assert not missing.exists()
 
@@ -159,6 +160,7 @@ def test_json_errors_from_a_subprocess(tmp_path):
                            "--home", tmp_path / "missing", "--json"],
                           capture_output=True, text=True, timeout=60,
                           env={**os.environ, "DEVICE_SIM_HOME": ""})
-    assert done.returncode == 2
+    assert done.returncode == 4
     assert json.loads(done.stdout)["error"]["code"] == "no_home"
+    assert "device-sim stub serve" in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
