@@ -1,6 +1,6 @@
 """The CLI runner shared by `hsm-setup` and `device-sim`: a failure the user can see
 becomes one line on stderr and an exit code, and with `--json` also one JSON object on
-stdout (`{"error": {"code", "message", "exit_code"}}`, docs/cli-errors.md) so scripts
+stdout (`{"error": {"code", "message", "exit_code"}}`, docs/device.md "Errors as JSON") so scripts
 need not parse stderr."""
 
 import contextlib

@@ -133,3 +133,36 @@ def test_dashboard_shows_the_emulator_and_its_buttons_act(emulator, browser, tok
     assert register(token_pki, ready, "device-ec-p256").returncode == 0
     assert errors == []
     page.close()
+
+
+def test_stub_serve_names_the_dashboard_in_its_ready_line(tmp_path):
+    from .emulator_proc import Emulator
+
+    running = Emulator(tmp_path / "served")
+    try:
+        url = running.ready["dashboard_url"]
+        assert url.startswith("http://127.0.0.1:") and "/d/" in url
+        assert status_of(url + "api/state") == 200
+        assert status_of(url.split("/d/")[0] + "/d/x/api/state") == 403
+        assert url.split("/d/")[1].strip("/") not in running.log.read_text()
+    finally:
+        running.stop()
+    quiet = Emulator(tmp_path / "quiet", "--no-dashboard")
+    try:
+        assert "dashboard_url" not in quiet.ready
+    finally:
+        quiet.stop()
+
+
+def test_throughput_buckets_registrations_by_their_last_update():
+    from device_sim.stub.dashboard_view import BUCKETS, throughput
+
+    now = 1_800_000_005.0  # 5 s into a bucket
+    records = [{"lastUpdatedDateTimeUtc": "2027-01-15T08:00:03.000000Z"},   # now - 2 s
+               {"lastUpdatedDateTimeUtc": "2027-01-15T07:59:58.500000Z"},   # previous bucket
+               {"lastUpdatedDateTimeUtc": "2027-01-15T07:50:00.000000Z"},   # too old
+               {"lastUpdatedDateTimeUtc": "not a time"}, {}]
+    buckets = throughput(records, now)
+    assert len(buckets) == BUCKETS
+    assert [b["count"] for b in buckets[-2:]] == [1, 1] and sum(b["count"] for b in buckets) == 2
+    assert buckets[-1]["start"] == "2027-01-15T08:00:00Z"
