@@ -73,16 +73,16 @@ def test_read_only_verbs_do_not_create_a_mistyped_home(capsys, tmp_path, entry, 
     assert not missing.exists()
 
 
-def test_unknown_ca_in_the_token_registry_gets_did_you_mean(capsys, pki):
-    code, out, err = run(hsm_cli, capsys, "ca", "show", "intermediat", "--home", pki.home, "--json")
+def test_unknown_ca_in_the_token_registry_gets_did_you_mean(capsys, token_pki):
+    code, out, err = run(hsm_cli, capsys, "ca", "show", "intermediat", "--home", token_pki.home, "--json")
     assert code == 2
     error = json_error(out)
     assert "unknown CA 'intermediat' (did you mean 'intermediate'?)" in error["message"]
     assert error["message"] in err
 
 
-def test_verify_without_a_code_names_our_verbs(capsys, emulator, pki):
-    pem = pki.root.pem_path
+def test_verify_without_a_code_names_our_verbs(capsys, emulator, token_pki):
+    pem = token_pki.root.pem_path
     assert run(device_cli, capsys, "stub", "ca", "upload", "root", pem, "--home", emulator)[0] == 0
     code, out, err = run(device_cli, capsys, "stub", "ca", "verify", "root", pem,
                          "--home", emulator, "--json")
@@ -94,8 +94,8 @@ def test_verify_without_a_code_names_our_verbs(capsys, emulator, pki):
     assert "generateVerificationCode" not in error["message"] + err
 
 
-def test_verify_with_a_stale_code_says_to_make_a_new_one(capsys, emulator, pki, tmp_path):
-    pem = pki.root.pem_path
+def test_verify_with_a_stale_code_says_to_make_a_new_one(capsys, emulator, token_pki, tmp_path):
+    pem = token_pki.root.pem_path
     run(device_cli, capsys, "stub", "ca", "upload", "root", pem, "--home", emulator)
     assert run(device_cli, capsys, "stub", "ca", "code", "root", "--home", emulator)[0] == 0
     # the CA certificate itself is not a proof: its CN is not the code
@@ -104,8 +104,8 @@ def test_verify_with_a_stale_code_says_to_make_a_new_one(capsys, emulator, pki, 
     assert "current code" in err and "device-sim stub ca code root" in err
 
 
-def test_unknown_names_on_the_emulator_get_did_you_mean(capsys, emulator, pki):
-    run(device_cli, capsys, "stub", "ca", "upload", "line-root", pki.root.pem_path, "--home", emulator)
+def test_unknown_names_on_the_emulator_get_did_you_mean(capsys, emulator, token_pki):
+    run(device_cli, capsys, "stub", "ca", "upload", "line-root", token_pki.root.pem_path, "--home", emulator)
     code, out, err = run(device_cli, capsys, "stub", "ca", "get", "line-rot", "--home", emulator, "--json")
     assert code == 3
     error = json_error(out)

@@ -136,9 +136,9 @@ def test_dashboard_shows_the_emulator_and_its_buttons_act(emulator, browser, tok
 
 
 def test_stub_serve_names_the_dashboard_in_its_ready_line(tmp_path):
-    from .emulator_proc import Emulator
+    from device_sim.testing import Emulator
 
-    running = Emulator(tmp_path / "served")
+    running = Emulator.spawn(tmp_path / "served")
     try:
         url = running.ready["dashboard_url"]
         assert url.startswith("http://127.0.0.1:") and "/d/" in url
@@ -147,7 +147,7 @@ def test_stub_serve_names_the_dashboard_in_its_ready_line(tmp_path):
         assert url.split("/d/")[1].strip("/") not in running.log.read_text()
     finally:
         running.stop()
-    quiet = Emulator(tmp_path / "quiet", "--no-dashboard")
+    quiet = Emulator.spawn(tmp_path / "quiet", "--no-dashboard")
     try:
         assert "dashboard_url" not in quiet.ready
     finally:
