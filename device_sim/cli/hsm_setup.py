@@ -60,17 +60,6 @@ def _emit(args, data, text: str) -> None:
     print(json.dumps(data, indent=2) if getattr(args, "json", False) else text)
 
 
-def _emit_list(args, records, empty: str, line) -> int:
-    _emit(args, [r.as_dict() for r in records], "\n".join(map(line, records)) or empty)
-    return 0
-
-
-def _emit_record(args, record) -> int:
-    data = record.as_dict()
-    _emit(args, data, "\n".join(f"{k}: {v}" for k, v in data.items()))
-    return 0
-
-
 def _write_out(args, data: bytes) -> None:
     if args.out:
         Path(args.out).write_bytes(data)
@@ -113,12 +102,18 @@ def cmd_ca_create(args) -> int:
 
 
 def cmd_ca_list(args) -> int:
-    return _emit_list(args, ca.list_cas(existing_home(args.home)), "(no CAs)",
-                      lambda r: f"{r.name}\tparent={r.parent or '-'}\t{r.key_type}\t{r.uri}")
+    home = existing_home(args.home)
+    records = ca.list_cas(home)
+    text = "\n".join(f"{r.name}\tparent={r.parent or '-'}\t{r.key_type}\t{r.uri}" for r in records)
+    _emit(args, [r.as_dict() for r in records], text or "(no CAs)")
+    return 0
 
 
 def cmd_ca_show(args) -> int:
-    return _emit_record(args, ca.load_ca(existing_home(args.home), args.name))
+    record = ca.load_ca(existing_home(args.home), args.name)
+    data = record.as_dict()
+    _emit(args, data, "\n".join(f"{k}: {v}" for k, v in data.items()))
+    return 0
 
 
 def cmd_ca_verification_cert(args) -> int:
@@ -151,12 +146,16 @@ def cmd_device_create(args) -> int:
 
 def cmd_device_list(args) -> int:
     records = devices.list_devices(existing_home(args.home), token_label=args.token, prefix=args.prefix)
-    return _emit_list(args, records, "(no devices)",
-                      lambda r: f"{r.registration_id}\t{r.token_label}\t{r.key_type}\t{r.uri}")
+    text = "\n".join(f"{r.registration_id}\t{r.token_label}\t{r.key_type}\t{r.uri}" for r in records)
+    _emit(args, [r.as_dict() for r in records], text or "(no devices)")
+    return 0
 
 
 def cmd_device_show(args) -> int:
-    return _emit_record(args, devices.lookup_device(existing_home(args.home), args.registration_id))
+    record = devices.lookup_device(existing_home(args.home), args.registration_id)
+    data = record.as_dict()
+    _emit(args, data, "\n".join(f"{k}: {v}" for k, v in data.items()))
+    return 0
 
 
 # --- export ---------------------------------------------------------------------
