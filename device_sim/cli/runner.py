@@ -8,8 +8,9 @@ import io
 import json
 import re
 import sys
+import warnings
 
-from device_sim.common.errors import EXIT_INTERRUPTED, EXIT_SLUGS, EXIT_USAGE, UserError
+from device_sim.common.errors import EXIT_INTERRUPTED, EXIT_SLUGS, EXIT_USAGE, Notice, UserError
 
 
 def run_cli(prog: str, parser, argv: list[str] | None) -> int:
@@ -17,7 +18,7 @@ def run_cli(prog: str, parser, argv: list[str] | None) -> int:
     args = _parse(parser, argv)
     wants_json = bool(getattr(args, "json", False))
     try:
-        return args.func(args) or 0
+        return _run_with_notices(prog, args)
     except UserError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         if wants_json:
@@ -31,6 +32,21 @@ def run_cli(prog: str, parser, argv: list[str] | None) -> int:
     except BrokenPipeError:  # output piped into `head` and the like
         sys.stderr.close()
         return 1
+
+
+def _run_with_notices(prog: str, args) -> int:
+    """Run the verb; the `Notice` warnings it raised are printed once it succeeded (a failure
+    stays one line), other warnings go where Python sends them."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default", Notice)
+        code = args.func(args) or 0
+    for item in caught:
+        if issubclass(item.category, Notice):
+            if code == 0:
+                print(f"{prog}: warning: {item.message}", file=sys.stderr)
+        else:
+            warnings.showwarning(item.message, item.category, item.filename, item.lineno)
+    return code
 
 
 def _parse(parser, argv: list[str] | None):

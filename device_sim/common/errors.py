@@ -66,3 +66,9 @@ class UserError(Exception):
         self.exit_code = exit_code
         if code:
             self.code = code
+
+
+class Notice(UserWarning):
+    """Something the user should fix that does not stop the run (a PIN file others can
+    read). Libraries `warnings.warn(text, Notice)`; the CLI prints each once as
+    `PROG: warning: ...` after a verb that succeeded, so a failure stays one line."""

@@ -8,12 +8,14 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 
 from device_sim.cli import hsm_setup as hsm_cli
 from device_sim.cli import main as device_cli
 from device_sim.cli.durations import human_duration
+from device_sim.common.errors import Notice
 from device_sim.stub import server
 from hsm_setup.pins import read_pin_file
 
@@ -134,15 +136,33 @@ def test_error_classes_carry_their_slug(capsys, tmp_path):
     assert code == 2 and json_error(out)["code"] == "certificate"
 
 
-def test_a_pin_file_others_can_read_warns(tmp_path, capsys):
+def test_a_pin_file_others_can_read_warns(tmp_path):
     pin = tmp_path / "user.pin"
     pin.write_text("1234\n")
     pin.chmod(0o644)
-    assert read_pin_file(pin) == "1234"
-    assert f"PIN file {pin} is readable by others (mode 644)" in capsys.readouterr().err
+    with pytest.warns(Notice, match=f"PIN file {pin} is readable by others \\(mode 644\\)"):
+        assert read_pin_file(pin) == "1234"
     pin.chmod(0o600)
-    assert read_pin_file(pin) == "1234"
-    assert capsys.readouterr().err == ""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert read_pin_file(pin) == "1234"
+
+
+def test_the_cli_prints_the_pin_warning_after_success_only(softhsm_home):
+    shared, private = softhsm_home.pin_file, softhsm_home.so_pin_file
+    shared.chmod(0o644)
+    private.chmod(0o600)
+    result = softhsm_home.cli("token", "init", "t1", "--pin-file", shared, "--so-pin-file", private)
+    assert result.code == 0, result.err
+    assert result.err.splitlines() == [
+        f"hsm-setup: warning: user PIN file {shared} is readable by others (mode 644); "
+        f"run `chmod 600 {shared}`"]
+    # A failure stays one line: the error, no warning.
+    wrong = softhsm_home.home.parent / "wrong.pin"
+    wrong.write_text("0000\n")
+    result = softhsm_home.cli("ca", "create", "r", "--token", "t1", "--pin-file", wrong)
+    assert result.code == 2 and len(result.err.splitlines()) == 1, result.err
+    assert "wrong user PIN" in result.err
 
 
 def test_durations_are_rounded_for_people(capsys, emulator):

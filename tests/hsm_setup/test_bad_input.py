@@ -49,7 +49,6 @@ def check_refused(h, argv, *words):
 def test_wrong_pin(small, tmp_path):
     pin_file = tmp_path / "wrong.pin"
     pin_file.write_text("wrong-pin-xyz\n")
-    pin_file.chmod(0o600)  # a PIN file others can read adds a warning line (tests/cli)
     before = snapshot(small)
     result = small.cli("device", "create", "dev-2", "--ca", "root", "--pin-file", pin_file)
     assert_one_line_error(result, "wrong user PIN")
