@@ -7,7 +7,6 @@ A registration reads as a straight line (docs/device.md): options -> target -> i
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import sys
 import time
@@ -110,26 +109,14 @@ def _target_message(exc: targets.TargetError, args, home: Path) -> str:
     return str(exc)
 
 
-def _validity_option(allow_invalid_time: bool) -> dict:
-    """load_identity's check_validity keyword, passed only when the flag asks for it: the
-    identity loader that takes it is being rewritten beside this change (helper hsm)."""
-    if not allow_invalid_time:
-        return {}
-    if "check_validity" not in inspect.signature(load_identity).parameters:
-        raise UserError("--allow-invalid-time: this build's identity loader always checks the "
-                        "certificate's validity period")
-    return {"check_validity": False}
-
-
 def cmd_register(args) -> int:
     started = time.monotonic()
     if args.timeout <= 0:
         raise UserError("--timeout must be a positive number of seconds")
     home = ensure_home(args.home)
     target = resolve_target(args, home)
-    validity = _validity_option(args.allow_invalid_time)
     identity = load_identity(args.device, home=home, module=args.module, pin_file=args.pin_file,
-                             cert_file=args.cert, **validity)
+                             cert_file=args.cert, check_validity=not args.allow_invalid_time)
     candidates = chain_builder.gather_candidates(home, files=args.chain_file, extra=identity.ca_certs)
     chain = chain_builder.build_chain(identity.leaf, candidates, args.chain_to)
     runtime = CrtRuntime()
