@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import sys
 
-from device_sim.cli.hsm_options import (ca_library, device_library, emit, emit_list, show_command,
+from device_sim.cli.hsm_options import (ERRORS_AS_JSON, ca_library, device_library, emit, emit_list, show_command,
                                         json_option, pin_book, token_options, token_run, warn_if_clamped, write_out)
-from device_sim.cli.options import add_home_argument
-from device_sim.common.home import ensure_home
+from device_sim.cli.options import add_home_argument, existing_home
 from hsm_setup import ca, certificates, verification
 from hsm_setup.interrupts import StopRequest
 from hsm_setup.key_types import add_key_argument, key_spec
@@ -31,7 +30,7 @@ def cmd_ca_create(args) -> int:
 
 
 def cmd_ca_list(args) -> int:
-    emit_list(args, ca.list_cas(ensure_home(args.home)),
+    emit_list(args, ca.list_cas(existing_home(args.home)),
               lambda r: f"{r.name}\tparent={r.parent or '-'}\t{r.key_type}\t{r.uri}", "(no CAs)")
     return 0
 
@@ -77,4 +76,4 @@ def add_verbs(group) -> None:
     p.add_argument("--days", type=int, default=verification.DEFAULT_DAYS, help="validity in days")
     p.add_argument("--out", metavar="FILE", help="write the PEM here (default: stdout)")
     token_options(p, ca_pin=True, ca_module=True)
-    p.set_defaults(func=cmd_ca_verification_cert)
+    json_option(p, cmd_ca_verification_cert, ERRORS_AS_JSON)

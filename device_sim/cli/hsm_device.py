@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from device_sim.cli.hsm_options import (ca_library, device_library, emit, emit_list, show_command,
                                         json_option, pin_book, token_options, token_run, warn_if_clamped)
-from device_sim.cli.options import add_home_argument
-from device_sim.common.home import ensure_home
+from device_sim.cli.options import add_home_argument, existing_home
 from hsm_setup import ca, devices, identities
 from hsm_setup.interrupts import StopRequest
 from hsm_setup.key_types import add_key_argument, key_spec
@@ -27,7 +26,7 @@ def cmd_device_create(args) -> int:
 
 
 def cmd_device_list(args) -> int:
-    emit_list(args, devices.list_devices(ensure_home(args.home), token_label=args.token, prefix=args.prefix),
+    emit_list(args, devices.list_devices(existing_home(args.home), token_label=args.token, prefix=args.prefix),
               lambda r: f"{r.registration_id}\t{r.token_label}\t{r.key_type}\t{r.uri}", "(no devices)")
     return 0
 

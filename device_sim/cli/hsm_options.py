@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-from device_sim.cli.options import add_home_argument
+from device_sim.cli.options import add_home_argument, existing_home
 from device_sim.common.errors import UserError
 from device_sim.common.home import ensure_home
 from hsm_setup import devices
@@ -35,9 +35,12 @@ def token_options(parser: argparse.ArgumentParser, *, ca_pin: bool = False, so_p
                             help="security-officer PIN for new tokens (default: $PKCS11_SO_PIN, else prompt)")
 
 
-def json_option(parser: argparse.ArgumentParser, func=None) -> None:
+ERRORS_AS_JSON = "on failure also print a JSON error object on stdout (the PEM output is unchanged)"
+
+
+def json_option(parser: argparse.ArgumentParser, func=None, help_text: str = "print machine-readable JSON") -> None:
     """--json, and the verb's function when given (the last step of most verbs' setup)."""
-    parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    parser.add_argument("--json", action="store_true", help=help_text)
     if func is not None:
         parser.set_defaults(func=func)
 
@@ -101,7 +104,7 @@ def emit_fields(args, data: dict) -> None:
 def show_command(load):
     """A `show` verb: `load(home, args)` -> a record with as_dict(), printed as fields."""
     def cmd(args) -> int:
-        emit_fields(args, load(ensure_home(args.home), args).as_dict())
+        emit_fields(args, load(existing_home(args.home), args).as_dict())
         return 0
     return cmd
 

@@ -7,9 +7,9 @@ from __future__ import annotations
 import argparse
 import json
 
-from device_sim.cli.options import add_home_argument
+from device_sim.cli.durations import human_duration
+from device_sim.cli.options import add_home_argument, existing_home
 from device_sim.common.errors import UserError
-from device_sim.common.home import resolve_home
 
 RECORD_KINDS = {"group": "enrollmentGroups", "enroll": "enrollments"}
 
@@ -37,7 +37,9 @@ def _admin_parser(verbs, name: str, help_text: str) -> argparse.ArgumentParser:
 def _client(args):
     from device_sim.stub import admin
 
-    endpoint = admin.find_endpoint(resolve_home(args.home), args.service_url)
+    home = existing_home(args.home, hint="no emulator ran there: start one with "
+                         "`device-sim stub serve --home DIR`", exit_code=admin.EXIT_UNREACHABLE)
+    endpoint = admin.find_endpoint(home, args.service_url)
     return admin.ServiceClient(endpoint)
 
 
@@ -245,6 +247,8 @@ def _status_text(status: dict) -> str:
     if status.get("faults"):
         lines.extend(_fault_lines(status["faults"]))
     for name, value in (status.get("server") or {}).items():
+        if name.endswith("Seconds") and isinstance(value, (int, float)):
+            name, value = name.removesuffix("Seconds"), human_duration(value)
         lines.append(f"{name}\t{value}")
     return "\n".join(lines)
 

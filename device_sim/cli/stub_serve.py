@@ -67,6 +67,9 @@ def add_serve(verbs) -> None:
     parser.add_argument("--max-connections", type=int, default=512, metavar="N",
                         help="connections served at once per port; more wait in the backlog (default 512)")
     _add_front_end_arguments(parser)
+    parser.add_argument("--json", action="store_true",
+                        help="on failure also print a JSON error object on stdout")
+    _add_dashboard_arguments(parser)
     parser.set_defaults(func=run_serve)
 
 
@@ -110,6 +113,9 @@ def run_serve(args) -> int:
         issuing_ca_key=_absolute_unless_uri(args.issuing_ca_key),
     )
     factories = _front_end_factories(args)
+    dashboard_factory = _dashboard_factory(args)
+    if dashboard_factory is not None:
+        factories.append(dashboard_factory)
     stub = server.StubServer(options, factories)
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -163,6 +169,7 @@ LISTENER_OPTIONS = {
     "service": ("service API", "--service-port"),
     "mqtt": ("MQTT", "--mqtt-port"),
     "amqp": ("AMQP", "--amqp-port"),
+    "dashboard": ("dashboard", "--dashboard-port"),
 }
 
 
@@ -201,3 +208,23 @@ def _front_end_factories(args) -> list:
             raise UserError(f"--{name}-port {port} is not a TCP port (0..65535)")
         factories.append(module.listener_factory(port))
     return factories
+
+
+def _add_dashboard_arguments(parser) -> None:
+    parser.add_argument("--dashboard-port", type=int, default=0, metavar="PORT",
+                        help="port of the dashboard page (plain HTTP; the ready line's dashboard_url "
+                             "carries its access token); 0 picks a free one (default)")
+    parser.add_argument("--dashboard-host", default="127.0.0.1", metavar="ADDR",
+                        help="address the dashboard listens on (default 127.0.0.1: this machine only)")
+    parser.add_argument("--no-dashboard", action="store_true", help="do not serve the dashboard")
+
+
+def _dashboard_factory(args):
+    """The dashboard `server.ListenerFactory` for `stub serve`, or None with --no-dashboard."""
+    from device_sim.stub.net import dashboard
+
+    if args.no_dashboard:
+        return None
+    if not 0 <= args.dashboard_port <= 65535:
+        raise UserError(f"--dashboard-port {args.dashboard_port} is not a TCP port (0..65535)")
+    return dashboard.listener_factory(args.dashboard_port, args.dashboard_host)
