@@ -53,6 +53,11 @@ def add_serve(verbs) -> None:
                              "ready line's ca_cert)")
     parser.add_argument("--max-connections", type=int, default=512, metavar="N",
                         help="connections served at once per port; more wait in the backlog (default 512)")
+    parser.add_argument("--webhook-trust", type=Path, metavar="FILE",
+                        help="CA certificates (PEM) to trust for https custom allocation webhooks "
+                             "(default: the system's)")
+    parser.add_argument("--webhook-timeout", type=float, default=10.0, metavar="S",
+                        help="seconds a custom allocation webhook has to answer (default 10)")
     _add_mqtt_arguments(parser)
     parser.set_defaults(func=run_serve)
 
@@ -82,6 +87,7 @@ def run_serve(args) -> int:
     if args.max_connections < 1:
         raise UserError("--max-connections must be at least 1")
     _check_tls_options(args)
+    _check_webhook_options(args)
     options = server.ServeOptions(
         home=home, host=args.host, port=args.port, service_port=args.service_port,
         server_names=args.server_name, tls_cert=args.tls_cert, tls_key=args.tls_key, tls_chain=args.tls_chain,
@@ -90,6 +96,8 @@ def run_serve(args) -> int:
         id_scope=args.id_scope, hubs=_parse_hubs(args.hub),
         assignment_delay=args.assignment_delay, retry_after=args.retry_after, throttle=args.throttle,
         limits=Limits(max_connections=args.max_connections),
+        webhook_trust=args.webhook_trust and args.webhook_trust.resolve(),
+        webhook_timeout=args.webhook_timeout,
     )
     factories = [f for f in (_mqtt_listener_factory(args),) if f is not None]
     stub = server.StubServer(options, factories)
@@ -118,6 +126,18 @@ def _check_tls_options(args) -> None:
     if args.tls_cert is not None and args.server_name:
         raise UserError("--server-name names the generated certificate; with --tls-cert the names "
                         "are the ones in that certificate")
+
+
+def _check_webhook_options(args) -> None:
+    from device_sim.common.x509util import CertificateError, load_certificate_file
+
+    if not 0 < args.webhook_timeout <= 300:
+        raise UserError(f"--webhook-timeout {args.webhook_timeout:g} must be more than 0 and at most 300 seconds")
+    if args.webhook_trust is not None:
+        try:
+            load_certificate_file(args.webhook_trust)
+        except (OSError, CertificateError, ValueError) as exc:
+            raise UserError(f"--webhook-trust: {exc}; give a PEM file of CA certificates") from None
 
 
 # The option that moves each listener, and how the error names it.

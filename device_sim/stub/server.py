@@ -72,6 +72,8 @@ class ServeOptions:
     retry_after: int = 1
     throttle: int = 0
     limits: Limits = field(default_factory=Limits)
+    webhook_trust: Path | None = None  # CA file for https custom allocation webhooks
+    webhook_timeout: float = 10.0
 
 
 @dataclass
@@ -163,6 +165,7 @@ class StubServer:
         self.listeners: list[Listener] = []
         self.ready: dict = {}
         self.started = time.time()
+        self.webhooks = None
 
     def start(self) -> dict:
         # The core is imported here so that the admin commands (which only need the file
@@ -179,12 +182,15 @@ class StubServer:
         key_path = ensure_service_key(layout.service_key)
         identity = server_identity(layout, options)
         store = Store(layout.database)
+        from device_sim.stub.net.webhook_client import WebhookClient
+
+        self.webhooks = WebhookClient(options.webhook_trust, options.webhook_timeout, log=self.log)
         url_host = "localhost" if options.host in ("127.0.0.1", "::1", "localhost", "0.0.0.0", "::") else options.host
         self.app = app = StubApp(
             state_dir=directory,
             config=config,
             store=store,
-            device_api=DeviceApi(store, config),
+            device_api=DeviceApi(store, config, webhooks=self.webhooks),
             service_api=ServiceApi(store, config, read_service_key(key_path), server_status=self.status),
             identity=identity,
             host=options.host,
@@ -266,6 +272,8 @@ class StubServer:
             except Exception as exc:
                 self.log(f"closing {listener.name} listener failed: {exc}")
         self.listeners.clear()
+        if self.webhooks is not None:
+            self.webhooks.close()
         if self.app is not None:
             self.app.store.close()
             self._remove_endpoint_file()
