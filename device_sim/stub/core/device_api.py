@@ -57,8 +57,8 @@ from .enrollment_walk import DISABLED, GROUP, UNAUTHORIZED, decide
 from .errors import DpsError, Reply, error_reply, utc_text, with_request_id
 from .json_body import json_object
 from .store import OperationRow, RegistrationRow, Store
-from .webhook import AllocationResponse, WebhookAnswer, WebhookCall, WebhookCaller, \
-    allocation_request, read_answer
+from .webhook import FAILED_PREFIX, AllocationResponse, WebhookAnswer, WebhookCall, \
+    WebhookCaller, allocation_request, read_answer
 
 __all__ = ["DeviceApi", "Reply", "validate_registration_id", "new_etag"]
 
@@ -257,12 +257,17 @@ class DeviceApi:
                         operation_id) -> None:
         """Runs in the caller's worker thread: commit the outcome the answer decides."""
         try:
-            response, error = read_answer(answer)
-            row = self._outcome(decision, previous, payload, api_version, self._now()[1],
-                                custom=(response, error))
-            self.store.finish_operation(row, self._terminal(operation_id, decision, row, stamp))
-        except Exception:  # the worker has nobody to report to; the poll stays assigning
-            log.exception("custom allocation outcome not recorded")
+            outcome = read_answer(answer)
+            for custom in (outcome, (None, f"{FAILED_PREFIX}: the emulator could not record "
+                                           "the webhook's answer")):
+                try:
+                    row = self._outcome(decision, previous, payload, api_version,
+                                        self._now()[1], custom=custom)
+                    self.store.finish_operation(row, self._terminal(operation_id, decision,
+                                                                    row, stamp))
+                    return
+                except Exception:  # the worker has nobody to report to but the log
+                    log.exception("custom allocation outcome not recorded")
         finally:
             with self._in_flight_lock:
                 self._in_flight.discard(operation_id)
@@ -342,8 +347,8 @@ class DeviceApi:
         return Reply(200, operation.body, {})
 
     def _lost_webhook(self, operation_id: str, registration_id: str) -> dict:
-        message = ("Custom allocation failed: the emulator stopped while the webhook was "
-                   "being called; register again")
+        message = (f"{FAILED_PREFIX}: the emulator stopped while the webhook was being "
+                   "called; register again")
         state = {"registrationId": registration_id, "status": dps.FAILED,
                  "errorCode": errors.CUSTOM_ALLOCATION_FAILED, "errorMessage": message,
                  "lastUpdatedDateTimeUtc": utc_text(self._now()[1])}

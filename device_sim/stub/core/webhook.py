@@ -9,11 +9,13 @@ client is an edge (`stub/net/webhook_client.py`).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 from urllib.parse import urlsplit, urlunsplit
+
+from .errors import DpsError
+from .json_body import MAX_DEPTH, json_object
 
 # The oldest customAllocationDefinition.apiVersion the service accepts.
 MIN_API_VERSION = "2018-09-01"
@@ -115,12 +117,14 @@ def read_answer(answer: WebhookAnswer) -> tuple[AllocationResponse | None, str |
         return None, f"{FAILED_PREFIX}: {answer.error}"
     if answer.status is None or not 200 <= answer.status < 300:
         return None, f"{FAILED_PREFIX} with status code: {answer.status}"
-    try:
-        document = json.loads(answer.body.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError):
+    try:  # the request bodies' rules: what the store could not keep back is refused here
+        document = json_object(answer.body)
+    except DpsError as exc:
+        if "deeper" in exc.message:
+            return None, f"{FAILED_PREFIX}: the webhook's answer nests JSON deeper than {MAX_DEPTH} levels"
+        if "must be a JSON object" in exc.message:
+            return None, f"{FAILED_PREFIX}: the webhook's answer is not a JSON object"
         return None, f"{FAILED_PREFIX}: the webhook's answer is not JSON"
-    if not isinstance(document, dict):
-        return None, f"{FAILED_PREFIX}: the webhook's answer is not a JSON object"
     hub = document.get("iotHubHostName")
     if not isinstance(hub, str) or not hub:
         return None, f"{FAILED_PREFIX}: the webhook's answer has no iotHubHostName"
