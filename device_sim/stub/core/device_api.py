@@ -331,6 +331,8 @@ class DeviceApi:
                           chain) -> Reply:
         self._check_request(id_scope, registration_id, api_version)
         self._leaf_matches(chain, registration_id)
+        # Read before the row: a worker commits its outcome, then leaves the set.
+        in_flight = operation_id in self._in_flight
         operation = self.store.get_operation(operation_id)
         if operation is None or operation.registration_id != registration_id.lower():
             raise DpsError(errors.OPERATION_NOT_FOUND,
@@ -339,7 +341,7 @@ class DeviceApi:
             raise DpsError(errors.INVALID_CERTIFICATE, "Invalid certificate: the operation was "
                            "started with a different device certificate")
         pending = operation.body.get("status") == dps.ASSIGNING
-        if pending and operation_id not in self._in_flight:
+        if pending and not in_flight:
             return Reply(200, self._lost_webhook(operation_id, registration_id), {})
         if pending or self.clock() < operation.ready_at:
             return Reply(202, {"operationId": operation_id, "status": dps.ASSIGNING},
