@@ -25,10 +25,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
-import json
 import os
-import select
 import statistics
 import subprocess
 import sys
@@ -36,22 +33,16 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from awscrt import http as crt_http
+from awscrt import io as crt_io
 
-from awscrt import http as crt_http  # noqa: E402
-from awscrt import io as crt_io  # noqa: E402
-from cryptography import x509  # noqa: E402
-from cryptography.hazmat.primitives import hashes, serialization  # noqa: E402
-from cryptography.hazmat.primitives.asymmetric import ec  # noqa: E402
-
-from device_sim.device import chain_builder  # noqa: E402
-from device_sim.device import registration as reg  # noqa: E402
-from device_sim.device.driver import run_registration  # noqa: E402
-from device_sim.device.identity import load_identity  # noqa: E402
-from device_sim.device.transport_https import (HttpsTransport, TlsIdentity, client_tls_context,  # noqa: E402
-                                               default_runtime)
-from hsm_setup import devices, module, tokens  # noqa: E402
+from device_sim.device import chain_builder
+from device_sim.device import registration as reg
+from device_sim.device.driver import run_registration
+from device_sim.device.identity import load_identity
+from device_sim.device.transport_https import CrtRuntime, HttpsTransport, TlsIdentity, client_tls_context
+from device_sim.testing import Emulator, TestCA
+from hsm_setup import devices, module, tokens
 
 BIN = Path(sys.executable).parent
 PIN = "1234-bench"
@@ -75,16 +66,11 @@ def build_state(home: Path, env: dict) -> None:
             "--so-pin-file", home / "so-pin", env=env)
 
 
-def start_emulator(home: Path, env: dict):
-    proc = subprocess.Popen([BIN / "device-sim", "stub", "serve", "--home", home, "--port", "0",
-                             "--service-port", "0", "--no-mqtt", "--retry-after", "0"],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
-    select.select([proc.stdout], [], [], 30)
-    ready = json.loads(proc.stdout.readline())
-    for argv in (("ca", "upload", "root", home / "pki/ca/root/cert.pem", "--verified"),
-                 ("group", "create", "all", "--ca-ref", "root")):
-        run(BIN / "device-sim", "stub", *argv, "--home", home, env=env)
-    return proc, ready
+def start_emulator(home: Path, env: dict) -> Emulator:
+    emulator = Emulator.spawn(home, "--no-mqtt", "--retry-after", "0", env=env)
+    emulator.admin.upload_ca("root", (home / "pki/ca/root/cert.pem").read_bytes(), verified=True)
+    emulator.admin.create_group("all", ca_ref="root")
+    return emulator
 
 
 def summary(values):
@@ -111,16 +97,8 @@ def timed(fn, items):
 
 
 def file_key_context(trust: bytes):
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.timezone.utc)
-    name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "file-key")])
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(1).not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
-            .sign(key, hashes.SHA256()))
-    options = crt_io.TlsContextOptions.create_client_with_mtls(
-        cert.public_bytes(serialization.Encoding.PEM),
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                          serialization.NoEncryption()))
+    leaf = TestCA.self_signed_leaf("file-key")
+    options = crt_io.TlsContextOptions.create_client_with_mtls(leaf.cert_pem, leaf.key_pem)
     options.override_default_trust_store(trust)
     options.min_tls_ver = crt_io.TlsVersion.TLSv1_2
     return crt_io.ClientTlsContext(options)
@@ -138,12 +116,11 @@ def main() -> int:
         os.environ["DEVICE_SIM_HOME"] = str(home)
         print("building the state directory (CAs, 400 + 30 devices) ...", flush=True)
         build_state(home, env)
-        proc, ready = start_emulator(home, env)
+        emulator = start_emulator(home, env)
         try:
-            measure(home, ready, n, args.in_flight)
+            measure(home, emulator.ready, n, args.in_flight)
         finally:
-            proc.terminate()
-            proc.wait(10)
+            emulator.stop()
     return 0
 
 
@@ -165,19 +142,20 @@ def measure(home: Path, ready: dict, n: int, in_flight: int) -> None:
         slot = live[record.token_label] if by_slot else None
         return TlsIdentity(first.module_path, record.label, chain, PIN, slot_id=slot, token_label=record.token_label)
 
-    default_runtime().pkcs11_lib(first.module_path)
+    runtime = CrtRuntime()
+    runtime.pkcs11_lib(first.module_path)
     print(f"\n{n} devices on one token holding 1,200 objects; 41 tokens in all")
     line("identity load + checks (before connecting)", identity_ms)
-    small_ctx = timed(lambda r: client_tls_context(tls_identity(r), trust), small)
-    line("TLS context by slot id (raw: 3-object token)", timed(lambda r: client_tls_context(tls_identity(r), trust), big), small_ctx)
+    small_ctx = timed(lambda r: client_tls_context(tls_identity(r), trust, runtime), small)
+    line("TLS context by slot id (raw: 3-object token)", timed(lambda r: client_tls_context(tls_identity(r), trust, runtime), big), small_ctx)
     line("TLS context by token label (raw: by slot id, 3-object token)",
-         timed(lambda r: client_tls_context(tls_identity(r, by_slot=False), trust), big), small_ctx)
+         timed(lambda r: client_tls_context(tls_identity(r, by_slot=False), trust, runtime), big), small_ctx)
 
-    contexts = [client_tls_context(tls_identity(r), trust) for r in big]
+    contexts = [client_tls_context(tls_identity(r), trust, runtime) for r in big]
     file_ctx = file_key_context(trust)
 
     def handshake(ctx):
-        transport = HttpsTransport("localhost", port, scope, "x", ctx)
+        transport = HttpsTransport("localhost", port, scope, "x", ctx, runtime=runtime)
         transport.connect(10)
         transport.close()
 
@@ -186,7 +164,7 @@ def measure(home: Path, ready: dict, n: int, in_flight: int) -> None:
 
     connect_ms, register_ms, total_ms, statuses = [], [], [], {}
     for record, ctx in zip(big, contexts):
-        transport = HttpsTransport("localhost", port, scope, record.registration_id, ctx)
+        transport = HttpsTransport("localhost", port, scope, record.registration_id, ctx, runtime=runtime)
         outcome, timings = run_registration(reg.RegistrationFlow(record.registration_id), transport, 20)
         statuses[outcome.status] = statuses.get(outcome.status, 0) + 1
         connect_ms.append(timings.connect_ms or 0)
@@ -203,7 +181,7 @@ def measure(home: Path, ready: dict, n: int, in_flight: int) -> None:
             options = ctx_list[i % len(ctx_list)].new_connection_options()
             options.set_server_name("localhost")
             futures.append(crt_http.HttpClientConnection.new(
-                host_name="localhost", port=port, bootstrap=default_runtime().bootstrap,
+                host_name="localhost", port=port, bootstrap=runtime.bootstrap,
                 tls_connection_options=options))
         connections = [f.result(60) for f in futures]
         rate = in_flight / (time.perf_counter() - started)

@@ -25,13 +25,11 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
-sys.path.insert(0, str(ROOT / "tests"))
+from bench_stub import client_context, handshake_once, run_clients  # bench/ is sys.path[0] when run
 
-from bench_stub import client_context, handshake_once, run_clients  # noqa: E402
-from stub_server.stubpki import issue, write_identity  # noqa: E402
+from device_sim.testing import Emulator, TestCA
+
+ROOT = Path(__file__).resolve().parent.parent
 
 PIN, SO_PIN = "1234", "bench-so-pin"
 
@@ -53,17 +51,6 @@ def create_fleet(env, count: int, per_token: int | None, jobs: int) -> float:
     cli(env, "device_sim.cli.hsm_setup", "fleet", "create", "--count", count, "--prefix", "bench-", "--ca", "line",
         *shards, "--jobs", jobs, "--no-progress")
     return time.perf_counter() - started
-
-
-def start_emulator(env, home: Path) -> tuple[subprocess.Popen, dict]:
-    process = subprocess.Popen(
-        [sys.executable, "-m", "device_sim.cli", "stub", "serve", "--home", str(home), "--retry-after", "0",
-         "--assignment-delay", "0", "--no-mqtt", "--max-connections", "1024"],
-        stdout=subprocess.PIPE, stderr=open(home / "serve.log", "ab"), text=True, cwd=ROOT, env=env)
-    line = process.stdout.readline()
-    if not line:
-        sys.exit(f"emulator did not start: {(home / 'serve.log').read_text()}")
-    return process, json.loads(line)
 
 
 def peak_rss_mib(pid: int) -> float:
@@ -94,9 +81,7 @@ def fleet_run(env, concurrency: int, report: Path) -> tuple[dict, float, float, 
 
 def raw_handshake_rate(ready: dict, work: Path, clients: int, seconds: float) -> float:
     """File-key OpenSSL (CPython ssl) mTLS handshakes/s against the emulator's device port."""
-    root = issue("bench-file-root")
-    leaf = root.issue("bench-file-leaf", ca=False)
-    chain, key = write_identity(work, "file-leaf", leaf, root)
+    chain, key = TestCA("bench-file-root").issue_leaf("bench-file-leaf").write(work, "file-leaf")
     context = client_context(ready["ca_cert"], chain, key)
     port = int(ready["device_url"].rsplit(":", 1)[1])
     ok, failed, elapsed = run_clients(clients, seconds, lambda i: handshake_once(port, context))
@@ -148,7 +133,9 @@ def main() -> int:
         create_s = float("nan")
     else:
         create_s = create_fleet(env, args.count, args.per_token, args.jobs)
-    emulator, ready = start_emulator(env, home)
+    running = Emulator.spawn(home, "--retry-after", "0", "--assignment-delay", "0", "--no-mqtt",
+                             "--max-connections", "1024", env=env)
+    emulator, ready = running.process, running.ready
     try:
         cli(env, "device_sim.cli", "stub", "ca", "upload", "root", home / "pki" / "ca" / "root" / "cert.pem", "--verified")
         cli(env, "device_sim.cli", "stub", "group", "create", "bench", "--ca-ref", "root")
@@ -159,8 +146,7 @@ def main() -> int:
         emulator_rss = peak_rss_mib(emulator.pid)
         handshakes = raw_handshake_rate(ready, work, args.concurrency, args.seconds)
     finally:
-        emulator.terminate()
-        emulator.wait(timeout=30)
+        running.stop()
     signs = raw_sign_rate(str(home), args.seconds)
 
     summary = report["summary"]

@@ -32,11 +32,8 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from hsm_setup import ca, certificates, keys, module, tokens  # noqa: E402
-from hsm_setup.key_types import key_spec  # noqa: E402
+from hsm_setup import ca, certificates, keys, module, tokens
+from hsm_setup.key_types import key_spec
 
 PIN = "1234"
 SO_PIN = "bench-so-pin"

@@ -21,76 +21,37 @@ Client and server share this machine's cores: the figures are a floor, not a cei
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from awscrt import http as crt_http
+from awscrt import io as crt_io
 
-from awscrt import http as crt_http  # noqa: E402
-from awscrt import io as crt_io  # noqa: E402
+from device_sim.device import registration as reg
+from device_sim.device.driver import run_registration
+from device_sim.device.transport_https import CrtRuntime, HttpsTransport, TlsIdentity, client_tls_context
+from device_sim.device.transport_mqtt import MqttTransport
+from device_sim.testing import Emulator, TokenPki
 
-from cryptography import x509  # noqa: E402
-from cryptography.hazmat.primitives import serialization  # noqa: E402
-
-from device_sim.device import registration as reg  # noqa: E402
-from device_sim.device.driver import run_registration  # noqa: E402
-from device_sim.device.transport_https import HttpsTransport, TlsIdentity, client_tls_context, default_runtime  # noqa: E402
-from device_sim.device.transport_mqtt import MqttTransport  # noqa: E402
-from hsm_setup import ca, identities, module, tokens  # noqa: E402
-from hsm_setup.key_types import key_spec  # noqa: E402
+from bench_stub import run_clients  # bench/ is sys.path[0] when run
 
 REGISTRATION_ID = "bench-mqtt-dev"
+RUNTIME = CrtRuntime()  # one event loop for the whole bench
 HOST = "localhost"  # the name in the emulator's server certificate
-PIN, SO_PIN = "1234", "87654321"  # throw-away tokens in a temporary directory
 
 
-def make_devices(home: Path, count: int):
-    """Token "ca" (root, intermediate) and token "devices" (`count` EC P-256 devices), via hsm_setup.
-
-    Returns (module path, root CaRecord, [(registration ID, key label, chain PEM), ...]).
-    """
-    module_path = module.resolve_module(None, home)
-    lib = module.load_library(module_path)
-    for label in ("ca", "devices"):
-        tokens.init_token(lib, module_path, label, so_pin=SO_PIN, user_pin=PIN)
-    spec = key_spec("ec-p256")
-    root = ca.create_ca(lib, home, "root", parent=None, spec=spec, days=30, token_label="ca", pin=PIN)
-    ca.create_ca(lib, home, "intermediate", parent="root", spec=spec, days=30, token_label="ca", pin=PIN)
-    issuer = ca.open_issuer(lib, home, "intermediate", PIN)
-    devices = []
+def make_devices(home: Path, count: int) -> TokenPki:
+    """Token "ca" (root, intermediate) and token "devices" (`count` EC P-256 devices)."""
+    pki = TokenPki(home)
+    pki.ca("root")
+    pki.ca("intermediate", parent="root")
     for index in range(count):
-        device = identities.create_device(lib, home, f"{REGISTRATION_ID}-{index}", issuer=issuer, spec=spec,
-                                          token_label="devices", pin=PIN)
-        chain_pem = b"".join(x509.load_der_x509_certificate(der).public_bytes(serialization.Encoding.PEM)
-                             for der in (device.certificate, *device.chain))
-        devices.append((device.registration_id, device.label, chain_pem))
-    return module_path, root, devices
-
-
-def cli(*argv) -> None:
-    subprocess.run([sys.executable, "-m", "device_sim.cli", *map(str, argv)], check=True, cwd=ROOT,
-                   capture_output=True)
-
-
-def start_emulator(home: Path) -> tuple[subprocess.Popen, dict]:
-    command = [sys.executable, "-m", "device_sim.cli", "stub", "serve", "--home", str(home), "--port", "0",
-               "--mqtt-port", "0", "--retry-after", "0", "--assignment-delay", "0"]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, cwd=ROOT)
-    line = process.stdout.readline()
-    if not line:
-        raise SystemExit(f"emulator did not start (exit {process.wait()})")
-    return process, json.loads(line)
-
-
-def port_of(url: str) -> int:
-    return int(url.rsplit(":", 1)[1])
+        pki.device(f"{REGISTRATION_ID}-{index}", ca="intermediate")
+    return pki
 
 
 def handshake_once(context, port: int) -> None:
@@ -99,7 +60,7 @@ def handshake_once(context, port: int) -> None:
     options.domain = crt_io.SocketDomain.IPv4
     tls_options = context.new_connection_options()
     tls_options.set_server_name(HOST)
-    future = crt_http.HttpClientConnection.new(host_name=HOST, port=port, bootstrap=default_runtime().bootstrap,
+    future = crt_http.HttpClientConnection.new(host_name=HOST, port=port, bootstrap=RUNTIME.bootstrap,
                                                socket_options=options, tls_connection_options=tls_options)
     connection = future.result(10)
     connection.close().result(10)
@@ -113,24 +74,8 @@ def register_once(transport, registration_id: str) -> None:
 
 def rate(clients: int, seconds: float, work) -> tuple[float, int]:
     """Run `work(index)` in `clients` threads for `seconds`: (successes per second, failures)."""
-    done, failed = [0] * clients, [0] * clients
-    stop = time.monotonic() + seconds
-
-    def loop(index: int) -> None:
-        while time.monotonic() < stop:
-            try:
-                work(index)
-                done[index] += 1
-            except Exception:
-                failed[index] += 1
-
-    started = time.monotonic()
-    threads = [threading.Thread(target=loop, args=(i,)) for i in range(clients)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    return sum(done) / (time.monotonic() - started), sum(failed)
+    ok, failed, elapsed = run_clients(clients, seconds, work)
+    return ok / elapsed, failed
 
 
 def timed(rounds: int, work) -> list[float]:
@@ -158,23 +103,24 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory(prefix="bench-mqtt-") as tmp:
         tmp_path = Path(tmp)
-        module_path, root, devices = make_devices(tmp_path / "pki", args.clients)
-        process, ready = start_emulator(tmp_path / "home")
+        pki = make_devices(tmp_path / "pki", args.clients)
+        emulator = Emulator.spawn(tmp_path / "home", "--retry-after", "0", "--assignment-delay", "0")
         try:
-            home = tmp_path / "home"
-            cli("stub", "ca", "upload", "--home", home, "--verified", "bench-root", root.pem_path)
-            cli("stub", "group", "create", "--home", home, "--ca-ref", "bench-root", "bench-group")
-            trust = Path(ready["ca_cert"]).read_bytes()
-            contexts = [client_tls_context(TlsIdentity(module_path, label, chain_pem, PIN, token_label="devices"), trust)
-                        for _, label, chain_pem in devices]
-            ids = [registration_id for registration_id, _, _ in devices]
-            mqtt_port, https_port, scope = port_of(ready["mqtt_url"]), port_of(ready["device_url"]), ready["id_scope"]
+            emulator.admin.upload_ca("bench-root", pki.cas["root"].cert_pem, verified=True)
+            emulator.admin.create_group("bench-group", ca_ref="bench-root")
+            trust = emulator.ca_cert.read_bytes()
+            pki.lib()
+            devices = list(pki.devices.values())
+            contexts = [client_tls_context(TlsIdentity(pki.module_path, d.label, d.chain_pem, pki.pin,
+                                                       token_label=d.token_label), trust, RUNTIME) for d in devices]
+            ids = [d.registration_id for d in devices]
+            mqtt_port, https_port, scope = emulator.mqtt_port, emulator.device_port, emulator.id_scope
 
             def mqtt_once(i: int) -> None:
-                register_once(MqttTransport(HOST, mqtt_port, scope, ids[i], contexts[i]), ids[i])
+                register_once(MqttTransport(HOST, mqtt_port, scope, ids[i], contexts[i], runtime=RUNTIME), ids[i])
 
             def https_once(i: int) -> None:
-                register_once(HttpsTransport(HOST, https_port, scope, ids[i], contexts[i]), ids[i])
+                register_once(HttpsTransport(HOST, https_port, scope, ids[i], contexts[i], runtime=RUNTIME), ids[i])
 
             handshake = timed(args.rounds, lambda: handshake_once(contexts[0], mqtt_port))
             mqtt = timed(args.rounds, lambda: mqtt_once(0))
@@ -184,8 +130,7 @@ def main() -> int:
             mqtt_per_s, mqtt_failures = rate(args.clients, args.seconds, mqtt_once)
             https_per_s, https_failures = rate(args.clients, args.seconds, https_once)
         finally:
-            process.terminate()
-            process.wait(timeout=10)
+            emulator.stop()
 
     floor = statistics.median(handshake)
     print(f"mqtt bench: SoftHSM EC P-256 device keys, awscrt TLS 1.2, client and emulator on this machine")

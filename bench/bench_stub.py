@@ -21,35 +21,18 @@ import json
 import os
 import socket
 import ssl
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
-
-from stub_server.stubpki import Pki, write_identity  # noqa: E402
-
-from device_sim.stub import admin
-from device_sim.stub.net.listener import TlsListener  # noqa: E402
-from device_sim.stub.net.server_pki import ensure_server_identity  # noqa: E402
-from device_sim.stub.net.tls_context import device_context  # noqa: E402
+from device_sim.testing import Emulator, TestCA
+from device_sim.stub.net.listener import TlsListener
+from device_sim.stub.net.server_pki import ensure_server_identity
+from device_sim.stub.net.tls_context import device_context
 
 API_VERSION = "2021-06-01"
-
-
-def start_emulator(home: Path) -> tuple[subprocess.Popen, dict]:
-    command = [sys.executable, "-m", "device_sim.cli", "stub", "serve", "--home", str(home),
-               "--retry-after", "0", "--assignment-delay", "0", "--no-mqtt"]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, cwd=ROOT)
-    line = process.stdout.readline()
-    if not line:
-        raise SystemExit(f"emulator did not start (exit {process.wait()})")
-    return process, json.loads(line)
 
 
 def client_context(ca_cert: str, chain: Path, key: Path) -> ssl.SSLContext:
@@ -163,18 +146,16 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory(prefix="bench-stub-") as tmp:
         tmp_path = Path(tmp)
-        pki = Pki.create()
-        identities = [write_identity(tmp_path / "devices", f"bench-dev-{i}", pki.device(f"bench-dev-{i}"),
-                                     pki.inter2, pki.inter1, pki.root) for i in range(args.clients)]
-        process, ready = start_emulator(tmp_path / "home")
+        root = TestCA("bench-root")
+        line = root.issue_intermediate("bench-inter1").issue_intermediate("bench-inter2")
+        identities = [line.issue_leaf(f"bench-dev-{i}").write(tmp_path / "devices", f"bench-dev-{i}")
+                      for i in range(args.clients)]
+        emulator = Emulator.spawn(tmp_path / "home", "--retry-after", "0", "--assignment-delay", "0", "--no-mqtt")
+        process, ready = emulator.process, emulator.ready
         try:
-            port = int(ready["device_url"].rsplit(":", 1)[1])
-            client = admin.ServiceClient(admin.find_endpoint(tmp_path / "home"))
-            root_file = tmp_path / "root.pem"
-            root_file.write_bytes(pki.root.pem)
-            client.ca_upload("bench-root", admin.read_certificate_pem(root_file), verified=True)
-            client.put_record("enrollmentGroups", "bench-group",
-                              admin.group_record("bench-group", "bench-root", None, False, []))
+            port = emulator.device_port
+            emulator.admin.upload_ca("bench-root", root.cert_pem, verified=True)
+            emulator.admin.create_group("bench-group", ca_ref="bench-root")
             contexts = [client_context(ready["ca_cert"], chain, key) for chain, key in identities]
 
             register_once(port, contexts[0], ready["id_scope"], "bench-dev-0")  # warm-up + sanity check
@@ -196,8 +177,7 @@ def main() -> int:
                   f"server CPU {1000 * used / max(ok, 1):.2f} ms each)", flush=True)
             print(f"  ratio registrations/handshakes: {registrations / handshakes:.2f}", flush=True)
         finally:
-            process.terminate()
-            process.wait(timeout=10)
+            emulator.stop()
         chain, key = identities[0]
         rates = quickack_effect(tmp_path / "qa-tls", chain, key)
         print(f"  awscrt sequential TLS 1.2 mTLS handshakes: {rates[True]:.1f} /s with TCP_QUICKACK, "

@@ -1,10 +1,10 @@
-"""Shared fixtures: real SoftHSM tokens in temporary state directories.
+"""Shared fixtures, built on `device_sim.testing` (docs/testing.md).
 
 Fixtures
 --------
-``token_pki`` (session scope; alias ``pki`` where no closer conftest overrides it)
-    Built ONCE per test session (token key generation is slow, ~30-60/s) with the
-    real `hsm_setup` API in its own state directory::
+``token_pki`` (session scope)
+    A `SuiteTokenPki` (a `device_sim.testing.TokenPki`) built ONCE per session (token key
+    generation is slow, ~30-60/s) with the real `hsm_setup` API in its own state directory::
 
         root (ec-p256, self-signed)            token "ca"
         └─ intermediate (ec-p256)              token "ca"
@@ -12,18 +12,9 @@ Fixtures
            └─ line (ec-p256, a 2nd intermediate)                  token "ca"
               └─ device-line-1 (ec-p256)                          token "devices"
 
-    A `TokenPki` with: ``home``, ``module_path``, ``pin``, ``so_pin``, the CA records
-    ``root``, ``intermediate``, ``line`` (`hsm_setup.ca.CaRecord`), ``devices``
-    (registration ID -> `hsm_setup.devices.DeviceRecord`), and helpers:
-      - ``lib()``: the python-pkcs11 lib switched to THIS state directory (call it
-        again after any other fixture used another home: SoftHSM reads its
-        configuration at C_Initialize, so switching homes re-initialises the
-        library and closes every session of the previous home);
-      - ``session(token_label)``: a logged-in session on one of its tokens;
-      - ``env()``: environment for a subprocess (`hsm-setup`, `device-sim`) that
-        should use this PKI (DEVICE_SIM_HOME, SOFTHSM2_CONF, PKCS11_PIN, ...);
-      - ``device(registration_id)``: one DeviceRecord.
-    Treat it as read-only: tests that create or break things use ``softhsm_home``.
+    ``root``, ``intermediate``, ``line`` are its CAs (`TokenCa`), ``devices`` maps
+    registration ID -> `TokenDevice`; ``lib()``, ``session(label)``, ``env()`` as in
+    `TokenPki`. Treat it as read-only: tests that create or break things use ``softhsm_home``.
 
 ``softhsm_home`` (function scope)
     A fresh state directory with SoftHSM configured and no tokens; $DEVICE_SIM_HOME,
@@ -32,6 +23,10 @@ Fixtures
     token, ``lib(fresh=False)`` re-activates this home (``fresh=True`` also re-reads
     the token list, for tokens a subprocess created), ``cli(*argv)`` runs `hsm-setup` in this
     process and returns (exit code, stdout, stderr).
+
+``file_cas`` (session scope)
+    File-key CAs (`device_sim.testing.TestCA`) root -> inter1 -> inter2, the shape of the
+    docs' group example; ``device(cn)`` issues a leaf below inter2.
 
 ``run_hsm_setup``
     The in-process CLI runner alone: ``run_hsm_setup(*argv) -> CliResult``.
@@ -46,11 +41,10 @@ from pathlib import Path
 import pytest
 
 from device_sim.cli import hsm_setup as cli
-from hsm_setup import ca, devices, identities, module, tokens
-from hsm_setup.key_types import key_spec
+from device_sim.testing import TEST_PIN, TEST_SO_PIN, LeafCert, TestCA, TokenCa, TokenPki
+from hsm_setup import module
 
-TEST_PIN = "1234"
-TEST_SO_PIN = "87654321"
+pytest_plugins = ["pytester"]
 
 
 @dataclasses.dataclass
@@ -78,67 +72,37 @@ def run_hsm_setup(capsys):
     return lambda *argv: _run_cli(capsys, argv)
 
 
-@dataclasses.dataclass
-class TokenPki:
-    home: Path
-    module_path: str
-    pin: str
-    so_pin: str
-    root: ca.CaRecord
-    intermediate: ca.CaRecord
-    line: ca.CaRecord
-    devices: dict[str, devices.DeviceRecord]
-    ca_token: str = "ca"
-    device_token: str = "devices"
+class SuiteTokenPki(TokenPki):
+    """The session's token PKI, with its three CAs by name."""
 
-    def lib(self, *, fresh: bool = False):
-        module.configure_softhsm(self.home)
-        return module.load_library(self.module_path, fresh=fresh)
+    @property
+    def root(self) -> TokenCa:
+        return self.cas["root"]
 
-    def session(self, token_label: str):
-        return tokens.session(self.lib(), token_label, self.pin)
+    @property
+    def intermediate(self) -> TokenCa:
+        return self.cas["intermediate"]
 
-    def device(self, registration_id: str) -> devices.DeviceRecord:
-        return self.devices[registration_id]
-
-    def env(self) -> dict[str, str]:
-        env = dict(os.environ)
-        env.update({
-            "DEVICE_SIM_HOME": str(self.home),
-            "SOFTHSM2_CONF": str(self.home / module.SOFTHSM_CONF_NAME),
-            "PKCS11_MODULE": self.module_path,
-            "PKCS11_PIN": self.pin,
-            "PKCS11_SO_PIN": self.so_pin,
-        })
-        return env
+    @property
+    def line(self) -> TokenCa:
+        return self.cas["line"]
 
 
-def _build_pki(home: Path) -> TokenPki:
-    module_path = module.resolve_module(None, home)
-    lib = module.load_library(module_path)
-    for label in ("ca", "devices"):
-        tokens.init_token(lib, module_path, label, so_pin=TEST_SO_PIN, user_pin=TEST_PIN)
-    ec = key_spec("ec-p256")
-    root = ca.create_ca(lib, home, "root", parent=None, spec=ec, days=3650, token_label="ca", pin=TEST_PIN)
-    inter = ca.create_ca(lib, home, "intermediate", parent="root", spec=ec, days=3650,
-                         token_label="ca", pin=TEST_PIN)
-    line = ca.create_ca(lib, home, "line", parent="intermediate", spec=ec, days=3650,
-                        token_label="ca", pin=TEST_PIN)
-    made = {}
-    issuer = ca.open_issuer(lib, home, "intermediate", TEST_PIN)
+def _build_pki(home: Path) -> SuiteTokenPki:
+    pki = SuiteTokenPki(home)
+    pki.init_token(pki.ca_token)
+    pki.init_token(pki.device_token)
+    pki.ca("root")
+    pki.ca("intermediate", parent="root")
+    pki.ca("line", parent="intermediate")
     for key in ("ec-p256", "ec-p384", "rsa-2048"):
-        rid = f"device-{key}"
-        made[rid] = identities.create_device(lib, home, rid, issuer=issuer, spec=key_spec(key),
-                                             token_label="devices", pin=TEST_PIN)
-    line_issuer = ca.open_issuer(lib, home, "line", TEST_PIN)
-    made["device-line-1"] = identities.create_device(lib, home, "device-line-1", issuer=line_issuer,
-                                                     spec=ec, token_label="devices", pin=TEST_PIN)
-    return TokenPki(home=home, module_path=module_path, pin=TEST_PIN, so_pin=TEST_SO_PIN,
-                    root=root, intermediate=inter, line=line, devices=made)
+        pki.device(f"device-{key}", ca="intermediate", key_type=key)
+    pki.device("device-line-1", ca="line")
+    return pki
 
 
 @pytest.fixture(scope="session")
-def token_pki(tmp_path_factory) -> TokenPki:
+def token_pki(tmp_path_factory) -> SuiteTokenPki:
     home = tmp_path_factory.mktemp("token-pki")
     saved = os.environ.get(module.ENV_SOFTHSM_CONF)
     pki = _build_pki(home)
@@ -149,32 +113,13 @@ def token_pki(tmp_path_factory) -> TokenPki:
         os.environ[module.ENV_SOFTHSM_CONF] = saved
 
 
-@pytest.fixture(scope="session")
-def pki(token_pki) -> TokenPki:
-    return token_pki
+class SoftHsmHome(TokenPki):
+    """A fresh SoftHSM directory for tests that create or break tokens."""
 
-
-@dataclasses.dataclass
-class SoftHsmHome:
-    home: Path
-    module_path: str
-    pin: str
-    so_pin: str
-    pin_file: Path
-    so_pin_file: Path
-    _capsys: object
-
-    def lib(self, *, fresh: bool = False):
-        """This home's library; fresh=True also sees tokens a subprocess created."""
-        os.environ[module.ENV_SOFTHSM_CONF] = str(self.home / module.SOFTHSM_CONF_NAME)
-        return module.load_library(self.module_path, fresh=fresh)
-
-    def init_token(self, label: str) -> tokens.TokenInfo:
-        return tokens.init_token(self.lib(), self.module_path, label, so_pin=self.so_pin,
-                                 user_pin=self.pin)
-
-    def session(self, token_label: str):
-        return tokens.session(self.lib(), token_label, self.pin)
+    def __init__(self, home: Path, pin_file: Path, so_pin_file: Path, capsys):
+        super().__init__(home)
+        self.pin_file, self.so_pin_file = pin_file, so_pin_file
+        self._capsys = capsys
 
     def cli(self, *argv) -> CliResult:
         return _run_cli(self._capsys, argv)
@@ -190,9 +135,25 @@ def softhsm_home(tmp_path, monkeypatch, capsys) -> SoftHsmHome:
     monkeypatch.delenv("PKCS11_CA_PIN", raising=False)
     monkeypatch.delenv("PKCS11_MODULE", raising=False)
     monkeypatch.setenv(module.ENV_SOFTHSM_CONF, os.environ.get(module.ENV_SOFTHSM_CONF, ""))
-    module_path = module.resolve_module(None, home)
     pin_file = tmp_path / "user.pin"
     pin_file.write_text(TEST_PIN + "\n")
     so_pin_file = tmp_path / "so.pin"
     so_pin_file.write_text(TEST_SO_PIN + "\n")
-    return SoftHsmHome(home, module_path, TEST_PIN, TEST_SO_PIN, pin_file, so_pin_file, capsys)
+    return SoftHsmHome(home, pin_file, so_pin_file, capsys)
+
+
+@dataclasses.dataclass
+class FileCas:
+    root: TestCA
+    inter1: TestCA
+    inter2: TestCA
+
+    def device(self, cn: str) -> LeafCert:
+        return self.inter2.issue_leaf(cn)
+
+
+@pytest.fixture(scope="session")
+def file_cas() -> FileCas:
+    root = TestCA("stub-test-root")
+    inter1 = root.issue_intermediate("stub-test-inter1")
+    return FileCas(root, inter1, inter1.issue_intermediate("stub-test-inter2"))

@@ -1,70 +1,20 @@
-"""Test helpers for the device area: certificates from in-memory CAs, a loopback TLS server.
+"""Test helper for the device area: a loopback TLS server that plays a misbehaving DPS.
 
 Device keys come from the shared SoftHSM fixture (`token_pki` in tests/conftest.py); the
-in-memory CAs here only make server certificates and certificates for pure chain tests.
-The server is pyOpenSSL, accepts any client chain and records what the client presented.
+server's certificate from a `device_sim.testing.TestCA`. The server is pyOpenSSL, accepts
+any client chain and records what the client presented.
 """
 
 from __future__ import annotations
 
-import datetime
 import socket
 import threading
 import time
-from dataclasses import dataclass
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from OpenSSL import SSL
+from OpenSSL import SSL, crypto
 
-
-def now():
-    return datetime.datetime.now(datetime.timezone.utc)
-
-
-def name(cn):
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-
-
-def issue(subject, public_key, issuer_cert, issuer_key, *, ca, days=30, start=None, eku=True):
-    start = start or now() - datetime.timedelta(hours=1)
-    builder = (x509.CertificateBuilder()
-               .subject_name(name(subject))
-               .issuer_name(issuer_cert.subject if issuer_cert is not None else name(subject))
-               .public_key(public_key)
-               .serial_number(x509.random_serial_number())
-               .not_valid_before(start)
-               .not_valid_after(start + datetime.timedelta(days=days))
-               .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
-    if ca:
-        builder = builder.add_extension(x509.KeyUsage(True, False, False, False, False, True, True, False, False), True)
-    else:
-        builder = builder.add_extension(x509.KeyUsage(True, False, True, False, False, False, False, False, False), True)
-        if eku:
-            builder = builder.add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), False)
-    return builder.sign(issuer_key, hashes.SHA256())
-
-
-def pem(*certs):
-    return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs)
-
-
-@dataclass
-class FilePki:
-    root_key: object
-    root: x509.Certificate
-    inter_key: object
-    inter: x509.Certificate
-
-    @classmethod
-    def create(cls, prefix="test"):
-        root_key = ec.generate_private_key(ec.SECP256R1())
-        root = issue(f"{prefix}-root", root_key.public_key(), None, root_key, ca=True)
-        inter_key = ec.generate_private_key(ec.SECP256R1())
-        inter = issue(f"{prefix}-intermediate", inter_key.public_key(), root, root_key, ca=True)
-        return cls(root_key, root, inter_key, inter)
+from device_sim.testing import LeafCert
 
 
 class LoopbackTlsServer:
@@ -75,7 +25,7 @@ class LoopbackTlsServer:
     answers any request with non-HTTP bytes; "silent-after-tls": handshakes, never answers.
     """
 
-    def __init__(self, server_cert, server_key, mode="http", responses=(), close_after_answer=False):
+    def __init__(self, identity: LeafCert, mode="http", responses=(), close_after_answer=False):
         self.mode = mode
         self.close_after_answer = close_after_answer  # like a server whose keep-alive idle timeout hit
         self.responses = list(responses)
@@ -83,9 +33,8 @@ class LoopbackTlsServer:
         self.requests: list[bytes] = []
         self.connections = 0
         self._ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
-        self._ctx.use_certificate(server_cert if not isinstance(server_cert, x509.Certificate)
-                                  else _crypto_cert(server_cert))
-        self._ctx.use_privatekey(_crypto_key(server_key))
+        self._ctx.use_certificate(crypto.X509.from_cryptography(identity.cert))
+        self._ctx.use_privatekey(crypto.PKey.from_cryptography_key(identity.key))
         self._ctx.set_verify(SSL.VERIFY_PEER, lambda *args: True)
         self._sock = socket.socket()
         self._sock.bind(("127.0.0.1", 0))
@@ -162,27 +111,3 @@ def http_response(status, body=b"", **headers):
              "Content-Type: application/json"]
     lines += [f"{k.replace('_', '-')}: {v}" for k, v in headers.items()]
     return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
-
-
-def _crypto_cert(cert):
-    from OpenSSL import crypto
-    return crypto.X509.from_cryptography(cert)
-
-
-def _crypto_key(key):
-    from OpenSSL import crypto
-    return crypto.PKey.from_cryptography_key(key)
-
-
-def server_identity(pki: FilePki, host="localhost"):
-    """A server certificate for `host` (and 127.0.0.1) issued by the test root."""
-    import ipaddress
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = (x509.CertificateBuilder().subject_name(name(host)).issuer_name(pki.root.subject)
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now() - datetime.timedelta(hours=1))
-            .not_valid_after(now() + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([
-                x509.DNSName(host), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
-            .sign(pki.root_key, hashes.SHA256()))
-    return cert, key

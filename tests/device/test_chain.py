@@ -1,26 +1,30 @@
 """Chain builder and chain lint on certificates made with `cryptography` (no token needed)."""
 
 import datetime
+from types import SimpleNamespace
 
 import pytest
-from cryptography.hazmat.primitives.asymmetric import ec
 
 from device_sim.device.chain_builder import NamedCert, build_chain, gather_candidates, load_pem_file
 from device_sim.device.chain_lint import ERROR, has_errors, lint_chain
 from device_sim.common.errors import UserError
 
-from .helpers import FilePki, issue, now, pem
+from device_sim.testing import TestCA, pem
+
+
+def file_pki(prefix):
+    """root -> intermediate as certificates (`root`, `inter`) and the intermediate CA (`inter_ca`)."""
+    inter_ca = TestCA(f"{prefix}-root").issue_intermediate(f"{prefix}-intermediate")
+    return SimpleNamespace(root=inter_ca.issuer.cert, inter=inter_ca.cert, inter_ca=inter_ca)
 
 
 @pytest.fixture(scope="module")
 def pki3():
     """root -> intermediate1 -> intermediate2 -> leaf, plus an unrelated root."""
-    pki = FilePki.create("t")
-    k2 = ec.generate_private_key(ec.SECP256R1())
-    inter2 = issue("t-intermediate2", k2.public_key(), pki.inter, pki.inter_key, ca=True)
-    leaf_key = ec.generate_private_key(ec.SECP256R1())
-    leaf = issue("device-7", leaf_key.public_key(), inter2, k2, ca=False)
-    return pki, inter2, k2, leaf
+    pki = file_pki("t")
+    inter2_ca = pki.inter_ca.issue_intermediate("t-intermediate2")
+    leaf = inter2_ca.issue_leaf("device-7").cert
+    return pki, inter2_ca.cert, inter2_ca, leaf
 
 
 def rules(findings, level=ERROR):
@@ -29,7 +33,7 @@ def rules(findings, level=ERROR):
 
 def test_builds_leaf_first_up_to_the_root_from_an_unordered_pool(pki3):
     pki, inter2, _, leaf = pki3
-    other = FilePki.create("other")
+    other = file_pki("other")
     chain = build_chain(leaf, [pki.root, other.root, inter2, other.inter, pki.inter])
     assert chain == [leaf, inter2, pki.inter, pki.root]
     assert not has_errors(lint_chain(chain))
@@ -47,8 +51,7 @@ def test_chain_to_stops_at_a_named_ca_or_the_leaf(pki3):
 
 def test_same_name_different_key_is_not_taken_as_issuer(pki3):
     pki, inter2, _, leaf = pki3
-    impostor_key = ec.generate_private_key(ec.SECP256R1())
-    impostor = issue("t-intermediate2", impostor_key.public_key(), pki.inter, pki.inter_key, ca=True)
+    impostor = pki.inter_ca.issue_intermediate("t-intermediate2").cert
     assert build_chain(leaf, [impostor, pki.root], "root") == [leaf]
     findings = lint_chain([leaf, impostor])
     assert "links" in rules(findings)
@@ -73,25 +76,23 @@ def test_order_and_duplicates(pki3):
 
 def test_ca_flags_key_usage_and_cn(pki3):
     pki, _, _, _ = pki3
-    key = ec.generate_private_key(ec.SECP256R1())
-    not_a_ca = issue("t-fake-ca", key.public_key(), pki.inter, pki.inter_key, ca=False)
-    leaf = issue("device-8", ec.generate_private_key(ec.SECP256R1()).public_key(), not_a_ca, key, ca=False)
+    not_a_ca_ca = pki.inter_ca.issue_intermediate("t-fake-ca", ca=False)
+    not_a_ca = not_a_ca_ca.cert
+    leaf = not_a_ca_ca.issue_leaf("device-8").cert
     assert "ca-flags" in rules(lint_chain([leaf, not_a_ca, pki.inter, pki.root]))
-    ca_leaf = issue("device-9", key.public_key(), pki.inter, pki.inter_key, ca=True)
+    ca_leaf = pki.inter_ca.issue_intermediate("device-9").cert
     assert "ca-flags" in rules(lint_chain([ca_leaf, pki.inter, pki.root]))
-    bad_cn = issue("bad id!", key.public_key(), pki.inter, pki.inter_key, ca=False)
+    bad_cn = pki.inter_ca.issue_leaf("bad id!").cert
     assert "cn" in rules(lint_chain([bad_cn, pki.inter, pki.root]))
-    ends_with_dot = issue("device.", key.public_key(), pki.inter, pki.inter_key, ca=False)
+    ends_with_dot = pki.inter_ca.issue_leaf("device.").cert
     assert "cn" in rules(lint_chain([ends_with_dot, pki.inter, pki.root]))
 
 
 def test_expired_and_not_yet_valid(pki3):
     pki, _, _, _ = pki3
-    key = ec.generate_private_key(ec.SECP256R1())
-    expired = issue("old-device", key.public_key(), pki.inter, pki.inter_key, ca=False,
-                    start=now() - datetime.timedelta(days=40), days=30)
-    future = issue("new-device", key.public_key(), pki.inter, pki.inter_key, ca=False,
-                   start=now() + datetime.timedelta(days=1))
+    now = datetime.datetime.now(datetime.timezone.utc)
+    expired = pki.inter_ca.issue_leaf("old-device", not_before=now - datetime.timedelta(days=40), days=30).cert
+    future = pki.inter_ca.issue_leaf("new-device", not_before=now + datetime.timedelta(days=1)).cert
     assert "validity" in rules(lint_chain([expired, pki.inter, pki.root]))
     assert "validity" in rules(lint_chain([future, pki.inter, pki.root]))
 
@@ -116,8 +117,7 @@ def test_a_ca_signed_leaf_sent_alone_is_refused_as_the_emulator_refuses_it(pki3)
     assert any("leaf alone" in f.message for f in findings if f.level == ERROR)
     # Named as verified, the leaf's own issuer admits it (the emulator checks the store's CAs).
     assert not has_errors(lint_chain([leaf], verified=[inter2]))
-    self_signed_key = ec.generate_private_key(ec.SECP256R1())
-    self_signed = issue("device-self", self_signed_key.public_key(), None, self_signed_key, ca=False)
+    self_signed = TestCA.self_signed_leaf("device-self").cert
     assert not has_errors(lint_chain([self_signed]))
 
 
@@ -126,7 +126,7 @@ def test_lint_never_says_ok_where_the_shared_as_sent_check_refuses(pki3):
 
     pki, inter2, _, leaf = pki3
     good = [leaf, inter2, pki.inter, pki.root]
-    assert chain_problem(good, now()) is None and not has_errors(lint_chain(good))
+    assert chain_problem(good, datetime.datetime.now(datetime.timezone.utc)) is None and not has_errors(lint_chain(good))
     for bad in ([leaf, pki.inter, inter2, pki.root], [leaf, pki.root], [inter2, leaf]):
-        assert chain_problem(bad, now()) is not None
+        assert chain_problem(bad, datetime.datetime.now(datetime.timezone.utc)) is not None
         assert has_errors(lint_chain(bad))

@@ -114,7 +114,7 @@ class RecordingTransport:
 
 
 def in_process_device(token_pki, home: Path, port: int, emulator: dict, runtime: CrtRuntime, transport: str):
-    record = token_pki.device(DEVICE)
+    record = token_pki.devices[DEVICE]
     slot_id = tokens.find_token(token_pki.lib(), record.token_label).slot.slot_id
     chain = to_pem([record.certificate_x509(), *record.chain_x509()])
     target = resolve_target(home, transport=transport, endpoint=f"localhost:{port}",

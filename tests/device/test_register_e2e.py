@@ -2,7 +2,6 @@
 
 import datetime
 import json
-import select
 import socket
 import subprocess
 import sys
@@ -10,34 +9,14 @@ import time
 from pathlib import Path
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 from OpenSSL import SSL
 
-from .helpers import FilePki, LoopbackTlsServer, name, pem, server_identity
+from device_sim.testing import Emulator, TestCA
+
+from .helpers import LoopbackTlsServer
 
 BIN = Path(sys.executable).parent
 DEVICE_SIM = str(BIN / "device-sim")
-
-
-def start_emulator(home: Path, *extra) -> tuple[subprocess.Popen, dict]:
-    proc = subprocess.Popen([DEVICE_SIM, "stub", "serve", "--home", str(home), "--port", "0", "--service-port", "0",
-                             "--no-mqtt", *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    ready, _, _ = select.select([proc.stdout], [], [], 30)
-    line = proc.stdout.readline() if ready else ""
-    if not line:
-        proc.kill()
-        pytest.fail(f"emulator did not start: {proc.stderr.read()[:2000]}")
-    return proc, json.loads(line)
-
-
-def stop(proc):
-    proc.terminate()
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
 
 
 def admin(emu_home, *argv):
@@ -50,12 +29,13 @@ def admin(emu_home, *argv):
 @pytest.fixture(scope="module")
 def emulator(token_pki, tmp_path_factory):
     home = tmp_path_factory.mktemp("emulator")
-    proc, ready = start_emulator(home, "--retry-after", "0")
+    proc = Emulator.spawn(home, "--no-mqtt", "--retry-after", "0")
+    ready = proc.ready
     admin(home, "ca", "upload", "root", token_pki.root.pem_path, "--verified")
     admin(home, "group", "create", "everyone", "--ca-ref", "root")
     ready["home"] = home
     yield ready
-    stop(proc)
+    proc.stop()
 
 
 def register(pki, device, ready=None, *extra, endpoint=None, trust=None, timeout=20, env=None):
@@ -115,7 +95,7 @@ def test_disabled_group_blocks_its_devices_only(token_pki, emulator):
 
 
 def test_disabled_individual_enrollment_blocks_that_device(token_pki, emulator):
-    device = token_pki.device("device-rsa-2048")
+    device = token_pki.devices["device-rsa-2048"]
     admin(emulator["home"], "enroll", "create", "device-rsa-2048", "--cert", device.cert_path, "--disabled")
     try:
         code, out, _ = register(token_pki, "device-rsa-2048", emulator)
@@ -130,13 +110,14 @@ def test_wrong_registration_id_is_unauthorized(token_pki, emulator):
 
 
 def test_throttling_is_retried_after_retry_after(token_pki, tmp_path):
-    proc, ready = start_emulator(tmp_path / "throttled", "--throttle", "2", "--retry-after", "0")
+    proc = Emulator.spawn(tmp_path / "throttled", "--no-mqtt", "--throttle", "2", "--retry-after", "0")
+    ready = proc.ready
     try:
         admin(tmp_path / "throttled", "ca", "upload", "root", token_pki.root.pem_path, "--verified")
         admin(tmp_path / "throttled", "group", "create", "everyone", "--ca-ref", "root")
         code, out, _ = register(token_pki, "device-ec-p256", ready)
     finally:
-        stop(proc)
+        proc.stop()
     assert (code, out["status"]) == (0, "assigned")
     assert out["retries"] == 2
     assert out["timings_ms"]["register"] >= 2000  # two 429s with Retry-After: 1
@@ -146,18 +127,19 @@ def test_failed_assignment(token_pki, tmp_path):
     # An enrollment pinned to a hub that is no longer linked: DPS accepts the device, then the
     # operation ends 'failed' with errorCode 400208 (no hub could be assigned).
     home = tmp_path / "unlinked"
-    proc, _ = start_emulator(home, "--hub", "old-hub.azure-devices.net")
+    proc = Emulator.spawn(home, "--no-mqtt", "--hub", "old-hub.azure-devices.net")
     try:
         admin(home, "ca", "upload", "root", token_pki.root.pem_path, "--verified")
-        admin(home, "enroll", "create", "device-ec-p256", "--cert", token_pki.device("device-ec-p256").cert_path,
+        admin(home, "enroll", "create", "device-ec-p256", "--cert", token_pki.devices["device-ec-p256"].cert_path,
               "--hub", "old-hub.azure-devices.net")
     finally:
-        stop(proc)
-    proc, ready = start_emulator(home, "--hub", "new-hub.azure-devices.net", "--retry-after", "0")
+        proc.stop()
+    proc = Emulator.spawn(home, "--no-mqtt", "--hub", "new-hub.azure-devices.net", "--retry-after", "0")
+    ready = proc.ready
     try:
         code, out, _ = register(token_pki, "device-ec-p256", ready)
     finally:
-        stop(proc)
+        proc.stop()
     assert (code, out["status"], out["error"]["code"]) == (5, "failed", 400208)
 
 
@@ -166,9 +148,9 @@ def test_failed_assignment(token_pki, tmp_path):
 
 @pytest.fixture(scope="module")
 def fake_server_pki(tmp_path_factory):
-    pki = FilePki.create("fake-dps")
+    pki = TestCA("fake-dps-root")
     trust = tmp_path_factory.mktemp("fake") / "trust.pem"
-    trust.write_bytes(pem(pki.root))
+    trust.write_bytes(pki.cert_pem)
     return pki, trust
 
 
@@ -203,7 +185,7 @@ def test_unreachable_endpoint(token_pki, fake_server_pki):
 
 def test_garbage_answer_is_a_protocol_error(token_pki, fake_server_pki):
     pki, trust = fake_server_pki
-    server = LoopbackTlsServer(*server_identity(pki), mode="garbage")
+    server = LoopbackTlsServer(pki.issue_server(), mode="garbage")
     try:
         code, out, _ = register(token_pki, "device-ec-p256", fake_ready(server.port), trust=trust, timeout=5)
     finally:
@@ -213,7 +195,7 @@ def test_garbage_answer_is_a_protocol_error(token_pki, fake_server_pki):
 
 def test_tls_failure(token_pki, fake_server_pki):
     pki, trust = fake_server_pki
-    server = LoopbackTlsServer(*server_identity(pki), mode="http", responses=[b""])
+    server = LoopbackTlsServer(pki.issue_server(), mode="http", responses=[b""])
     server._ctx.set_min_proto_version(SSL.TLS1_3_VERSION)  # the device offers TLS 1.2 only
     try:
         code, out, _ = register(token_pki, "device-ec-p256", fake_ready(server.port), trust=trust, timeout=5)
@@ -248,21 +230,18 @@ def test_missing_object(token_pki, emulator):
 
 
 def test_certificate_of_another_key(token_pki, emulator):
-    other = token_pki.device("device-ec-p384").cert_path
+    other = token_pki.devices["device-ec-p384"].cert_path
     code, _, err = register(token_pki, "device-ec-p256", emulator, "--cert", other)
     assert code == 2 and "does not belong to the token key" in one_line_error(err)
 
 
 def test_expired_certificate(token_pki, emulator, tmp_path):
-    device = token_pki.device("device-ec-p256")
-    ca_key = ec.generate_private_key(ec.SECP256R1())
+    device = token_pki.devices["device-ec-p256"]
     start = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(days=10)
-    expired = (x509.CertificateBuilder().subject_name(name("device-ec-p256")).issuer_name(name("old-ca"))
-               .public_key(device.certificate_x509().public_key()).serial_number(1)
-               .not_valid_before(start).not_valid_after(start + datetime.timedelta(days=1))
-               .sign(ca_key, hashes.SHA256()))
+    expired = TestCA("old-ca").issue_leaf("device-ec-p256", public_key=device.certificate_x509().public_key(),
+                                          not_before=start, days=1)
     path = tmp_path / "expired.pem"
-    path.write_bytes(expired.public_bytes(serialization.Encoding.PEM))
+    path.write_bytes(expired.cert_pem)
     code, _, err = register(token_pki, "device-ec-p256", emulator, "--cert", path)
     assert code == 2 and "expired" in one_line_error(err)
 

@@ -15,14 +15,16 @@ from device_sim.device.transport import TlsFailure, TransportTimeout, Unreachabl
 from device_sim.device.transport_https import CrtRuntime, HttpsTransport, TlsIdentity, client_tls_context
 from hsm_setup import tokens
 from device_sim.common.errors import UserError
-from .helpers import FilePki, LoopbackTlsServer, http_response, pem, server_identity
+from device_sim.testing import TestCA, pem
+
+from .helpers import LoopbackTlsServer, http_response
 
 
 class Device:
     """The bits of token_pki's device-ec-p256 these tests need."""
 
     def __init__(self, pki, runtime):
-        record = pki.device("device-ec-p256")
+        record = pki.devices["device-ec-p256"]
         self.runtime = runtime
         self.pki_fixture = pki
         self.token_label = record.token_label
@@ -50,7 +52,7 @@ def device(token_pki, crt_runtime):
 
 @pytest.fixture(scope="module")
 def server_pki():
-    return FilePki.create("loopback-server")
+    return TestCA("loopback-server-root")
 
 
 def tls_context(device, chain=None, trust=None, server_root=None):
@@ -61,7 +63,7 @@ def tls_context(device, chain=None, trust=None, server_root=None):
 
 def transport_for(device, port, server_pki, **kw):
     return HttpsTransport("localhost", port, "0ne0000TEST", "dev-1",
-                          tls_context(device, server_root=server_pki.root, **kw), runtime=device.runtime)
+                          tls_context(device, server_root=server_pki.cert, **kw), runtime=device.runtime)
 
 
 def assigned_body(op="op-1"):
@@ -71,11 +73,11 @@ def assigned_body(op="op-1"):
 
 @pytest.fixture()
 def server_cert(server_pki):
-    return server_identity(server_pki)
+    return server_pki.issue_server()
 
 
 def test_register_and_poll_over_one_connection_presenting_the_chain(device, server_cert, server_pki):
-    server = LoopbackTlsServer(*server_cert, responses=[
+    server = LoopbackTlsServer(server_cert, responses=[
         http_response(202, json.dumps({"operationId": "op-1", "status": "assigning"}).encode(), Retry_After="0"),
         http_response(200, assigned_body()),
     ])
@@ -94,10 +96,10 @@ def test_register_and_poll_over_one_connection_presenting_the_chain(device, serv
 
 
 def test_endpoint_given_as_an_ip_address_is_verified_against_the_ip_san(device, server_cert, server_pki):
-    server = LoopbackTlsServer(*server_cert, responses=[http_response(200, assigned_body())])
+    server = LoopbackTlsServer(server_cert, responses=[http_response(200, assigned_body())])
     try:
         transport = HttpsTransport("127.0.0.1", server.port, "0ne0000TEST", "dev-1",
-                                   tls_context(device, server_root=server_pki.root), runtime=device.runtime)
+                                   tls_context(device, server_root=server_pki.cert), runtime=device.runtime)
         outcome, _ = run_registration(reg.RegistrationFlow("dev-1"), transport, 10)
     finally:
         server.close()
@@ -105,7 +107,7 @@ def test_endpoint_given_as_an_ip_address_is_verified_against_the_ip_san(device, 
 
 
 def test_poll_after_the_server_closed_the_kept_alive_connection(device, server_cert, server_pki):
-    server = LoopbackTlsServer(*server_cert, close_after_answer=True, responses=[
+    server = LoopbackTlsServer(server_cert, close_after_answer=True, responses=[
         http_response(202, json.dumps({"operationId": "op-1", "status": "assigning"}).encode(), Retry_After="0"),
         http_response(200, assigned_body()),
     ])
@@ -123,7 +125,7 @@ def test_private_key_never_leaves_the_token_yet_the_handshake_succeeds(device, s
     assert key[Attribute.EXTRACTABLE] is False and key[Attribute.SENSITIVE] is True
     with pytest.raises(pkcs11.PKCS11Error):
         key[Attribute.VALUE]  # the private scalar cannot be read
-    server = LoopbackTlsServer(*server_cert, responses=[http_response(200, assigned_body())])
+    server = LoopbackTlsServer(server_cert, responses=[http_response(200, assigned_body())])
     try:
         outcome, _ = run_registration(reg.RegistrationFlow("dev-1"), transport_for(device, server.port, server_pki), 10)
     finally:
@@ -135,7 +137,7 @@ def test_private_key_never_leaves_the_token_yet_the_handshake_succeeds(device, s
 
 
 def test_full_chain_with_root_is_sent_in_order(device, server_cert, server_pki):
-    server = LoopbackTlsServer(*server_cert, responses=[http_response(200, assigned_body())])
+    server = LoopbackTlsServer(server_cert, responses=[http_response(200, assigned_body())])
     try:
         chain = pem(device.leaf, device.inter, device.root)
         run_registration(reg.RegistrationFlow("dev-1"), transport_for(device, server.port, server_pki, chain=chain), 10)
@@ -146,7 +148,7 @@ def test_full_chain_with_root_is_sent_in_order(device, server_cert, server_pki):
 
 
 def test_silent_server_times_out_within_the_deadline(device, server_cert, server_pki):
-    server = LoopbackTlsServer(*server_cert, mode="silent")
+    server = LoopbackTlsServer(server_cert, mode="silent")
     started = time.monotonic()
     try:
         outcome, _ = run_registration(reg.RegistrationFlow("dev-1"), transport_for(device, server.port, server_pki), 1.5)
@@ -157,7 +159,7 @@ def test_silent_server_times_out_within_the_deadline(device, server_cert, server
 
 
 def test_server_that_never_answers_the_request_times_out(device, server_cert, server_pki):
-    server = LoopbackTlsServer(*server_cert, mode="silent-after-tls")
+    server = LoopbackTlsServer(server_cert, mode="silent-after-tls")
     try:
         outcome, _ = run_registration(reg.RegistrationFlow("dev-1"), transport_for(device, server.port, server_pki), 1.5)
     finally:
@@ -166,7 +168,7 @@ def test_server_that_never_answers_the_request_times_out(device, server_cert, se
 
 
 def test_garbage_answer_is_a_protocol_error(device, server_cert, server_pki):
-    server = LoopbackTlsServer(*server_cert, mode="garbage")
+    server = LoopbackTlsServer(server_cert, mode="garbage")
     try:
         outcome, _ = run_registration(reg.RegistrationFlow("dev-1"), transport_for(device, server.port, server_pki), 5)
     finally:
@@ -175,7 +177,7 @@ def test_garbage_answer_is_a_protocol_error(device, server_cert, server_pki):
 
 
 def test_handshake_refused_by_the_server_is_a_tls_failure(device, server_cert, server_pki):
-    server = LoopbackTlsServer(*server_cert, responses=[http_response(200, assigned_body())])
+    server = LoopbackTlsServer(server_cert, responses=[http_response(200, assigned_body())])
     server._ctx.set_min_proto_version(SSL.TLS1_3_VERSION)  # awscrt+PKCS#11 offers TLS 1.2 only
     try:
         with pytest.raises(TlsFailure):
@@ -187,8 +189,8 @@ def test_handshake_refused_by_the_server_is_a_tls_failure(device, server_cert, s
 def test_untrusted_server_is_reported_within_the_deadline(device, server_cert, server_pki):
     # s2n delays reporting a server certificate it rejects by 10-30 s (blinding): within a
     # short deadline the device must still give up on time and say what to check.
-    server = LoopbackTlsServer(*server_cert, responses=[http_response(200, assigned_body())])
-    other_root = FilePki.create("other").root
+    server = LoopbackTlsServer(server_cert, responses=[http_response(200, assigned_body())])
+    other_root = TestCA("other-root").cert
     started = time.monotonic()
     try:
         with pytest.raises((TransportTimeout, TlsFailure)) as info:

@@ -12,7 +12,8 @@ import time
 
 import pytest
 
-from stub_server.emulator_proc import REPO, Emulator
+from device_sim.testing import Emulator
+from stub_server.emulator_proc import REPO, stub_admin
 
 PIN, SO_PIN = "1234", "87654321"
 FLEET = [f"fl-{n:04d}" for n in range(1, 11)]
@@ -49,9 +50,9 @@ def world(tmp_path_factory):
     hsm(env, "fleet", "create", "--count", len(FLEET), "--prefix", "fl-", "--ca", "int",
         "--per-token", 4, "--no-progress")
     hsm(env, "device", "create", "rogue-1", "--ca", "other-root", "--token", "devices")
-    emulator = Emulator(home, "--assignment-delay", "0")  # same state dir: --emulator finds it
-    emulator.admin("ca", "upload", "root", home / "pki" / "ca" / "root" / "cert.pem", "--verified")
-    emulator.admin("group", "create", "all", "--ca-ref", "root")
+    emulator = Emulator.spawn(home, "--retry-after", "0", "--assignment-delay", "0")  # same state dir: --emulator finds it
+    stub_admin(emulator, "ca", "upload", "root", home / "pki" / "ca" / "root" / "cert.pem", "--verified")
+    stub_admin(emulator, "group", "create", "all", "--ca-ref", "root")
     yield home, env, emulator
     emulator.stop()
 
@@ -76,7 +77,7 @@ def test_every_device_assigned_with_json_report_and_plot(world, tmp_path):
 
 def test_failures_are_reported_by_outcome_and_do_not_stop_the_rest(world, tmp_path):
     home, env, emulator = world
-    emulator.admin("enroll", "create", "fl-0003", "--cert", home / "pki" / "devices" / "fl-0003.pem", "--disabled")
+    stub_admin(emulator, "enroll", "create", "fl-0003", "--cert", home / "pki" / "devices" / "fl-0003.pem", "--disabled")
     listing = tmp_path / "devices.txt"
     uri = json.loads(hsm(env, "device", "show", "fl-0002", "--json").stdout)["uri"]
     listing.write_text(f"# a device list\nfl-0001\n{uri}\nfl-0003\nrogue-1\nFL-0004\n")
@@ -84,7 +85,7 @@ def test_failures_are_reported_by_outcome_and_do_not_stop_the_rest(world, tmp_pa
     try:
         result = fleet_run(env, "--devices", listing, "--concurrency", 2, "--json", report, check=False)
     finally:
-        emulator.admin("enroll", "delete", "fl-0003")
+        stub_admin(emulator, "enroll", "delete", "fl-0003")
     assert result.returncode == 1, result.stderr
     summary = json.loads(report.read_text())["summary"]
     assert summary["outcomes"] == {"assigned": 3, "disabled": 1, "unauthorized": 1}

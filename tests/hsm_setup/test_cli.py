@@ -10,7 +10,7 @@ from device_sim.cli.hsm_setup import build_parser
 
 def test_export_device_cert_and_chain(token_pki, run_hsm_setup):
     home = ["--home", token_pki.home]
-    record = token_pki.device("device-ec-p256")
+    record = token_pki.devices["device-ec-p256"]
     code, out, err = run_hsm_setup("export", "cert", "--device", "device-ec-p256", *home)
     assert code == 0, err
     assert x509.load_pem_x509_certificates(out.encode()) == [record.certificate_x509()]
@@ -45,7 +45,7 @@ def test_lists_and_show_as_json(token_pki, run_hsm_setup):
     assert ids == sorted(token_pki.devices)
     _, out, _ = run_hsm_setup("device", "show", "device-rsa-2048", "--json", *home)
     shown = json.loads(out)
-    assert shown["key_type"] == "rsa-2048" and shown["uri"] == token_pki.device("device-rsa-2048").uri
+    assert shown["key_type"] == "rsa-2048" and shown["uri"] == token_pki.devices["device-rsa-2048"].uri
     _, out, _ = run_hsm_setup("ca", "list", "--json", *home)
     assert {c["name"]: c["parent"] for c in json.loads(out)} == {
         "root": None, "intermediate": "root", "line": "intermediate"}

@@ -22,7 +22,7 @@ def _objects(session, key_id):
 
 @pytest.mark.parametrize("registration_id", DEVICE_IDS)
 def test_device_private_key_cannot_leave_the_token(token_pki, registration_id):
-    record = token_pki.device(registration_id)
+    record = token_pki.devices[registration_id]
     session = token_pki.session(record.token_label)
     private = keys.find_private_key(session, record.key_id)
     assert private[Attribute.SENSITIVE] is True
@@ -49,7 +49,7 @@ def test_ca_private_keys_cannot_leave_the_token(token_pki):
 
 @pytest.mark.parametrize("registration_id", DEVICE_IDS)
 def test_identity_objects_share_id_and_label(token_pki, registration_id):
-    record = token_pki.device(registration_id)
+    record = token_pki.devices[registration_id]
     found = _objects(token_pki.session(record.token_label), record.key_id)
     assert set(found) == {ObjectClass.PRIVATE_KEY, ObjectClass.PUBLIC_KEY, ObjectClass.CERTIFICATE}
     assert {obj[Attribute.LABEL] for obj in found.values()} == {registration_id}
@@ -68,7 +68,7 @@ def test_ca_chain_is_stored_on_the_device_token(token_pki):
 
 @pytest.mark.parametrize("registration_id", DEVICE_IDS)
 def test_every_issued_chain_verifies_up_to_the_root(token_pki, registration_id):
-    record = token_pki.device(registration_id)
+    record = token_pki.devices[registration_id]
     chain = record.chain_x509()
     assert chain[-1].subject == chain[-1].issuer  # ends in the self-signed root
     verified = verify_client_chain(record.certificate_x509(), chain[:-1], chain[-1])
@@ -80,7 +80,7 @@ def test_every_issued_chain_verifies_up_to_the_root(token_pki, registration_id):
 
 @pytest.mark.parametrize("registration_id", DEVICE_IDS)
 def test_leaf_profile(token_pki, registration_id):
-    leaf = token_pki.device(registration_id).certificate_x509()
+    leaf = token_pki.devices[registration_id].certificate_x509()
     cn = leaf.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
     assert [a.value for a in cn] == [registration_id]
     ext = leaf.extensions
@@ -110,7 +110,7 @@ def test_ca_profile(token_pki):
 
 @pytest.mark.parametrize("registration_id", ["device-ec-p256", "device-ec-p384", "device-rsa-2048"])
 def test_csr_signed_inside_the_token_verifies(token_pki, registration_id):
-    record = token_pki.device(registration_id)
+    record = token_pki.devices[registration_id]
     session = token_pki.session(record.token_label)
     spec = key_spec(record.key_type)
     private = keys.find_private_key(session, record.key_id)

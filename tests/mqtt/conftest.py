@@ -1,18 +1,12 @@
-"""Fixtures for the MQTT tests: test PKI, the emulator's TLS identity, raw MQTT clients."""
+"""Fixtures for the MQTT tests: the emulator's TLS identity, raw MQTT clients (the file-key
+CAs are `file_cas` of tests/conftest.py)."""
 
 from __future__ import annotations
 
 import pytest
 
+from mqtt_helpers import RawClient
 from device_sim.stub.net.server_pki import ServerIdentity, ensure_server_identity
-from mqtt_helpers import Pki, RawClient, issue
-
-
-@pytest.fixture(scope="session")
-def pki() -> Pki:
-    root = issue("mqtt-test-root")
-    inter1 = root.issue("mqtt-test-inter1", ca=True)
-    return Pki(root, inter1, inter1.issue("mqtt-test-inter2", ca=True))
 
 
 @pytest.fixture(scope="session")

@@ -9,6 +9,8 @@ import sys
 
 import pytest
 
+from device_sim.testing import Emulator
+
 
 def cli(*argv, env=None, check=True, timeout=60):
     result = subprocess.run([sys.executable, "-m", "device_sim.cli", *map(str, argv)], env=env,
@@ -21,20 +23,10 @@ def cli(*argv, env=None, check=True, timeout=60):
 @pytest.fixture(scope="module")
 def emulator(tmp_path_factory, token_pki):
     home = tmp_path_factory.mktemp("mqtt-cli-stub")
-    process = subprocess.Popen([sys.executable, "-m", "device_sim.cli", "stub", "serve", "--home", str(home),
-                                "--retry-after", "0", "--port", "0", "--mqtt-port", "0"],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        line = process.stdout.readline()
-        if not line:
-            raise AssertionError(f"serve did not start: {process.stderr.read()}")
-        ready = json.loads(line)
+    with Emulator.spawn(home, "--retry-after", "0") as running:
         cli("stub", "ca", "upload", "--home", home, "--verified", "root", token_pki.root.pem_path)
         cli("stub", "group", "create", "--home", home, "--ca-ref", "root", "all-devices")
-        yield ready
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
+        yield running.ready
 
 
 def register(token_pki, ready, *extra):

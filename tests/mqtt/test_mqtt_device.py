@@ -19,7 +19,7 @@ from device_sim.device.driver import run_registration
 from device_sim.device.transport_https import CrtRuntime, TlsIdentity, client_tls_context
 from device_sim.device.transport_mqtt import MqttTransport
 from device_sim.stub.server import DEFAULT_HUB
-from mqtt_stub import start_stub
+from device_sim.testing import Emulator
 
 RUNTIME = CrtRuntime()  # the awscrt event loop every device of this module runs on
 
@@ -37,20 +37,20 @@ def stub(tmp_path, token_pki):
     made = []
 
     def make(**options):
-        stub = start_stub(tmp_path / f"stub-{len(made)}", **options)
+        stub = Emulator.in_process(tmp_path / f"stub-{len(made)}", **options)
         made.append(stub)
-        stub.upload_ca("root", _cert(token_pki.root.certificate), verified=True)
+        stub.admin.upload_ca("root", _pem(_cert(token_pki.root.certificate)), verified=True)
         return stub
 
     yield make
     for stub in made:
-        stub.close()
+        stub.stop()
 
 
 def register(stub, token_pki, device_name, *, chain_length=None, registration_id=None, timeout=15.0):
     """One registration over MQTT: (outcome, timings, flow). `chain_length`: how many CA
     certificates after the leaf to present (default: all of them, root included)."""
-    record = token_pki.device(device_name)
+    record = token_pki.devices[device_name]
     cas = [_cert(der) for der in record.chain][:chain_length]
     token_pki.lib()  # point SoftHSM at the PKI's state directory before awscrt opens it
     context = client_tls_context(
@@ -69,21 +69,21 @@ def register(stub, token_pki, device_name, *, chain_length=None, registration_id
 @pytest.mark.parametrize("device_name", ["device-ec-p256", "device-ec-p384", "device-rsa-2048"])
 def test_assigned_through_a_group_on_the_root(stub, token_pki, device_name):
     dps = stub()
-    dps.group("root-group", _cert(token_pki.root.certificate))
+    dps.admin.create_group("root-group", cert_pem=_pem(_cert(token_pki.root.certificate)))
     outcome, timings, _ = register(dps, token_pki, device_name)
     assert outcome.status == reg.ASSIGNED, outcome
     assert outcome.device_id == device_name
     assert outcome.assigned_hub == DEFAULT_HUB
     assert outcome.http_status == 200
     assert timings.connect_ms > 0 and timings.total_ms >= timings.register_ms
-    record = dps.service("GET", f"/registrations/{device_name}")
+    record = dps.admin.get_registration(device_name)
     assert record["status"] == "assigned"
 
 
 def test_missing_intermediate_is_refused_and_the_full_chain_accepted(stub, token_pki):
     # Only the root is verified; the group holds `line` (a second-level intermediate).
     dps = stub()
-    dps.group("line-group", _cert(token_pki.line.certificate))
+    dps.admin.create_group("line-group", cert_pem=_pem(_cert(token_pki.line.certificate)))
     outcome, _, _ = register(dps, token_pki, "device-line-1", chain_length=1)  # leaf + line only
     assert outcome.status == reg.UNAUTHORIZED, outcome
     assert (outcome.http_status, outcome.error_code) == (401, 401002)
@@ -93,17 +93,17 @@ def test_missing_intermediate_is_refused_and_the_full_chain_accepted(stub, token
 
 def test_disabled_group_blocks_its_devices(stub, token_pki):
     dps = stub()
-    dps.group("root-group", _cert(token_pki.root.certificate))
-    dps.group("intermediate-group", _cert(token_pki.intermediate.certificate), enabled=False)
+    dps.admin.create_group("root-group", cert_pem=_pem(_cert(token_pki.root.certificate)))
+    dps.admin.create_group("intermediate-group", cert_pem=_pem(_cert(token_pki.intermediate.certificate)), enabled=False)
     outcome, _, _ = register(dps, token_pki, "device-ec-p256")
     assert outcome.status == reg.DISABLED, outcome
 
 
 def test_disabled_individual_blocks_one_device_while_its_group_still_admits_others(stub, token_pki):
     dps = stub()
-    dps.group("root-group", _cert(token_pki.root.certificate))
-    blocked = token_pki.device("device-ec-p384")
-    dps.individual(blocked.registration_id, _cert(blocked.certificate), enabled=False)
+    dps.admin.create_group("root-group", cert_pem=_pem(_cert(token_pki.root.certificate)))
+    blocked = token_pki.devices["device-ec-p384"]
+    dps.admin.create_enrollment(blocked.registration_id, _pem(_cert(blocked.certificate)), enabled=False)
     outcome, _, _ = register(dps, token_pki, "device-ec-p384")
     assert outcome.status == reg.DISABLED, outcome
     outcome, _, _ = register(dps, token_pki, "device-ec-p256")
@@ -112,7 +112,7 @@ def test_disabled_individual_blocks_one_device_while_its_group_still_admits_othe
 
 def test_registration_id_that_is_not_the_certificate_cn_is_unauthorized(stub, token_pki):
     dps = stub()
-    dps.group("root-group", _cert(token_pki.root.certificate))
+    dps.admin.create_group("root-group", cert_pem=_pem(_cert(token_pki.root.certificate)))
     outcome, _, _ = register(dps, token_pki, "device-ec-p256", registration_id="device-ec-p384")
     assert outcome.status == reg.UNAUTHORIZED, outcome  # CONNACK refusal, reported like HTTP 401
     assert outcome.http_status == 401
@@ -120,7 +120,7 @@ def test_registration_id_that_is_not_the_certificate_cn_is_unauthorized(stub, to
 
 def test_throttling_is_honoured(stub, token_pki):
     dps = stub(throttle=1)  # the first request of each registration ID gets 429, Retry-After: 1
-    dps.group("root-group", _cert(token_pki.root.certificate))
+    dps.admin.create_group("root-group", cert_pem=_pem(_cert(token_pki.root.certificate)))
     started = time.monotonic()
     outcome, _, flow = register(dps, token_pki, "device-ec-p256")
     assert outcome.status == reg.ASSIGNED, outcome

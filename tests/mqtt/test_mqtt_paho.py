@@ -15,17 +15,16 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from device_sim.mqtt import topics
-from mqtt_helpers import write_identity
-from mqtt_stub import start_stub
+from device_sim.testing import Emulator, TestCA
 
 
 @pytest.fixture(scope="module")
-def stub(tmp_path_factory, pki):
-    stub = start_stub(tmp_path_factory.mktemp("mqtt-paho-home"))
-    stub.upload_ca("root", pki.root.cert, verified=True)
-    stub.group("all-devices", pki.root.cert)
+def stub(tmp_path_factory, file_cas):
+    stub = Emulator.in_process(tmp_path_factory.mktemp("mqtt-paho-home"))
+    stub.admin.upload_ca("root", file_cas.root.cert_pem, verified=True)
+    stub.admin.create_group("all-devices", cert_pem=file_cas.root.cert_pem)
     yield stub
-    stub.close()
+    stub.stop()
 
 
 class PahoDevice:
@@ -85,11 +84,10 @@ def paho_devices():
         ("c-sdk", 0, None, b"", lambda n: str(n)),
     ],
 )
-def test_paho_provisions_like_each_sdk(stub, pki, tmp_path, paho_devices, style, qos, register_payload,
+def test_paho_provisions_like_each_sdk(stub, file_cas, tmp_path, paho_devices, style, qos, register_payload,
                                        poll_payload, rid):
     registration_id = f"paho-{style}"
-    identity = write_identity(tmp_path, registration_id, pki.inter2.issue(registration_id),
-                              pki.inter2, pki.inter1, pki.root)
+    identity = file_cas.inter2.issue_leaf(registration_id).write(tmp_path, registration_id, [file_cas.inter2, file_cas.inter1, file_cas.root])
     device = paho_devices(stub, registration_id, identity)
     assert device.connected() == 0
     assert device.connack.empty()
@@ -115,10 +113,9 @@ def test_paho_provisions_like_each_sdk(stub, pki, tmp_path, paho_devices, style,
 
 
 def test_unknown_certificate_is_accepted_at_connect_then_401_on_register(stub, tmp_path, paho_devices):
-    from mqtt_helpers import issue
 
-    stranger_root = issue("stranger-root")
-    identity = write_identity(tmp_path, "stranger", stranger_root.issue("stranger"), stranger_root)
+    stranger_root = TestCA("stranger-root")
+    identity = stranger_root.issue_leaf("stranger").write(tmp_path, "stranger", [stranger_root])
     device = paho_devices(stub, "stranger", identity)
     assert device.connected() == 0
     device.subscribe()
@@ -127,15 +124,15 @@ def test_unknown_certificate_is_accepted_at_connect_then_401_on_register(stub, t
     assert document["errorCode"] == 401002
 
 
-def test_registration_id_other_than_the_certificate_cn_is_refused_at_connect(stub, pki, tmp_path, paho_devices):
-    identity = write_identity(tmp_path, "real-cn", pki.inter2.issue("real-cn"), pki.inter2, pki.inter1, pki.root)
+def test_registration_id_other_than_the_certificate_cn_is_refused_at_connect(stub, file_cas, tmp_path, paho_devices):
+    identity = file_cas.inter2.issue_leaf("real-cn").write(tmp_path, "real-cn", [file_cas.inter2, file_cas.inter1, file_cas.root])
     device = paho_devices(stub, "claimed-id", identity)
     # paho reports the MQTT 3.1.1 CONNACK code 5 by its name
     assert str(device.connected()) == "Not authorized"
 
 
-def test_api_version_missing_gets_a_400_answer(stub, pki, tmp_path, paho_devices):
-    identity = write_identity(tmp_path, "no-api", pki.inter2.issue("no-api"), pki.inter2, pki.inter1, pki.root)
+def test_api_version_missing_gets_a_400_answer(stub, file_cas, tmp_path, paho_devices):
+    identity = file_cas.inter2.issue_leaf("no-api").write(tmp_path, "no-api", [file_cas.inter2, file_cas.inter1, file_cas.root])
     device = paho_devices(stub, "no-api", identity, username=f"{stub.id_scope}/registrations/no-api/")
     assert device.connected() == 0
     device.subscribe()
@@ -144,8 +141,8 @@ def test_api_version_missing_gets_a_400_answer(stub, pki, tmp_path, paho_devices
     assert document["errorCode"] // 1000 == 400
 
 
-def test_mqtt5_client_is_told_the_protocol_version_is_unacceptable(stub, pki, tmp_path):
-    identity = write_identity(tmp_path, "v5-dev", pki.inter2.issue("v5-dev"), pki.inter2, pki.inter1, pki.root)
+def test_mqtt5_client_is_told_the_protocol_version_is_unacceptable(stub, file_cas, tmp_path):
+    identity = file_cas.inter2.issue_leaf("v5-dev").write(tmp_path, "v5-dev", [file_cas.inter2, file_cas.inter1, file_cas.root])
     reasons: queue.Queue = queue.Queue()
     client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="v5-dev", protocol=mqtt.MQTTv5)
     client.tls_set(ca_certs=str(stub.ca_cert), certfile=str(identity[0]), keyfile=str(identity[1]))

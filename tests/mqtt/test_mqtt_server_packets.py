@@ -29,26 +29,25 @@ from device_sim.mqtt.codec import (
     encode,
 )
 from device_sim.stub.net.listener import Limits
-from mqtt_helpers import write_identity
-from mqtt_stub import start_stub
+from device_sim.testing import Emulator
 
 RES = topics.RESPONSE_FILTER
 REGISTER = "$dps/registrations/PUT/iotdps-register/?$rid=1"
 
 
 @pytest.fixture(scope="module")
-def stub(tmp_path_factory, pki):
+def stub(tmp_path_factory, file_cas):
     limits = Limits(handshake_timeout=2.0, request_timeout=1.0, max_connections=32)
-    stub = start_stub(tmp_path_factory.mktemp("mqtt-packets-home"), limits=limits)
-    stub.upload_ca("root", pki.root.cert, verified=True)
-    stub.group("all-devices", pki.root.cert)
+    stub = Emulator.in_process(tmp_path_factory.mktemp("mqtt-packets-home"), limits=limits)
+    stub.admin.upload_ca("root", file_cas.root.cert_pem, verified=True)
+    stub.admin.create_group("all-devices", cert_pem=file_cas.root.cert_pem)
     yield stub
-    stub.close()
+    stub.stop()
 
 
 @pytest.fixture
-def dev_a(tmp_path, pki):
-    return write_identity(tmp_path, "dev-a", pki.inter2.issue("dev-a"), pki.inter2, pki.inter1, pki.root)
+def dev_a(tmp_path, file_cas):
+    return file_cas.inter2.issue_leaf("dev-a").write(tmp_path, "dev-a", [file_cas.inter2, file_cas.inter1, file_cas.root])
 
 
 @pytest.fixture

@@ -28,7 +28,6 @@ from device_sim.stub.net.mqtt import start_mqtt_listener
 from device_sim.stub.net.mqtt_session import response_publish
 from device_sim.stub.core.errors import Reply
 
-from mqtt_helpers import write_identity
 
 SCOPE = "0ne00TEST"
 USER = f"{SCOPE}/registrations/dev-a/api-version=2021-06-01"
@@ -47,8 +46,8 @@ def listener(server_identity):
 
 
 @pytest.fixture
-def dev_a(tmp_path, pki):
-    return write_identity(tmp_path, "dev-a", pki.inter2.issue("dev-a"), pki.inter2, pki.inter1, pki.root)
+def dev_a(tmp_path, file_cas):
+    return file_cas.inter2.issue_leaf("dev-a").write(tmp_path, "dev-a", [file_cas.inter2, file_cas.inter1, file_cas.root])
 
 
 @pytest.fixture

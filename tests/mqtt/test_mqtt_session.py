@@ -31,8 +31,8 @@ def api(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def chain(pki):
-    return [pki.inter2.issue("dev-a").cert, pki.inter2.cert, pki.inter1.cert, pki.root.cert]
+def chain(file_cas):
+    return [file_cas.inter2.issue_leaf("dev-a").cert, file_cas.inter2.cert, file_cas.inter1.cert, file_cas.root.cert]
 
 
 rids = st.one_of(st.integers(1, 10**6).map(str), st.uuids().map(str), st.text("abc%-_.", min_size=1, max_size=8))

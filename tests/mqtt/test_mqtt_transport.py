@@ -19,9 +19,9 @@ from device_sim.device.transport_https import CrtRuntime
 from device_sim.device.transport_mqtt import MqttTransport
 from device_sim.mqtt import topics
 from device_sim.mqtt.codec import Connack, Decoder, Puback, Publish, Suback, Subscribe, encode
+from device_sim.testing import pem
 from device_sim.stub.net.listener import Limits, TlsListener
 from device_sim.stub.net.tls_context import device_context
-from mqtt_helpers import pem
 
 RUNTIME = CrtRuntime()  # the awscrt event loop every device of this module runs on
 
@@ -98,10 +98,10 @@ def scripted(server_identity):
 
 
 @pytest.fixture(scope="module")
-def tls_context(pki, server_identity):
-    leaf = pki.inter2.issue("dev-t")
+def tls_context(file_cas, server_identity):
+    leaf = file_cas.inter2.issue_leaf("dev-t")
     key = leaf.key.private_bytes(*_pkcs8())
-    options = crt_io.TlsContextOptions.create_client_with_mtls(pem(leaf, pki.inter2, pki.inter1), key)
+    options = crt_io.TlsContextOptions.create_client_with_mtls(pem(*leaf.chain_to(2)), key)
     options.override_default_trust_store(server_identity.ca_cert.read_bytes())
     return crt_io.ClientTlsContext(options)
 

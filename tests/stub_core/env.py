@@ -2,21 +2,38 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import time
 from pathlib import Path
 
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from device_sim.common.x509util import common_name
 from device_sim.stub.core.config import Hub, StubConfig
 from device_sim.stub.core.device_api import DeviceApi
 from device_sim.stub.core.sas import make_token
 from device_sim.stub.core.service import SERVICE_API_VERSION, ServiceApi
 from device_sim.stub.core.store import Store
-
-from .pki import pem
+from device_sim.testing import pem as pem_bytes
 
 SCOPE = "0ne00000001"
 API = "2021-06-01"
 KEY = b"0123456789abcdef0123456789abcdef"
+
+
+def pem(cert: x509.Certificate) -> str:
+    """A certificate as the service API's JSON carries it."""
+    return pem_bytes(cert).decode("ascii")
+
+
+def b64_pem(cert: x509.Certificate) -> str:
+    return base64.b64encode(pem_bytes(cert)).decode()
+
+
+def b64_der(cert: x509.Certificate) -> str:
+    return base64.b64encode(cert.public_bytes(Encoding.DER)).decode()
 
 
 class Clock:
@@ -79,12 +96,12 @@ class Env:
 
     def register(self, device, chain=None, registration_id=None, body=b"", api=API):
         rid = registration_id or device_cn(device.cert)
-        return self.device.register(SCOPE, rid, api, device.chain() if chain is None else chain, body)
+        return self.device.register(SCOPE, rid, api, device.chain if chain is None else chain, body)
 
     def poll(self, device, operation_id, chain=None, registration_id=None):
         rid = registration_id or device_cn(device.cert)
         return self.device.operation_status(SCOPE, rid, operation_id, API,
-                                            device.chain() if chain is None else chain)
+                                            device.chain if chain is None else chain)
 
     def provision(self, device, chain=None, body=b"", api=API):
         """Register + poll once; the terminal Reply (200) or the first error."""
@@ -95,5 +112,4 @@ class Env:
 
 
 def device_cn(cert):
-    from device_sim.common.x509util import common_name
     return common_name(cert)

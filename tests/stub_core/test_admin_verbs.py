@@ -7,30 +7,26 @@ import json
 
 import pytest
 import requests
-from cryptography.hazmat.primitives import serialization
 
-from stub_server.emulator_proc import API, Emulator
-from .pki import Device, Issuer, pem
+from device_sim.testing import Emulator, LeafCert, TestCA
+from stub_server.emulator_proc import API, stub_admin
+
+from .env import pem
 
 
 @pytest.fixture(scope="module")
 def emulator(tmp_path_factory):
-    running = Emulator(tmp_path_factory.mktemp("admin-verbs-home"))
+    running = Emulator.spawn(tmp_path_factory.mktemp("admin-verbs-home"), "--retry-after", "0")
     yield running
     running.stop()
 
 
-def write_device(directory, device: Device) -> tuple[str, str]:
-    cert = directory / f"{device.cert.serial_number}.pem"
-    key = directory / f"{device.cert.serial_number}.key"
-    cert.write_text("".join(pem(c) for c in device.chain()))
-    key.write_bytes(device.key.private_bytes(serialization.Encoding.PEM,
-                                             serialization.PrivateFormat.PKCS8,
-                                             serialization.NoEncryption()))
+def write_device(directory, device: LeafCert) -> tuple[str, str]:
+    cert, key = device.write(directory, str(device.cert.serial_number))
     return str(cert), str(key)
 
 
-def register(emulator, device: Device, registration_id: str, files) -> int:
+def register(emulator, device: LeafCert, registration_id: str, files) -> int:
     cert = write_device(files, device)
     url = emulator.device_url
     scope = emulator.ready["id_scope"]
@@ -50,31 +46,31 @@ def register(emulator, device: Device, registration_id: str, files) -> int:
 
 
 def test_registration_list_and_status(emulator, tmp_path):
-    assert emulator.admin("registration", "list").stdout.strip() == "(no registration records)"
-    root = Issuer.root()
-    inter = root.intermediate("I")
+    assert stub_admin(emulator, "registration", "list").stdout.strip() == "(no registration records)"
+    root = TestCA("Test Root")
+    inter = root.issue_intermediate("I")
     (tmp_path / "root.pem").write_text(pem(root.cert))
-    emulator.admin("ca", "upload", "root", tmp_path / "root.pem", "--verified")
-    emulator.admin("group", "create", "line", "--ca-ref", "root")
+    stub_admin(emulator, "ca", "upload", "root", tmp_path / "root.pem", "--verified")
+    stub_admin(emulator, "group", "create", "line", "--ca-ref", "root")
     for name in ("dev-1", "dev-2"):
-        leaf = inter.leaf(name)
-        assert register(emulator, Device(leaf.cert, leaf.key, inter), name, tmp_path) == 200
-    selfie = Device.self_signed("selfie")
+        leaf = inter.issue_leaf(name)
+        assert register(emulator, leaf, name, tmp_path) == 200
+    selfie = TestCA.self_signed_leaf("selfie")
     (tmp_path / "selfie.pem").write_text(pem(selfie.cert))
-    emulator.admin("enroll", "create", "selfie", "--cert", tmp_path / "selfie.pem", "--disabled")
+    stub_admin(emulator, "enroll", "create", "selfie", "--cert", tmp_path / "selfie.pem", "--disabled")
     assert register(emulator, selfie, "selfie", tmp_path) == 200
 
-    lines = emulator.admin("registration", "list").stdout.splitlines()
+    lines = stub_admin(emulator, "registration", "list").stdout.splitlines()
     assert [line.split("\t")[:2] for line in lines] == [
         ["dev-1", "assigned"], ["dev-2", "assigned"], ["selfie", "disabled"]]
-    grouped = json.loads(emulator.admin("registration", "list", "--group", "line", "--json").stdout)
+    grouped = json.loads(stub_admin(emulator, "registration", "list", "--group", "line", "--json").stdout)
     assert [r["registrationId"] for r in grouped] == ["dev-1", "dev-2"]
-    missing = emulator.admin("registration", "list", "--group", "nope", check=False)
+    missing = stub_admin(emulator, "registration", "list", "--group", "nope", check=False)
     assert missing.returncode == 3 and "404201" in missing.stderr
 
-    status = json.loads(emulator.admin("status", "--json").stdout)
+    status = json.loads(stub_admin(emulator, "status", "--json").stdout)
     assert status["certificates"] == {"total": 1, "verified": 1}
     assert (status["enrollmentGroups"], status["enrollments"]) == (1, 1)
     assert status["registrations"]["byStatus"] == {"assigned": 2, "disabled": 1}
-    text = emulator.admin("status").stdout
+    text = stub_admin(emulator, "status").stdout
     assert "CA certificates\t1 (1 verified)" in text and "registrations\t3 (2 assigned, 1 disabled)" in text

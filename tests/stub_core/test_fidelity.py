@@ -6,8 +6,9 @@ import pytest
 
 from device_sim.stub.core.device_api import location
 
-from .env import API, SCOPE, Env
-from .pki import Device, Issuer, pem
+from device_sim.testing import TestCA
+
+from .env import API, SCOPE, Env, pem
 from .test_device_api import assert_error
 
 
@@ -17,12 +18,12 @@ def env(tmp_path):
 
 
 def test_an_individual_enrollment_must_carry_its_own_certificate(env):
-    other = Device.self_signed("someone-else")
+    other = TestCA.self_signed_leaf("someone-else")
     reply = env.enroll(other, registration_id="dev")
     assert_error(reply, 400000)
     assert "'someone-else'" in reply.body["message"] and "registration ID is its CN" in reply.body["message"]
     assert_error(env.call("GET", "/enrollments/dev"), 404201)
-    mine = Device.self_signed("Dev")
+    mine = TestCA.self_signed_leaf("Dev")
     assert env.enroll(mine, registration_id="dev").status == 200   # IDs are case-insensitive
     body = env.call("GET", "/enrollments/dev").body
     body["attestation"]["x509"]["clientCertificates"]["secondary"] = {"certificate": pem(other.cert)}
@@ -32,7 +33,7 @@ def test_an_individual_enrollment_must_carry_its_own_certificate(env):
 
 
 def test_a_bulk_create_reports_a_foreign_certificate_per_item(env):
-    other = Device.self_signed("other")
+    other = TestCA.self_signed_leaf("other")
     item = {"registrationId": "dev", "attestation": {"type": "x509", "x509": {
         "clientCertificates": {"primary": {"certificate": pem(other.cert)}}}}}
     done = env.call("POST", "/enrollments", {"mode": "create", "enrollments": [item]})
@@ -41,42 +42,42 @@ def test_a_bulk_create_reports_a_foreign_certificate_per_item(env):
 
 
 def test_disabled_answers_name_the_entry(env):
-    root = Issuer.root()
-    inter = root.intermediate("I")
+    root = TestCA("Test Root")
+    inter = root.issue_intermediate("I")
     env.upload_ca("root", root.cert)
     env.group("line", ca_name="root", status="disabled")
-    done = env.provision(inter.leaf("dev-1"))
+    done = env.provision(inter.issue_leaf("dev-1"))
     assert done.status == 200 and done.body["status"] == "disabled"
     assert done.body["registrationState"]["errorMessage"] == "enrollment group 'line' is disabled"
     record = env.call("GET", "/registrations/dev-1").body
     assert record["errorMessage"] == "enrollment group 'line' is disabled"
-    selfie = Device.self_signed("selfie")
+    selfie = TestCA.self_signed_leaf("selfie")
     env.enroll(selfie, status="disabled")
     state = env.provision(selfie).body["registrationState"]
     assert state["errorMessage"] == "individual enrollment 'selfie' is disabled"
 
 
 def test_a_401_names_the_entry_that_matched(env):
-    root = Issuer.root()
-    inter = root.intermediate("I")
+    root = TestCA("Test Root")
+    inter = root.issue_intermediate("I")
     env.upload_ca("root", root.cert, verified=False)
     env.group("line", ca_name="root")
-    reply = env.provision(inter.leaf("dev"))
+    reply = env.provision(inter.issue_leaf("dev"))
     assert_error(reply, 401002)
     assert "enrollment group 'line'" in reply.body["message"] and "verified" in reply.body["message"]
-    nobody = env.provision(Device.self_signed("nobody"))
+    nobody = env.provision(TestCA.self_signed_leaf("nobody"))
     assert_error(nobody, 401002)
     assert nobody.body["message"] and "no enrollment" in nobody.body["message"]
 
 
 def test_every_reply_has_a_request_id(env):
-    dev = Device.self_signed("dev")
+    dev = TestCA.self_signed_leaf("dev")
     replies = [env.call("GET", "/certificates"), env.enroll(dev),
                env.call("POST", "/enrollments/query", {"query": "*"}),
                env.call("GET", "/nothing"), env.call("GET", "/certificates", token=False)]
     first = env.register(dev)
     replies += [first, env.poll(dev, first.body["operationId"]),
-                env.device.registration_status(SCOPE, "dev", API, dev.chain(), b""),
+                env.device.registration_status(SCOPE, "dev", API, dev.chain, b""),
                 env.register(dev, registration_id="other"),
                 env.call("DELETE", "/registrations/dev")]
     ids = [r.headers.get("x-ms-request-id") for r in replies]
@@ -86,9 +87,9 @@ def test_every_reply_has_a_request_id(env):
 
 
 def test_location_is_absolute_when_the_host_is_known(env):
-    dev = Device.self_signed("dev")
+    dev = TestCA.self_signed_leaf("dev")
     env.enroll(dev)
-    reply = env.device.register(SCOPE, "dev", API, dev.chain(), b"", host="localhost:8443")
+    reply = env.device.register(SCOPE, "dev", API, dev.chain, b"", host="localhost:8443")
     assert reply.headers["Location"] == f"https://localhost:8443/{SCOPE}/registrations/dev/register"
     assert env.register(dev).headers["Location"] == f"/{SCOPE}/registrations/dev/register"
     for host in ("evil.example\r\nX-Injected: 1", "a b", "x/y", "", "[::1]x"):

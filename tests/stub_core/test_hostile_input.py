@@ -19,8 +19,9 @@ from device_sim.stub.core.errors import DpsError
 from device_sim.stub.core.json_body import MAX_DEPTH, deeper_than, json_object, text_deeper_than
 from device_sim.stub.core.store import MAX_STORED_DEPTH
 
-from .env import API, SCOPE, Env
-from .pki import Device, Issuer, pem
+from device_sim.testing import LeafCert, TestCA
+
+from .env import API, SCOPE, Env, pem
 from .test_device_api import assert_error
 
 
@@ -80,9 +81,9 @@ def test_a_5000_deep_body_is_a_400_everywhere(env):
     assert f"deeper than {MAX_DEPTH}" in reply.body["message"]
     objects = ('{"a":' * 5000 + "1" + "}" * 5000).encode()
     assert_error(env.call("POST", "/enrollments", objects), 400000)
-    dev = Device.self_signed("dev")
+    dev = TestCA.self_signed_leaf("dev")
     assert_error(env.register(dev, body=b'{"payload":' + nested(5000) + b"}"), 400000)
-    assert_error(env.device.registration_status(SCOPE, "dev", API, dev.chain(), deep), 400000)
+    assert_error(env.device.registration_status(SCOPE, "dev", API, dev.chain, deep), 400000)
 
 
 def test_brackets_inside_strings_do_not_count():
@@ -102,7 +103,7 @@ def test_numbers_and_bytes_json_cannot_carry_are_a_400(body):
 
 
 def test_depth_limit_is_exact(env):
-    dev = Device.self_signed("dev")
+    dev = TestCA.self_signed_leaf("dev")
     for depth, ok in ((MAX_DEPTH - 1, True), (MAX_DEPTH, False)):
         twin = {"tags": json.loads(nested(depth - 1))} if depth > 1 else {}
         body = json.dumps(enrollment_body(dev, initialTwin=twin)).encode()
@@ -112,7 +113,7 @@ def test_depth_limit_is_exact(env):
 
 
 def test_a_980_deep_enrollment_is_refused_and_the_store_keeps_working(env):
-    dev = Device.self_signed("dev")
+    dev = TestCA.self_signed_leaf("dev")
     text = json.dumps(enrollment_body(dev, initialTwin={"tags": "DEEP"}))
     body = text.replace('"DEEP"', nested(975).decode()).encode()
     assert_error(env.call("PUT", "/enrollments/dev", body), 400000)
@@ -160,9 +161,9 @@ def test_no_service_body_gets_a_500(env, body, path, method):
 @given(body=st.one_of(st.binary(max_size=300), _json.map(lambda v: json.dumps(v).encode()),
                       st.integers(0, 3000).map(lambda n: b'{"payload":' + nested(n) + b"}")))
 def test_no_device_body_gets_a_500(env, body):
-    dev = Device.self_signed("dev")
+    dev = TestCA.self_signed_leaf("dev")
     for reply in (env.register(dev, body=body),
-                  env.device.registration_status(SCOPE, "dev", API, dev.chain(), body)):
+                  env.device.registration_status(SCOPE, "dev", API, dev.chain, body)):
         assert reply.status < 500, reply
         if reply.status >= 400:
             assert reply.body["errorCode"] // 1000 == reply.status and reply.body["message"]
@@ -172,11 +173,11 @@ def test_no_device_body_gets_a_500(env, body):
 
 
 def test_duplicate_extensions_on_the_device_path_are_a_401(env):
-    root = Issuer.root()
-    inter = root.intermediate("I")
+    root = TestCA("Test Root")
+    inter = root.issue_intermediate("I")
     env.upload_ca("root", root.cert)
     env.group("g", ca_name="root")
-    leaf = inter.leaf("dev")
+    leaf = inter.issue_leaf("dev")
     bad_leaf = with_duplicate_extension(leaf.cert, inter.key)
     bad_inter = with_duplicate_extension(inter.cert, root.key)
     for chain in ([bad_leaf, inter.cert, root.cert], [leaf.cert, bad_inter, root.cert]):
@@ -188,20 +189,20 @@ def test_duplicate_extensions_on_the_device_path_are_a_401(env):
 
 
 def test_duplicate_extensions_on_the_service_path_are_a_400(env):
-    root = Issuer.root()
+    root = TestCA("Test Root")
     bad_root = with_duplicate_extension(root.cert, root.key)
     assert_error(env.call("PUT", "/certificates/bad", {"properties": {"certificate": pem(bad_root)}}),
                  400000)
     assert_error(env.group("g", ca_cert=bad_root), 400000)
-    dev = Device.self_signed("dev")
-    reply = env.call("PUT", "/enrollments/dev", enrollment_body(Device(
+    dev = TestCA.self_signed_leaf("dev")
+    reply = env.call("PUT", "/enrollments/dev", enrollment_body(LeafCert(
         with_duplicate_extension(dev.cert, dev.key), dev.key, None)))
     assert_error(reply, 400000)
     assert "readable" in reply.body["message"]
 
 
 def test_a_version_5_certificate_is_a_400(env):
-    dev = Device.self_signed("dev")
+    dev = TestCA.self_signed_leaf("dev")
     der = version5_der(dev.cert, dev.key)
     with pytest.raises(DpsError) as info:
         parse_certificate(b64(der), "the slot")
@@ -214,9 +215,9 @@ def test_a_version_5_certificate_is_a_400(env):
 
 
 def test_an_enrollment_slot_takes_exactly_one_certificate(env):
-    root = Issuer.root()
-    dev = root.leaf("dev")
-    chain = "".join(pem(root.leaf(f"c{i}").cert) for i in range(49)) + pem(dev.cert)
+    root = TestCA("Test Root")
+    dev = root.issue_leaf("dev")
+    chain = "".join(pem(root.issue_leaf(f"c{i}").cert) for i in range(49)) + pem(dev.cert)
     body = enrollment_body(dev)
     body["attestation"]["x509"]["clientCertificates"]["primary"]["certificate"] = pem(dev.cert) + chain
     reply = env.call("PUT", "/enrollments/dev", body)
@@ -224,7 +225,7 @@ def test_an_enrollment_slot_takes_exactly_one_certificate(env):
     assert "holds 51 certificates" in reply.body["message"]
     assert "clientCertificates.primary" in reply.body["message"]
     assert_error(env.group("g", ca_cert=None, ca_name=None), 400000)
-    two = pem(root.cert) + pem(root.intermediate("I").cert)
+    two = pem(root.cert) + pem(root.issue_intermediate("I").cert)
     group = {"enrollmentGroupId": "g", "attestation": {"type": "x509", "x509": {
         "signingCertificates": {"primary": {"certificate": two}}}}}
     assert "holds 2 certificates" in env.call("PUT", "/enrollmentGroups/g", group).body["message"]

@@ -3,8 +3,9 @@ whole-instance registration list, paged like the DPS lists."""
 
 import pytest
 
+from device_sim.testing import TestCA
+
 from .env import Env
-from .pki import Device, Issuer
 from .test_device_api import assert_error
 
 
@@ -21,15 +22,15 @@ def test_status_counts_what_the_store_holds(env):
     assert [h["name"] for h in empty.body["hubs"]] == ["hub1.example", "hub2.example"]
     assert "server" not in empty.body
 
-    root = Issuer.root()
-    inter = root.intermediate("I")
+    root = TestCA("Test Root")
+    inter = root.issue_intermediate("I")
     env.upload_ca("root", root.cert)
-    env.upload_ca("other", Issuer.root("Other").cert, verified=False)
+    env.upload_ca("other", TestCA("Other").cert, verified=False)
     env.group("line", ca_name="root")
-    env.group("off", ca_cert=Issuer.root("Off").intermediate("Off I").cert, status="disabled")
+    env.group("off", ca_cert=TestCA("Off").issue_intermediate("Off I").cert, status="disabled")
     for i in range(3):
-        assert env.provision(inter.leaf(f"dev-{i}")).status == 200
-    selfie = Device.self_signed("selfie")
+        assert env.provision(inter.issue_leaf(f"dev-{i}")).status == 200
+    selfie = TestCA.self_signed_leaf("selfie")
     env.enroll(selfie, status="disabled")
     env.provision(selfie)
     body = env.call("GET", "/emulator/status").body
@@ -49,13 +50,13 @@ def test_status_includes_the_servers_part(tmp_path):
 
 
 def test_every_registration_listed_page_by_page(env):
-    root = Issuer.root()
-    inter = root.intermediate("I")
+    root = TestCA("Test Root")
+    inter = root.issue_intermediate("I")
     env.upload_ca("root", root.cert)
     env.group("line", ca_name="root")
     for i in range(4):
-        env.provision(inter.leaf(f"dev-{i}"))
-    selfie = Device.self_signed("a-selfie")
+        env.provision(inter.issue_leaf(f"dev-{i}"))
+    selfie = TestCA.self_signed_leaf("a-selfie")
     env.enroll(selfie)
     env.provision(selfie)
     first = env.call("POST", "/emulator/registrations/query", {"query": "*"},

@@ -9,7 +9,9 @@ from device_sim.stub.core.cert_input import parse_certificate
 from device_sim.stub.core.errors import DpsError
 from device_sim.stub.core.sas import SasError, covers, make_token, verify_token
 
-from .pki import Issuer, b64_der, b64_pem, pem
+from device_sim.testing import TestCA
+
+from .env import b64_der, b64_pem, pem
 
 KEY = b"k" * 32
 
@@ -49,7 +51,7 @@ def test_signature_with_other_url_encoding_is_accepted():
 
 
 def test_certificate_strings():
-    cert = Issuer.root().cert
+    cert = TestCA("Test Root").cert
     for text in (pem(cert), b64_pem(cert), b64_der(cert), "\n" + b64_der(cert)[:40] + "\n" + b64_der(cert)[40:]):
         assert parse_certificate(text) == cert
     for text in (None, 5, "", "  ", "abc", base64.b64encode(b"junk").decode(), pem(cert)[:100]):

@@ -4,8 +4,9 @@ import pytest
 
 from device_sim.stub.core.sas import make_token
 
-from .env import KEY, Env
-from .pki import Device, Issuer, b64_der, b64_pem, pem
+from device_sim.testing import TestCA
+
+from .env import KEY, Env, b64_der, b64_pem, pem
 from .test_device_api import assert_error
 
 
@@ -50,39 +51,39 @@ def test_routing_and_bad_requests(env):
 
 
 def test_certificate_formats(env):
-    root = Issuer.root()
+    root = TestCA("Test Root")
     for i, text in enumerate([pem(root.cert), b64_pem(root.cert), b64_der(root.cert)]):
         reply = env.call("PUT", f"/certificates/c{i}", {"properties": {"certificate": text}})
         assert reply.status == 200, reply
         env.call("DELETE", f"/certificates/c{i}")
     for text in ["", "not a cert", "QUJD", 42, "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----"]:
         assert_error(env.call("PUT", "/certificates/bad", {"properties": {"certificate": text}}), 400000)
-    leaf = root.leaf("dev")
+    leaf = root.issue_leaf("dev")
     assert_error(env.call("PUT", "/certificates/leaf", {"properties": {"certificate": pem(leaf.cert)}}), 400000)
     assert_error(env.call("PUT", "/certificates/bad name", {"properties": {"certificate": pem(root.cert)}}), 400000)
 
 
 def test_proof_of_possession(env):
-    root = Issuer.root()
+    root = TestCA("Test Root")
     reply = env.upload_ca("root", root.cert, verified=False)
     props = reply.body["properties"]
     assert props["isVerified"] is False and props["subject"] == "CN=Test Root"
     etag = reply.body["etag"]
     # verify before any code: refused
     assert_error(env.call("POST", "/certificates/root/verify",
-                          {"certificate": pem(root.leaf("whatever").cert)}), 400000)
+                          {"certificate": pem(root.issue_leaf("whatever").cert)}), 400000)
     assert_error(env.call("POST", "/certificates/root/generateVerificationCode",
                           headers={"If-Match": "stale"}), 412002)
     coded = env.call("POST", "/certificates/root/generateVerificationCode", headers={"If-Match": etag})
     code = coded.body["properties"]["verificationCode"]
     assert code and coded.body["etag"] != etag
-    wrong_cn = root.leaf("not-the-code")
+    wrong_cn = root.issue_leaf("not-the-code")
     assert_error(env.call("POST", "/certificates/root/verify", {"certificate": pem(wrong_cn.cert)}), 400000)
-    other_key = Issuer.root("Test Root").leaf(code)   # same issuer name, different key
+    other_key = TestCA("Test Root").issue_leaf(code)   # same issuer name, different key
     reply = env.call("POST", "/certificates/root/verify", {"certificate": pem(other_key.cert)})
     assert_error(reply, 400000)
     assert "private key" in reply.body["message"]
-    good = root.leaf(code)
+    good = root.issue_leaf(code)
     done = env.call("POST", "/certificates/root/verify", {"certificate": b64_der(good.cert)})
     assert done.status == 200 and done.body["properties"]["isVerified"] is True
     # the code is used up
@@ -92,18 +93,18 @@ def test_proof_of_possession(env):
 
 
 def test_verified_ca_admits_devices_only_after_verification(env):
-    root = Issuer.root()
+    root = TestCA("Test Root")
     env.upload_ca("root", root.cert, verified=False)
     env.group("g", ca_name="root")
-    dev = root.intermediate("I").leaf("dev")
+    dev = root.issue_intermediate("I").issue_leaf("dev")
     assert env.provision(dev).status == 401
     code = env.call("POST", "/certificates/root/generateVerificationCode").body["properties"]["verificationCode"]
-    env.call("POST", "/certificates/root/verify", {"certificate": pem(root.leaf(code).cert)})
+    env.call("POST", "/certificates/root/verify", {"certificate": pem(root.issue_leaf(code).cert)})
     assert env.provision(dev).status == 200
 
 
 def test_certificate_if_match_and_delete(env):
-    root = Issuer.root()
+    root = TestCA("Test Root")
     first = env.upload_ca("root", root.cert)
     replace = {"properties": {"certificate": pem(root.cert), "isVerified": False}}
     assert_error(env.call("PUT", "/certificates/root", replace), 412002)
@@ -120,7 +121,7 @@ def test_certificate_if_match_and_delete(env):
 
 
 def test_enrollment_crud_etag_and_query(env):
-    devices = [Device.self_signed(f"dev-{i}") for i in range(5)]
+    devices = [TestCA.self_signed_leaf(f"dev-{i}") for i in range(5)]
     for device in devices:
         assert env.enroll(device).status == 200
     got = env.call("GET", "/enrollments/DEV-1")
@@ -155,9 +156,9 @@ def test_enrollment_crud_etag_and_query(env):
 
 
 def test_one_certificate_one_entry(env):
-    root = Issuer.root()
-    inter = root.intermediate("I")
-    dev = Device.self_signed("dev")
+    root = TestCA("Test Root")
+    inter = root.issue_intermediate("I")
+    dev = TestCA.self_signed_leaf("dev")
     assert env.enroll(dev).status == 200
     assert_error(env.enroll(dev, registration_id="dev-copy"), 409000)
     assert env.enroll(dev).status == 200          # replacing the same entry is fine
@@ -172,8 +173,8 @@ def test_one_certificate_one_entry(env):
 
 
 def test_enrollment_validation(env):
-    root = Issuer.root()
-    dev = root.leaf("dev")
+    root = TestCA("Test Root")
+    dev = root.issue_leaf("dev")
     assert_error(env.enroll(dev, provisioningStatus="maybe"), 400000)
     assert_error(env.enroll(dev, iotHubs=["unknown.example"]), 400000)
     assert_error(env.enroll(dev, allocationPolicy="custom"), 400000)
@@ -193,18 +194,18 @@ def test_enrollment_validation(env):
 
 
 def test_static_entry_lands_on_its_hub(env):
-    dev = Device.self_signed("dev")
+    dev = TestCA.self_signed_leaf("dev")
     env.enroll(dev, allocationPolicy="static", iotHubs=["hub2.example"])
     assert env.provision(dev).body["registrationState"]["assignedHub"] == "hub2.example"
 
 
 def test_registrations_get_delete_and_group_query(env):
-    root = Issuer.root()
-    inter = root.intermediate("I")
+    root = TestCA("Test Root")
+    inter = root.issue_intermediate("I")
     env.upload_ca("root", root.cert)
     env.group("g", ca_name="root")
     for i in range(3):
-        env.provision(inter.leaf(f"dev-{i}"))
+        env.provision(inter.issue_leaf(f"dev-{i}"))
     listed = env.call("POST", "/registrations/g/query", headers={"x-ms-max-item-count": "2"})
     assert [r["registrationId"] for r in listed.body] == ["dev-0", "dev-1"]
     assert listed.headers["x-ms-continuation"]
@@ -218,7 +219,7 @@ def test_registrations_get_delete_and_group_query(env):
 
 
 def test_bulk_operations(env):
-    devices = [Device.self_signed(f"b-{i}") for i in range(3)]
+    devices = [TestCA.self_signed_leaf(f"b-{i}") for i in range(3)]
     items = [{"registrationId": f"b-{i}", "attestation": {"type": "x509", "x509": {
         "clientCertificates": {"primary": {"certificate": pem(d.cert)}}}}}
         for i, d in enumerate(devices)]
@@ -235,16 +236,16 @@ def test_bulk_operations(env):
 
 
 def test_everything_persists_after_reopen(env):
-    root = Issuer.root()
-    inter = root.intermediate("I")
+    root = TestCA("Test Root")
+    inter = root.issue_intermediate("I")
     env.upload_ca("root", root.cert, verified=False)
     code = env.call("POST", "/certificates/root/generateVerificationCode").body["properties"]["verificationCode"]
-    selfie = Device.self_signed("selfie")
+    selfie = TestCA.self_signed_leaf("selfie")
     env.enroll(selfie, status="disabled")
     env.reopen()
-    env.call("POST", "/certificates/root/verify", {"certificate": pem(root.leaf(code).cert)})
+    env.call("POST", "/certificates/root/verify", {"certificate": pem(root.issue_leaf(code).cert)})
     env.group("g", ca_name="root")
-    dev = inter.leaf("dev")
+    dev = inter.issue_leaf("dev")
     assert env.provision(dev).status == 200
     env.reopen()
     assert env.call("GET", "/registrations/dev").body["status"] == "assigned"

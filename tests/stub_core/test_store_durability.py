@@ -8,26 +8,22 @@ import textwrap
 import threading
 from pathlib import Path
 
-from cryptography.hazmat.primitives import serialization
+from device_sim.testing import TestCA
 
-from .env import Env
-from .pki import Issuer, pem
+from .env import Env, pem
 
 
 CHILD = textwrap.dedent("""
     import sys
     from pathlib import Path
-    from cryptography import x509
-    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+    from device_sim.testing import TestCA
     sys.path.insert(0, sys.argv[1])
     from stub_core.env import Env
-    from stub_core.pki import Issuer
     env = Env(Path(sys.argv[2]))
-    root = Issuer(x509.load_pem_x509_certificate(sys.argv[3].encode()),
-                  load_pem_private_key(sys.argv[4].encode(), None))
+    root = TestCA.from_pem(sys.argv[3].encode(), sys.argv[4].encode())
     i = 0
     while True:  # register until killed; print each ID once its 202 came back
-        assert env.register(root.leaf(f"dev-{i}")).status == 202
+        assert env.register(root.issue_leaf(f"dev-{i}")).status == 202
         print(f"dev-{i}", flush=True)
         i += 1
 """)
@@ -35,12 +31,11 @@ CHILD = textwrap.dedent("""
 
 def test_acknowledged_registrations_survive_kill_9(tmp_path):
     env = Env(tmp_path)
-    root = Issuer.root()
+    root = TestCA("Test Root")
     env.upload_ca("root", root.cert)
     env.group("g", ca_name="root")
     env.store.close()
-    key_pem = root.key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                     serialization.NoEncryption()).decode()
+    key_pem = root.key_pem.decode()
     child = subprocess.Popen([sys.executable, "-c", CHILD, str(Path(__file__).parent.parent),
                               str(tmp_path), pem(root.cert), key_pem],
                              stdout=subprocess.PIPE, text=True)
@@ -60,11 +55,11 @@ def test_acknowledged_registrations_survive_kill_9(tmp_path):
 
 def test_many_threads_one_store(tmp_path):
     env = Env(tmp_path)
-    root = Issuer.root()
-    inter = root.intermediate("I")
+    root = TestCA("Test Root")
+    inter = root.issue_intermediate("I")
     env.upload_ca("root", root.cert)
     env.group("g", ca_name="root")
-    devices = [inter.leaf(f"t-{i}") for i in range(200)]
+    devices = [inter.issue_leaf(f"t-{i}") for i in range(200)]
     failures = []
 
     def work(chunk):
@@ -86,15 +81,15 @@ def test_many_threads_one_store(tmp_path):
 def test_changes_from_another_connection_reach_the_walk_cache(tmp_path):
     serving = Env(tmp_path)
     admin = Env(tmp_path)   # a second Store on the same file, as another process would have
-    root = Issuer.root()
-    dev = root.intermediate("I").leaf("dev")
+    root = TestCA("Test Root")
+    dev = root.issue_intermediate("I").issue_leaf("dev")
     assert serving.provision(dev).status == 401          # cache built: nothing enrolled
     admin.upload_ca("root", root.cert)
     admin.group("g", ca_name="root")
     assert serving.provision(dev).status == 200
     admin.group("g", ca_name="root", status="disabled")
     assert serving.provision(dev).body["status"] == "disabled"
-    other_root = Issuer.root("Other")
+    other_root = TestCA("Other")
     etag = admin.call("GET", "/certificates/root").body["etag"]
     replaced = admin.call("PUT", "/certificates/root", {"properties": {
         "certificate": pem(other_root.cert), "isVerified": True}}, headers={"If-Match": etag})

@@ -14,14 +14,6 @@ from device_sim.stub.net.server_pki import ServerIdentity, ensure_server_identit
 from device_sim.stub.net.tls_context import device_context
 from device_sim.stub.core.errors import Reply
 
-from .stubpki import Pki, write_identity
-
-
-@pytest.fixture(scope="session")
-def pki() -> Pki:
-    return Pki.create()
-
-
 @pytest.fixture(scope="session")
 def server_identity(tmp_path_factory) -> ServerIdentity:
     return ensure_server_identity(tmp_path_factory.mktemp("stub-tls"))
@@ -49,8 +41,7 @@ class EchoDeviceApi:
                           api_version=api_version, body=body.decode())
 
 
-@pytest.fixture
-def echo_listener(server_identity):
+def start_echo_listener(server_identity, *, one_at_a_time: bool = False) -> TlsListener:
     """A device-port listener with short deadlines in front of the echo stand-in."""
     limits = Limits(handshake_timeout=1.0, idle_timeout=1.0, request_timeout=1.0, max_connections=32)
     handler = http_server.device_handler(EchoDeviceApi())
@@ -59,9 +50,16 @@ def echo_listener(server_identity):
         "device", "https", "127.0.0.1", 0, device_context(server_identity),
         lambda stream: http_server.serve_http(stream, handler, limits, 96 * 1024, logged.append),
         limits=limits, on_not_tls=http_server.plain_http_hint, url_host="localhost", log=logged.append,
+        one_at_a_time=one_at_a_time,
     )
     listener.start()
     listener.logged = logged
+    return listener
+
+
+@pytest.fixture
+def echo_listener(server_identity):
+    listener = start_echo_listener(server_identity)
     yield listener
     listener.close()
 
@@ -107,7 +105,6 @@ def read_response(sock) -> tuple[int, dict[str, str], bytes]:
 
 
 @pytest.fixture
-def device_files(tmp_path, pki):
+def device_files(tmp_path, file_cas):
     """dev-a with the full chain (leaf, inter2, inter1, root) in files."""
-    leaf = pki.device("dev-a")
-    return write_identity(tmp_path, "dev-a", leaf, pki.inter2, pki.inter1, pki.root)
+    return file_cas.device("dev-a").write(tmp_path, "dev-a")

@@ -1,9 +1,8 @@
-"""`device-sim stub serve` as a real subprocess, and the CLI as tests run it."""
+"""The CLI as these tests run it, and the emulator's admin verbs against a running emulator
+(`device_sim.testing.Emulator`)."""
 
 from __future__ import annotations
 
-import json
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -21,32 +20,6 @@ def cli(*args, check: bool = True, env: dict | None = None, program: str = "devi
     return result
 
 
-class Emulator:
-    def __init__(self, home: Path, *extra: str):
-        self.home = home
-        home.mkdir(parents=True, exist_ok=True)
-        self.log = home / "serve.log"  # a file, not a pipe nobody drains
-        with open(self.log, "ab") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "device_sim.cli", "stub", "serve", "--home", str(home),
-                 "--retry-after", "0", "--mqtt-port", "0", *extra],
-                stdout=subprocess.PIPE, stderr=log, text=True, cwd=REPO,
-            )
-        line = self.process.stdout.readline()
-        if not line:
-            self.process.wait(timeout=15)
-            raise AssertionError(f"serve did not start: {self.log.read_text()}")
-        self.ready = json.loads(line)
-
-    @property
-    def device_url(self) -> str:
-        return self.ready["device_url"]
-
-    def admin(self, *args, check: bool = True):
-        return cli("stub", *args, "--home", self.home, check=check)
-
-    def stop(self, sig=signal.SIGTERM) -> int:
-        self.process.send_signal(sig)
-        code = self.process.wait(timeout=15)
-        self.process.stdout.close()
-        return code
+def stub_admin(emulator, *args, check: bool = True) -> subprocess.CompletedProcess:
+    """`device-sim stub ARGS --home <the emulator's home>`."""
+    return cli("stub", *args, "--home", emulator.home, check=check)

@@ -21,11 +21,12 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from device_sim.stub import server
 from device_sim.stub.net.server_pki import ServerIdentityError, ensure_server_identity
 
-from .emulator_proc import Emulator, cli
-from .stubpki import Issued
+from device_sim.testing import Emulator, LeafCert, TestCA
+
+from .emulator_proc import cli
 
 
-def server_leaf(issuer: Issued, names=("localhost", "127.0.0.1"), days: int = 2) -> Issued:
+def server_leaf(issuer: TestCA, names=("localhost", "127.0.0.1"), days: int = 2) -> LeafCert:
     """A TLS server certificate from a lab CA (what a bench brings)."""
     key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.datetime.now(datetime.timezone.utc)
@@ -47,7 +48,7 @@ def server_leaf(issuer: Issued, names=("localhost", "127.0.0.1"), days: int = 2)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         .sign(issuer.key, hashes.SHA256())
     )
-    return Issued(cert, key)
+    return LeafCert(cert, key, issuer)
 
 
 def verified_leaf(host: str, port: int, cafile) -> x509.Certificate:
@@ -58,13 +59,13 @@ def verified_leaf(host: str, port: int, cafile) -> x509.Certificate:
             return x509.load_der_x509_certificate(sock.getpeercert(binary_form=True))
 
 
-def test_supplied_files_in_the_tls_directory_are_kept_across_starts(tmp_path, pki):
+def test_supplied_files_in_the_tls_directory_are_kept_across_starts(tmp_path, file_cas):
     tls_dir = tmp_path / "stub" / "tls"
     tls_dir.mkdir(parents=True)
-    leaf = server_leaf(pki.inter1)
-    (tls_dir / "server.pem").write_bytes(leaf.pem + pki.inter1.pem)
+    leaf = server_leaf(file_cas.inter1)
+    (tls_dir / "server.pem").write_bytes(leaf.cert_pem + file_cas.inter1.cert_pem)
     (tls_dir / "server.key").write_bytes(leaf.key_pem)
-    (tls_dir / "ca.pem").write_bytes(pki.root.pem)  # the lab's trust anchor, without its key
+    (tls_dir / "ca.pem").write_bytes(file_cas.root.cert_pem)  # the lab's trust anchor, without its key
     before = {p.name: p.read_bytes() for p in tls_dir.iterdir()}
     for _ in range(2):
         identity = ensure_server_identity(tls_dir, ["stub.example.test"])
@@ -73,44 +74,44 @@ def test_supplied_files_in_the_tls_directory_are_kept_across_starts(tmp_path, pk
     assert identity.ca_cert is None  # ca.pem did not issue the leaf directly
 
 
-def test_supplied_files_with_their_issuing_ca_pem_name_it_as_trust_anchor(tmp_path, pki):
+def test_supplied_files_with_their_issuing_ca_pem_name_it_as_trust_anchor(tmp_path, file_cas):
     tls_dir = tmp_path / "tls"
     tls_dir.mkdir()
-    leaf = server_leaf(pki.root)
-    (tls_dir / "server.pem").write_bytes(leaf.pem)
+    leaf = server_leaf(file_cas.root)
+    (tls_dir / "server.pem").write_bytes(leaf.cert_pem)
     (tls_dir / "server.key").write_bytes(leaf.key_pem)
-    (tls_dir / "ca.pem").write_bytes(pki.root.pem)
+    (tls_dir / "ca.pem").write_bytes(file_cas.root.cert_pem)
     assert ensure_server_identity(tls_dir).ca_cert == tls_dir / "ca.pem"
 
 
-def test_mismatched_supplied_files_are_refused_not_replaced(tmp_path, pki):
+def test_mismatched_supplied_files_are_refused_not_replaced(tmp_path, file_cas):
     tls_dir = tmp_path / "tls"
     tls_dir.mkdir()
-    (tls_dir / "server.pem").write_bytes(server_leaf(pki.inter1).pem)
-    (tls_dir / "server.key").write_bytes(server_leaf(pki.inter1).key_pem)  # another key
+    (tls_dir / "server.pem").write_bytes(server_leaf(file_cas.inter1).cert_pem)
+    (tls_dir / "server.key").write_bytes(server_leaf(file_cas.inter1).key_pem)  # another key
     before = {p.name: p.read_bytes() for p in tls_dir.iterdir()}
     with pytest.raises(ServerIdentityError, match="is not the key of"):
         ensure_server_identity(tls_dir)
     assert {p.name: p.read_bytes() for p in tls_dir.iterdir()} == before
 
 
-def test_expired_supplied_certificate_is_refused(tmp_path, pki):
+def test_expired_supplied_certificate_is_refused(tmp_path, file_cas):
     tls_dir = tmp_path / "tls"
     tls_dir.mkdir()
-    leaf = server_leaf(pki.inter1, days=-1)
-    (tls_dir / "server.pem").write_bytes(leaf.pem)
+    leaf = server_leaf(file_cas.inter1, days=-1)
+    (tls_dir / "server.pem").write_bytes(leaf.cert_pem)
     (tls_dir / "server.key").write_bytes(leaf.key_pem)
     with pytest.raises(ServerIdentityError, match="outside its validity"):
         ensure_server_identity(tls_dir)
 
 
-def test_a_ca_pem_without_its_key_is_never_overwritten(tmp_path, pki):
+def test_a_ca_pem_without_its_key_is_never_overwritten(tmp_path, file_cas):
     tls_dir = tmp_path / "tls"
     tls_dir.mkdir()
-    (tls_dir / "ca.pem").write_bytes(pki.root.pem)
+    (tls_dir / "ca.pem").write_bytes(file_cas.root.cert_pem)
     with pytest.raises(ServerIdentityError, match="no ca.key"):
         ensure_server_identity(tls_dir)
-    assert (tls_dir / "ca.pem").read_bytes() == pki.root.pem
+    assert (tls_dir / "ca.pem").read_bytes() == file_cas.root.cert_pem
     assert sorted(p.name for p in tls_dir.iterdir()) == ["ca.pem"]
 
 
@@ -135,44 +136,44 @@ def test_generated_certificate_names_the_host_address(tmp_path):
         stub.close()
 
 
-def test_serve_with_a_supplied_certificate_presents_it_and_names_the_chain(tmp_path, pki):
-    leaf = server_leaf(pki.inter2)
+def test_serve_with_a_supplied_certificate_presents_it_and_names_the_chain(tmp_path, file_cas):
+    leaf = server_leaf(file_cas.inter2)
     files = tmp_path / "bench"
     files.mkdir()
-    (files / "server.pem").write_bytes(leaf.pem)
+    (files / "server.pem").write_bytes(leaf.cert_pem)
     (files / "server.key").write_bytes(leaf.key_pem)
-    (files / "chain.pem").write_bytes(pki.inter2.pem + pki.inter1.pem + pki.root.pem)
-    emulator = Emulator(tmp_path / "home", "--tls-cert", str(files / "server.pem"),
-                        "--tls-key", str(files / "server.key"), "--tls-chain", str(files / "chain.pem"))
+    (files / "chain.pem").write_bytes(file_cas.inter2.cert_pem + file_cas.inter1.cert_pem + file_cas.root.cert_pem)
+    emulator = Emulator.spawn(tmp_path / "home", "--tls-cert", str(files / "server.pem"),
+                              "--tls-key", str(files / "server.key"), "--tls-chain", str(files / "chain.pem"))
     try:
         assert emulator.ready["ca_cert"] == str(files / "chain.pem")
         port = int(emulator.device_url.rsplit(":", 1)[1])
         # A client trusting only the lab root verifies: the intermediates were sent.
-        (tmp_path / "root.pem").write_bytes(pki.root.pem)
+        (tmp_path / "root.pem").write_bytes(file_cas.root.cert_pem)
         assert verified_leaf("localhost", port, tmp_path / "root.pem") == leaf.cert
         assert not (tmp_path / "home" / "stub" / "tls" / "server.pem").exists()
     finally:
         assert emulator.stop() == 0
-    assert (files / "server.pem").read_bytes() == leaf.pem
+    assert (files / "server.pem").read_bytes() == leaf.cert_pem
 
 
-def test_relative_paths_are_made_absolute_in_the_identity(tmp_path, pki, monkeypatch):
+def test_relative_paths_are_made_absolute_in_the_identity(tmp_path, file_cas, monkeypatch):
     from device_sim.stub.net.server_pki import supplied_identity
 
-    leaf = server_leaf(pki.root)
-    (tmp_path / "s.pem").write_bytes(leaf.pem)
+    leaf = server_leaf(file_cas.root)
+    (tmp_path / "s.pem").write_bytes(leaf.cert_pem)
     (tmp_path / "s.key").write_bytes(leaf.key_pem)
-    (tmp_path / "c.pem").write_bytes(pki.root.pem)
+    (tmp_path / "c.pem").write_bytes(file_cas.root.cert_pem)
     monkeypatch.chdir(tmp_path)
     identity = supplied_identity("s.pem", "s.key", "c.pem")
     assert identity.ca_cert == tmp_path / "c.pem" and identity.cert.is_absolute() and identity.key.is_absolute()
 
 
-def test_serve_without_a_chain_has_no_ca_cert(tmp_path, pki):
-    leaf = server_leaf(pki.root)
-    (tmp_path / "s.pem").write_bytes(leaf.pem)
+def test_serve_without_a_chain_has_no_ca_cert(tmp_path, file_cas):
+    leaf = server_leaf(file_cas.root)
+    (tmp_path / "s.pem").write_bytes(leaf.cert_pem)
     (tmp_path / "s.key").write_bytes(leaf.key_pem)
-    emulator = Emulator(tmp_path / "home", "--tls-cert", str(tmp_path / "s.pem"), "--tls-key", str(tmp_path / "s.key"))
+    emulator = Emulator.spawn(tmp_path / "home", "--tls-cert", str(tmp_path / "s.pem"), "--tls-key", str(tmp_path / "s.key"))
     try:
         assert emulator.ready["ca_cert"] is None
         assert json.loads((tmp_path / "home" / "stub" / "endpoint.json").read_text())["ca_cert"] is None

@@ -11,35 +11,35 @@ import pytest
 import requests
 from cryptography.x509.oid import NameOID
 
-from .stubpki import Issued, write_identity
+from device_sim.testing import Emulator, TestCA
 
-from .emulator_proc import API, Emulator, cli
+from .emulator_proc import API, cli, stub_admin
 
 
 @pytest.fixture(scope="module")
 def emulator(tmp_path_factory):
-    running = Emulator(tmp_path_factory.mktemp("emulator-home"))
+    running = Emulator.spawn(tmp_path_factory.mktemp("emulator-home"), "--retry-after", "0")
     yield running
     running.stop()
 
 
 @pytest.fixture(scope="module")
-def enrolled(emulator, pki, tmp_path_factory):
+def enrolled(emulator, file_cas, tmp_path_factory):
     """Root uploaded and verified by proof of possession; a group on inter2 (the docs' example)."""
     files = tmp_path_factory.mktemp("enrolled")
-    (files / "root.pem").write_bytes(pki.root.pem)
-    (files / "inter2.pem").write_bytes(pki.inter2.pem)
-    emulator.admin("ca", "upload", "root", files / "root.pem")
-    code = emulator.admin("ca", "code", "root").stdout.strip()
-    verification = verification_cert(pki.root, code)
-    (files / "verify.pem").write_bytes(verification.pem)
-    emulator.admin("ca", "verify", "root", files / "verify.pem")
-    emulator.admin("group", "create", "group-inter2", "--cert", files / "inter2.pem")
+    (files / "root.pem").write_bytes(file_cas.root.cert_pem)
+    (files / "inter2.pem").write_bytes(file_cas.inter2.cert_pem)
+    stub_admin(emulator, "ca", "upload", "root", files / "root.pem")
+    code = stub_admin(emulator, "ca", "code", "root").stdout.strip()
+    verification = verification_cert(file_cas.root, code)
+    (files / "verify.pem").write_bytes(verification.cert_pem)
+    stub_admin(emulator, "ca", "verify", "root", files / "verify.pem")
+    stub_admin(emulator, "group", "create", "group-inter2", "--cert", files / "inter2.pem")
     return files
 
 
-def verification_cert(ca: Issued, code: str) -> Issued:
-    issued = ca.issue(code)
+def verification_cert(ca: TestCA, code: str):
+    issued = ca.issue_leaf(code)
     assert issued.cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == code
     return issued
 
@@ -76,25 +76,25 @@ def test_ready_line_and_state_files(emulator):
 
 
 def test_proof_of_possession_flow_with_the_admin_commands(emulator, enrolled):
-    listed = json.loads(emulator.admin("ca", "list", "--json").stdout)
+    listed = json.loads(stub_admin(emulator, "ca", "list", "--json").stdout)
     assert [(c["name"], c["properties"]["isVerified"]) for c in listed] == [("root", True)]
-    group = json.loads(emulator.admin("group", "get", "group-inter2", "--json").stdout)
+    group = json.loads(stub_admin(emulator, "group", "get", "group-inter2", "--json").stdout)
     assert group["enrollmentGroupId"] == "group-inter2" and group["provisioningStatus"] == "enabled"
 
 
-def test_full_chain_registers_and_a_chain_missing_an_intermediate_does_not(emulator, enrolled, pki, tmp_path):
-    leaf = pki.device("dev-full")
-    full = write_identity(tmp_path, "full", leaf, pki.inter2, pki.inter1, pki.root)
+def test_full_chain_registers_and_a_chain_missing_an_intermediate_does_not(emulator, enrolled, file_cas, tmp_path):
+    leaf = file_cas.device("dev-full")
+    full = leaf.write(tmp_path, "full", [file_cas.inter2, file_cas.inter1, file_cas.root])
     status, body = register(emulator, "dev-full", full)
     assert status == 200 and body["status"] == "assigned", body
     assert body["registrationState"]["deviceId"] == "dev-full"
 
-    short_leaf = pki.device("dev-short")
-    short = write_identity(tmp_path, "short", short_leaf, pki.inter2)  # no inter1: cannot reach the root
+    short_leaf = file_cas.device("dev-short")
+    short = short_leaf.write(tmp_path, "short", [file_cas.inter2])  # no inter1: cannot reach the root
     status, body = register(emulator, "dev-short", short)
     assert status == 401 and body["errorCode"] == 401002, body
 
-    record = json.loads(emulator.admin("registration", "get", "dev-full", "--json").stdout)
+    record = json.loads(stub_admin(emulator, "registration", "get", "dev-full", "--json").stdout)
     assert record["status"] == "assigned"
 
 
@@ -104,16 +104,15 @@ def test_no_client_certificate_gets_401002_not_a_tls_alert(emulator, enrolled):
 
 
 def test_unknown_certificate_gets_401002(emulator, enrolled, tmp_path):
-    from .stubpki import issue
 
-    stranger = issue("stranger-root")
-    files = write_identity(tmp_path, "stranger", stranger.issue("dev-stranger"), stranger)
+    stranger = TestCA("stranger-root")
+    files = stranger.issue_leaf("dev-stranger").write(tmp_path, "stranger", [stranger])
     status, body = register(emulator, "dev-stranger", files)
     assert status == 401 and body["errorCode"] == 401002
 
 
-def test_bad_json_body_is_400(emulator, enrolled, pki, tmp_path):
-    files = write_identity(tmp_path, "badjson", pki.device("dev-badjson"), pki.inter2, pki.inter1)
+def test_bad_json_body_is_400(emulator, enrolled, file_cas, tmp_path):
+    files = file_cas.device("dev-badjson").write(tmp_path, "badjson", [file_cas.inter2, file_cas.inter1])
     response = requests.put(
         f"{emulator.device_url}/{emulator.ready['id_scope']}/registrations/dev-badjson/register?api-version={API}",
         data=b"{not json", headers={"Content-Type": "application/json"},
@@ -139,7 +138,7 @@ def test_service_api_refuses_requests_without_a_sas_token(emulator):
 
 
 def test_admin_errors_are_one_line_with_exit_codes(emulator, tmp_path):
-    result = emulator.admin("group", "get", "no-such-group", check=False)
+    result = stub_admin(emulator, "group", "get", "no-such-group", check=False)
     assert result.returncode == 3
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("device-sim: error:")
     assert "Traceback" not in result.stderr
@@ -147,53 +146,53 @@ def test_admin_errors_are_one_line_with_exit_codes(emulator, tmp_path):
     assert result.returncode == 4 and "stub serve" in result.stderr
     not_a_cert = tmp_path / "garbage.pem"
     not_a_cert.write_text("hello")
-    result = emulator.admin("ca", "upload", "junk", not_a_cert, check=False)
+    result = stub_admin(emulator, "ca", "upload", "junk", not_a_cert, check=False)
     assert result.returncode == 2 and "no X.509 certificate" in result.stderr
 
 
-def test_disable_and_enable_through_the_admin_commands(emulator, enrolled, pki, tmp_path):
-    files = write_identity(tmp_path, "toggle", pki.device("dev-toggle"), pki.inter2, pki.inter1, pki.root)
+def test_disable_and_enable_through_the_admin_commands(emulator, enrolled, file_cas, tmp_path):
+    files = file_cas.device("dev-toggle").write(tmp_path, "toggle", [file_cas.inter2, file_cas.inter1, file_cas.root])
     (tmp_path / "leaf.pem").write_bytes(files[0].read_bytes().split(b"-----END CERTIFICATE-----")[0]
                                         + b"-----END CERTIFICATE-----\n")
-    emulator.admin("enroll", "create", "dev-toggle", "--cert", tmp_path / "leaf.pem", "--device-id", "toggled",
+    stub_admin(emulator, "enroll", "create", "dev-toggle", "--cert", tmp_path / "leaf.pem", "--device-id", "toggled",
                    "--disabled")
     status, body = register(emulator, "dev-toggle", files)
     assert body["status"] == "disabled", body  # the first entry found decides, even with an enabled group above
-    emulator.admin("enroll", "enable", "dev-toggle")
+    stub_admin(emulator, "enroll", "enable", "dev-toggle")
     status, body = register(emulator, "dev-toggle", files)
     assert status == 200 and body["registrationState"]["deviceId"] == "toggled"
-    emulator.admin("enroll", "delete", "dev-toggle")
-    assert "dev-toggle" not in emulator.admin("enroll", "list").stdout
+    stub_admin(emulator, "enroll", "delete", "dev-toggle")
+    assert "dev-toggle" not in stub_admin(emulator, "enroll", "list").stdout
 
 
-def test_state_survives_a_restart_and_kill_9(tmp_path, pki):
+def test_state_survives_a_restart_and_kill_9(tmp_path, file_cas):
     home = tmp_path / "home"
-    first = Emulator(home)
-    (tmp_path / "root.pem").write_bytes(pki.root.pem)
-    first.admin("ca", "upload", "root", tmp_path / "root.pem", "--verified")
-    first.admin("group", "create", "root-group", "--ca-ref", "root")
-    files = write_identity(tmp_path, "persist", pki.device("dev-persist"), pki.inter2, pki.inter1, pki.root)
+    first = Emulator.spawn(home, "--retry-after", "0")
+    (tmp_path / "root.pem").write_bytes(file_cas.root.cert_pem)
+    stub_admin(first, "ca", "upload", "root", tmp_path / "root.pem", "--verified")
+    stub_admin(first, "group", "create", "root-group", "--ca-ref", "root")
+    files = file_cas.device("dev-persist").write(tmp_path, "persist", [file_cas.inter2, file_cas.inter1, file_cas.root])
     status, body = register(first, "dev-persist", files)
     assert status == 200 and body["status"] == "assigned"
     scope = first.ready["id_scope"]
     assert first.stop(signal.SIGTERM) == 0
     assert not (home / "stub" / "endpoint.json").exists()
 
-    second = Emulator(home)
+    second = Emulator.spawn(home, "--retry-after", "0")
     assert second.ready["id_scope"] == scope
     assert second.ready["ca_cert"] == first.ready["ca_cert"]
-    (tmp_path / "leaf.pem").write_bytes(pki.device("dev-individual").pem)
-    second.admin("enroll", "create", "dev-individual", "--cert", tmp_path / "leaf.pem")
+    (tmp_path / "leaf.pem").write_bytes(file_cas.device("dev-individual").cert_pem)
+    stub_admin(second, "enroll", "create", "dev-individual", "--cert", tmp_path / "leaf.pem")
     second.stop(signal.SIGKILL)  # no clean shutdown: acknowledged writes must still be there
 
-    third = Emulator(home)
+    third = Emulator.spawn(home, "--retry-after", "0")
     try:
         assert third.ready["id_scope"] == scope
-        cas = json.loads(third.admin("ca", "list", "--json").stdout)
+        cas = json.loads(stub_admin(third, "ca", "list", "--json").stdout)
         assert [(c["name"], c["properties"]["isVerified"]) for c in cas] == [("root", True)]
-        assert "root-group" in third.admin("group", "list").stdout
-        assert "dev-individual" in third.admin("enroll", "list").stdout
-        record = json.loads(third.admin("registration", "get", "dev-persist", "--json").stdout)
+        assert "root-group" in stub_admin(third, "group", "list").stdout
+        assert "dev-individual" in stub_admin(third, "enroll", "list").stdout
+        record = json.loads(stub_admin(third, "registration", "get", "dev-persist", "--json").stdout)
         assert record["status"] == "assigned"
         status, body = register(third, "dev-persist", files)  # and it still serves
         assert status == 200 and body["status"] == "assigned"

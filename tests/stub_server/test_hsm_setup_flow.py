@@ -8,21 +8,23 @@ import json
 
 import pytest
 
-from .emulator_proc import Emulator, cli
+from device_sim.testing import Emulator
+
+from .emulator_proc import cli, stub_admin
 
 
 @pytest.fixture(scope="module")
 def token_emulator(tmp_path_factory):
-    running = Emulator(tmp_path_factory.mktemp("emulator-tokens"))
+    running = Emulator.spawn(tmp_path_factory.mktemp("emulator-tokens"), "--retry-after", "0")
     yield running
     running.stop()
 
 
 def test_token_ca_proof_of_possession_then_a_token_device_registers(token_emulator, token_pki, tmp_path):
     emulator = token_emulator
-    emulator.admin("ca", "upload", "token-root", token_pki.root.pem_path)
-    assert not json.loads(emulator.admin("ca", "get", "token-root", "--json").stdout)["properties"]["isVerified"]
-    code = emulator.admin("ca", "code", "token-root").stdout.strip()
+    stub_admin(emulator, "ca", "upload", "token-root", token_pki.root.pem_path)
+    assert not json.loads(stub_admin(emulator, "ca", "get", "token-root", "--json").stdout)["properties"]["isVerified"]
+    code = stub_admin(emulator, "ca", "code", "token-root").stdout.strip()
 
     verification = tmp_path / "verification.pem"
     made = cli("ca", "verification-cert", "root", "--code", code, "--out", verification,
@@ -33,12 +35,12 @@ def test_token_ca_proof_of_possession_then_a_token_device_registers(token_emulat
     wrong = tmp_path / "wrong.pem"
     cli("ca", "verification-cert", "intermediate", "--code", code, "--out", wrong,
         env=token_pki.env(), program="device_sim.cli.hsm_setup")
-    refused = emulator.admin("ca", "verify", "token-root", wrong, check=False)
+    refused = stub_admin(emulator, "ca", "verify", "token-root", wrong, check=False)
     assert refused.returncode == 3 and "Traceback" not in refused.stderr
 
-    emulator.admin("ca", "verify", "token-root", verification)
-    assert json.loads(emulator.admin("ca", "get", "token-root", "--json").stdout)["properties"]["isVerified"]
-    emulator.admin("group", "create", "token-devices", "--ca-ref", "token-root")
+    stub_admin(emulator, "ca", "verify", "token-root", verification)
+    assert json.loads(stub_admin(emulator, "ca", "get", "token-root", "--json").stdout)["properties"]["isVerified"]
+    stub_admin(emulator, "group", "create", "token-devices", "--ca-ref", "token-root")
 
     ready = emulator.ready
     result = cli("register", "device-ec-p256", "--json", "--endpoint", ready["device_url"],
@@ -47,5 +49,5 @@ def test_token_ca_proof_of_possession_then_a_token_device_registers(token_emulat
     assert result.returncode == 0, result.stderr
     outcome = json.loads(result.stdout)
     assert outcome["status"] == "assigned" and outcome["device_id"] == "device-ec-p256"
-    record = json.loads(emulator.admin("registration", "get", "device-ec-p256", "--json").stdout)
+    record = json.loads(stub_admin(emulator, "registration", "get", "device-ec-p256", "--json").stdout)
     assert record["status"] == "assigned"

@@ -109,9 +109,9 @@ def test_without_the_option_the_device_port_has_no_service_routes(started):
 
 
 def test_serve_option_names_the_device_port_in_the_connection_string(tmp_path):
-    from .emulator_proc import Emulator
+    from device_sim.testing import Emulator
 
-    emulator = Emulator(tmp_path, "--service-on-device-port", "--service-connection-string")
+    emulator = Emulator.spawn(tmp_path, "--service-on-device-port", "--service-connection-string")
     try:
         fields = parse_connection_string(emulator.ready["service_connection_string"])
         assert fields["HostName"] == f"localhost:{port_of(emulator.device_url)}"

@@ -10,19 +10,18 @@ import ssl
 import pytest
 
 from .conftest import client_context, read_response, tls_connect
-from .stubpki import write_identity
 from .test_transport import request_bytes
 
 
 @pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3])
-def test_a_long_chain_arrives_whole_despite_verify_depth_0(echo_listener, server_identity, pki,
+def test_a_long_chain_arrives_whole_despite_verify_depth_0(echo_listener, server_identity, file_cas,
                                                            tmp_path, version):
-    cas = [pki.inter2]
+    cas = [file_cas.inter2]
     for level in range(5):  # root, inter1, inter2, then five more CAs below: 9 certificates
-        cas.append(cas[-1].issue(f"deep-{level}", ca=True))
-    leaf = cas[-1].issue("dev-deep")
-    sent = [leaf, *reversed(cas), pki.inter1, pki.root]
-    chain, key = write_identity(tmp_path, "deep", *sent)
+        cas.append(cas[-1].issue_intermediate(f"deep-{level}"))
+    leaf = cas[-1].issue_leaf("dev-deep")
+    sent = [leaf, *reversed(cas), file_cas.inter1, file_cas.root]
+    chain, key = leaf.write(tmp_path, "deep", sent[1:])
     context = client_context(server_identity.ca_cert, chain, key, version)
     with tls_connect(echo_listener.port, context) as sock:
         sock.sendall(request_bytes("PUT", "/0ne001/registrations/dev-deep/register?api-version=1",

@@ -14,7 +14,7 @@ from device_sim.stub.net import http as http_server
 from device_sim.stub.net.listener import Limits, TlsListener
 from device_sim.stub.net.tls_context import device_context
 
-from .conftest import EchoDeviceApi, client_context
+from .conftest import EchoDeviceApi, client_context, start_echo_listener
 from .test_transport import *  # noqa: F401,F403 - the transport tests, collected again here
 from .test_transport import ask
 
@@ -22,17 +22,7 @@ from .test_transport import ask
 @pytest.fixture
 def echo_listener(server_identity):
     """The transport suite's listener, with the connection threads taking turns."""
-    limits = Limits(handshake_timeout=1.0, idle_timeout=1.0, request_timeout=1.0, max_connections=32)
-    handler = http_server.device_handler(EchoDeviceApi())
-    logged: list[str] = []
-    listener = TlsListener(
-        "device", "https", "127.0.0.1", 0, device_context(server_identity),
-        lambda stream: http_server.serve_http(stream, handler, limits, 96 * 1024, logged.append),
-        limits=limits, on_not_tls=http_server.plain_http_hint, url_host="localhost", log=logged.append,
-        one_at_a_time=True,
-    )
-    listener.start()
-    listener.logged = logged
+    listener = start_echo_listener(server_identity, one_at_a_time=True)
     yield listener
     listener.close()
 

@@ -20,7 +20,6 @@ from device_sim.stub.net import http as http_server
 from device_sim.stub.net.server_pki import ensure_server_identity
 
 from .conftest import client_context, read_response, tls_connect
-from .stubpki import write_identity
 
 
 def request_bytes(method: str, target: str, body: bytes = b"", headers: dict | None = None) -> bytes:
@@ -48,10 +47,10 @@ def assert_still_serving(listener, server_identity):
 
 @pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3])
 def test_chain_reaches_the_application_leaf_first_in_the_order_sent(echo_listener, server_identity,
-                                                                   pki, tmp_path, version):
-    leaf = pki.device("dev-order")
+                                                                   file_cas, tmp_path, version):
+    leaf = file_cas.device("dev-order")
     # Deliberately not the issuing order: the server must not rebuild or sort the chain.
-    chain, key = write_identity(tmp_path, "odd", leaf, pki.inter1, pki.root, pki.inter2)
+    chain, key = leaf.write(tmp_path, "odd", [file_cas.inter1, file_cas.root, file_cas.inter2])
     context = client_context(server_identity.ca_cert, chain, key, version)
     status, _, body = ask(echo_listener, context, "PUT",
                           "/0ne001/registrations/dev-order/register?api-version=2021-06-01",

@@ -1,0 +1,64 @@
+"""device_sim.testing itself: the certificates TestCA promises, the in-process transport
+against the emulator core, and an emulator that cannot start."""
+
+from __future__ import annotations
+
+import datetime as dt
+import socket
+
+import pytest
+from cryptography import x509
+
+from device_sim.common import x509util
+from device_sim.device.driver import run_registration
+from device_sim.device.registration import ASSIGNED, UNAUTHORIZED, RegistrationFlow
+from device_sim.testing import DeviceApiTransport, Emulator, EmulatorFailed, TestCA
+
+
+def test_chain_is_leaf_first_and_each_link_verifies():
+    root = TestCA("root")
+    line = root.issue_intermediate("line", path_length=0)
+    leaf = line.issue_leaf("dev-1")
+    assert [x509util.common_name(c) for c in leaf.chain] == ["dev-1", "line", "root"]
+    assert x509util.issued_by(leaf.cert, line.cert) and x509util.issued_by(line.cert, root.cert)
+    assert x509util.is_self_signed(root.cert) and not x509util.is_ca(leaf.cert)
+    assert leaf.chain_pem.count(b"BEGIN CERTIFICATE") == 3 and leaf.key_pem.startswith(b"-----BEGIN PRIVATE KEY")
+    assert line.cert.extensions.get_extension_for_class(x509.BasicConstraints).value.path_length == 0
+
+
+def test_broken_certificates_are_what_they_say():
+    root = TestCA("root")
+    assert not x509util.is_ca(root.issue_intermediate("not-a-ca", ca=False).cert)
+    usage = root.issue_intermediate("no-sign", key_cert_sign=False).cert.extensions.get_extension_for_class(
+        x509.KeyUsage).value
+    assert not usage.key_cert_sign
+    past = dt.datetime(2020, 1, 1, tzinfo=dt.timezone.utc)
+    expired = root.issue_leaf("old", not_before=past, not_after=past + dt.timedelta(days=1))
+    assert not x509util.in_validity(expired.cert, dt.datetime.now(dt.timezone.utc))
+    loner = TestCA.self_signed_leaf("loner")
+    assert loner.chain == [loner.cert] and x509util.is_self_signed(loner.cert)
+    assert TestCA.from_pem(root.cert_pem, root.key_pem).issue_leaf("again").chain[1] == root.cert
+
+
+def test_in_process_transport_drives_the_flow_against_the_core(tmp_path):
+    root = TestCA("root")
+    leaf = root.issue_intermediate("line").issue_leaf("dev-1")
+    with Emulator.in_process(tmp_path / "emu", mqtt=False) as emu:
+        emu.admin.upload_ca("root", root.cert_pem)
+        emu.admin.verify_ca("root", root)
+        emu.admin.create_group("all", ca_ref="root")
+        transport = DeviceApiTransport(emu.app.device_api, emu.id_scope, "dev-1", leaf.chain)
+        outcome, _ = run_registration(RegistrationFlow("dev-1"), transport, 5)
+        assert (outcome.status, outcome.device_id) == (ASSIGNED, "dev-1")
+        assert [operation for operation, _ in transport.requests] == ["register", "poll"]
+        short = DeviceApiTransport(emu.app.device_api, emu.id_scope, "dev-1", leaf.chain_to(0))
+        outcome, _ = run_registration(RegistrationFlow("dev-1"), short, 5)
+        assert outcome.status == UNAUTHORIZED and outcome.http_status == 401
+
+
+def test_an_emulator_that_cannot_start_says_why(tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        with pytest.raises(EmulatorFailed, match="before it was ready"):
+            Emulator.spawn(tmp_path / "emu", "--port", str(busy.getsockname()[1]), "--no-mqtt")
