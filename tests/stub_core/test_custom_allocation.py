@@ -11,9 +11,9 @@ import json
 import pytest
 
 from device_sim.stub.core.webhook import WebhookAnswer
+from device_sim.testing import TestCA
 
 from .env import Env
-from .pki import Device
 
 HOOK = {"webhookUrl": "https://hooks.example/allocate?code=key", "apiVersion": "2021-10-01"}
 
@@ -41,7 +41,7 @@ def env(tmp_path):
 
 
 def custom_device(env, cn="dev-c", **extra):
-    device = Device.self_signed(cn)
+    device = TestCA.self_signed_leaf(cn)
     reply = env.enroll(device, allocationPolicy="custom", customAllocationDefinition=HOOK, **extra)
     assert reply.status == 200, reply
     return device

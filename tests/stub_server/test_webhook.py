@@ -13,24 +13,22 @@ import time
 import paho.mqtt.client as mqtt
 import pytest
 import requests
-from cryptography.hazmat.primitives import serialization
-
 from device_sim.mqtt import topics
 from device_sim.stub import server
 from device_sim.stub.core import sas
 from device_sim.stub.core.config import Hub
 from device_sim.stub.net.mqtt import listener_factory
 from device_sim.stub.net.server_pki import ensure_server_identity
+from device_sim.testing import pem
 
 from .emulator_proc import API, cli
-from .stubpki import write_identity
 from .webhook_server import HUB_A, HUB_B, Webhook
 
 TIMEOUT = 2.0  # the emulator's --webhook-timeout in these tests
 
 
 def _pem(cert) -> str:
-    return cert.public_bytes(serialization.Encoding.PEM).decode()
+    return pem(cert).decode()
 
 
 class Stub:
@@ -85,23 +83,22 @@ def http_hook():
 
 
 @pytest.fixture(scope="module")
-def stub(tmp_path_factory, pki, webhook_tls, https_hook):
+def stub(tmp_path_factory, file_cas, webhook_tls, https_hook):
     stub = Stub(tmp_path_factory.mktemp("webhook-home"), webhook_tls.ca_cert)
-    stub.service("PUT", "/certificates/root", {"properties": {"certificate": _pem(pki.root.cert),
+    stub.service("PUT", "/certificates/root", {"properties": {"certificate": _pem(file_cas.root.cert),
                                                               "isVerified": True}})
     stub.service("PUT", "/enrollmentGroups/custom-line", {
         "enrollmentGroupId": "custom-line",
         "attestation": {"type": "x509", "x509": {"signingCertificates": {"primary": {
-            "certificate": _pem(pki.inter2.cert)}}}},
+            "certificate": _pem(file_cas.inter2.cert)}}}},
         "allocationPolicy": "custom",
         "customAllocationDefinition": {"webhookUrl": https_hook.url("/choose"), "apiVersion": "2021-10-01"}})
     yield stub
     stub.server.close()
 
 
-def identity(pki, tmp_path, registration_id):
-    return write_identity(tmp_path, registration_id, pki.device(registration_id), pki.inter2, pki.inter1,
-                          pki.root)
+def identity(file_cas, tmp_path, registration_id):
+    return file_cas.device(registration_id).write(tmp_path, registration_id)
 
 
 def https_register(stub, registration_id, files, payload=None, deadline=15.0):
@@ -156,14 +153,14 @@ def mqtt_register(stub, registration_id, files, payload):
 
 
 def test_webhook_chooses_the_hub_and_its_payload_reaches_the_device_over_https_and_mqtt(
-        stub, pki, tmp_path, https_hook):
-    body, _ = https_register(stub, "dev-hook-a", identity(pki, tmp_path, "dev-hook-a"), {"model": "m1"})
+        stub, file_cas, tmp_path, https_hook):
+    body, _ = https_register(stub, "dev-hook-a", identity(file_cas, tmp_path, "dev-hook-a"), {"model": "m1"})
     assert body["status"] == "assigned", body
     state = body["registrationState"]
     assert state["assignedHub"] == HUB_A and state["substatus"] == "initialAssignment"
     assert state["payload"] == {"for": "dev-hook-a", "call": 1}
 
-    body = mqtt_register(stub, "dev-hook-b", identity(pki, tmp_path, "dev-hook-b"), {"model": "m2"})
+    body = mqtt_register(stub, "dev-hook-b", identity(file_cas, tmp_path, "dev-hook-b"), {"model": "m2"})
     assert body["status"] == "assigned", body
     assert body["registrationState"]["assignedHub"] == HUB_B
     assert body["registrationState"]["payload"] == {"for": "dev-hook-b", "call": 1}
@@ -190,8 +187,8 @@ def test_webhook_chooses_the_hub_and_its_payload_reaches_the_device_over_https_a
     assert record["initialTwin"] == {"tags": {"chosenBy": "webhook"}, "properties": {"desired": {"call": 1}}}
 
 
-def test_re_registration_tells_the_webhook_the_current_hub_and_device(stub, pki, tmp_path, https_hook):
-    files = identity(pki, tmp_path, "dev-again-a")
+def test_re_registration_tells_the_webhook_the_current_hub_and_device(stub, file_cas, tmp_path, https_hook):
+    files = identity(file_cas, tmp_path, "dev-again-a")
     first, _ = https_register(stub, "dev-again-a", files)
     second, _ = https_register(stub, "dev-again-a", files)
     assert first["status"] == second["status"] == "assigned"
@@ -202,11 +199,11 @@ def test_re_registration_tells_the_webhook_the_current_hub_and_device(stub, pki,
     assert again["deviceRuntimeContext"]["currentDeviceId"] == "dev-again-a"
 
 
-def test_never_reprovision_keeps_the_hub_and_refreshes_the_payload(stub, pki, tmp_path, http_hook):
-    leaf = pki.device("dev-never")
+def test_never_reprovision_keeps_the_hub_and_refreshes_the_payload(stub, file_cas, tmp_path, http_hook):
+    leaf = file_cas.device("dev-never")
     stub.individual("dev-never", leaf.cert, http_hook.url("/flip"),
                     reprovisionPolicy={"updateHubAssignment": False, "migrateDeviceData": True})
-    files = write_identity(tmp_path, "dev-never", leaf, pki.inter2, pki.inter1, pki.root)
+    files = leaf.write(tmp_path, "dev-never")
     first, _ = https_register(stub, "dev-never", files)
     assert first["registrationState"]["assignedHub"] == HUB_A
     second, _ = https_register(stub, "dev-never", files)  # /flip now answers hub-b
@@ -229,12 +226,12 @@ def test_never_reprovision_keeps_the_hub_and_refreshes_the_payload(stub, pki, tm
                   "which is not one of the linked hubs"),
     ("/slow/4", f"Custom allocation failed: the webhook did not answer within {TIMEOUT:g} s"),
 ])
-def test_each_webhook_failure_fails_the_registration_with_400209(stub, pki, tmp_path, http_hook, path, message):
+def test_each_webhook_failure_fails_the_registration_with_400209(stub, file_cas, tmp_path, http_hook, path, message):
     registration_id = "dev-fail-" + path.strip("/").replace("/", "-")
-    leaf = pki.device(registration_id)
+    leaf = file_cas.device(registration_id)
     stub.individual(registration_id, leaf.cert, http_hook.url(path))
     body, _ = https_register(stub, registration_id,
-                             write_identity(tmp_path, registration_id, leaf, pki.inter2, pki.inter1, pki.root))
+                             leaf.write(tmp_path, registration_id))
     assert body["status"] == "failed", body
     state = body["registrationState"]
     assert state["errorCode"] == 400209 and state["errorMessage"].startswith(message), state
@@ -244,7 +241,7 @@ def test_each_webhook_failure_fails_the_registration_with_400209(stub, pki, tmp_
     assert (record["status"], record["errorCode"]) == ("failed", 400209)
 
 
-def test_unreachable_or_untrusted_webhooks_fail_without_naming_the_key(stub, pki, tmp_path, webhook_tls):
+def test_unreachable_or_untrusted_webhooks_fail_without_naming_the_key(stub, file_cas, tmp_path, webhook_tls):
     plain = Webhook()  # HTTPS asked of a plain HTTP server: the TLS handshake fails
     untrusted_tls = ensure_server_identity(tmp_path / "other-ca")
     untrusted = Webhook((untrusted_tls.cert, untrusted_tls.key))
@@ -253,10 +250,9 @@ def test_unreachable_or_untrusted_webhooks_fail_without_naming_the_key(stub, pki
                  "dev-unreach-ca": untrusted.url("/choose"),
                  "dev-unreach-port": "http://127.0.0.1:9/choose?code=function-key-secret"}
         for registration_id, url in cases.items():
-            leaf = pki.device(registration_id)
+            leaf = file_cas.device(registration_id)
             stub.individual(registration_id, leaf.cert, url)
-            body, _ = https_register(stub, registration_id, write_identity(
-                tmp_path, registration_id, leaf, pki.inter2, pki.inter1, pki.root))
+            body, _ = https_register(stub, registration_id, leaf.write(tmp_path, registration_id))
             state = body["registrationState"]
             assert (body["status"], state["errorCode"]) == ("failed", 400209), body
             assert state["errorMessage"].startswith("Custom allocation failed: ")
@@ -268,17 +264,17 @@ def test_unreachable_or_untrusted_webhooks_fail_without_naming_the_key(stub, pki
         untrusted.close()
 
 
-def test_devices_poll_while_a_slow_webhook_runs_and_others_are_not_held_up(stub, pki, tmp_path, http_hook):
-    leaf = pki.device("dev-slow-a")
+def test_devices_poll_while_a_slow_webhook_runs_and_others_are_not_held_up(stub, file_cas, tmp_path, http_hook):
+    leaf = file_cas.device("dev-slow-a")
     stub.individual("dev-slow-a", leaf.cert, http_hook.url("/slow/1.2"))
-    files = write_identity(tmp_path, "dev-slow-a", leaf, pki.inter2, pki.inter1, pki.root)
+    files = leaf.write(tmp_path, "dev-slow-a")
     outcome = {}
     worker = threading.Thread(target=lambda: outcome.update(result=https_register(stub, "dev-slow-a", files)))
     started = time.monotonic()
     worker.start()
     time.sleep(0.2)
     # another device (the group's fast webhook) is served while the slow one is called
-    fast, _ = https_register(stub, "dev-fast-b", identity(pki, tmp_path, "dev-fast-b"))
+    fast, _ = https_register(stub, "dev-fast-b", identity(file_cas, tmp_path, "dev-fast-b"))
     fast_done = time.monotonic() - started
     worker.join(15)
     body, polls = outcome["result"]
@@ -287,8 +283,8 @@ def test_devices_poll_while_a_slow_webhook_runs_and_others_are_not_held_up(stub,
     assert polls >= 5  # the device kept polling, answered 202 assigning each time
 
 
-def test_enrollment_validation_of_custom_allocation(stub, pki):
-    leaf = pki.device("dev-invalid")
+def test_enrollment_validation_of_custom_allocation(stub, file_cas):
+    leaf = file_cas.device("dev-invalid")
 
     def put(**extra):
         return stub.service("PUT", "/enrollments/dev-invalid", {
@@ -309,15 +305,15 @@ def test_enrollment_validation_of_custom_allocation(stub, pki):
     assert reply.status == 200 and reply.body["allocationPolicy"] == "custom"
 
 
-def test_admin_verbs_create_custom_entries(stub, pki, tmp_path, http_hook):
+def test_admin_verbs_create_custom_entries(stub, file_cas, tmp_path, http_hook):
     cert = tmp_path / "dev-cli.pem"
-    cert.write_bytes(pki.device("dev-cli").pem)
+    cert.write_bytes(file_cas.device("dev-cli").cert_pem)
     result = cli("stub", "enroll", "create", "dev-cli", "--cert", cert, "--allocation", "custom",
                  "--webhook-url", http_hook.url("/choose"), "--json", "--home", stub.home)
     record = json.loads(result.stdout)
     assert record["allocationPolicy"] == "custom"
     assert record["customAllocationDefinition"] == {"webhookUrl": http_hook.url("/choose"), "apiVersion": "2021-10-01"}
-    (tmp_path / "inter1.pem").write_bytes(pki.inter1.pem)
+    (tmp_path / "inter1.pem").write_bytes(file_cas.inter1.cert_pem)
     result = cli("stub", "group", "create", "cli-group", "--cert", tmp_path / "inter1.pem", "--allocation", "custom",
                  "--webhook-url", http_hook.url("/choose"), "--webhook-api-version", "2019-03-31", "--json",
                  "--home", stub.home)

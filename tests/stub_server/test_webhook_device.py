@@ -9,8 +9,9 @@ import json
 import pytest
 
 from device_sim.stub.net.server_pki import ensure_server_identity
+from device_sim.testing import Emulator
 
-from .emulator_proc import Emulator, cli
+from .emulator_proc import cli, stub_admin
 from .webhook_server import HUB_A, HUB_B, Webhook
 
 
@@ -25,11 +26,12 @@ def hook(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def emulator(tmp_path_factory, token_pki, hook):
-    running = Emulator(tmp_path_factory.mktemp("device-webhook-home"), "--hub", HUB_A, "--hub", HUB_B,
-                       "--webhook-trust", hook.ca_cert, "--webhook-timeout", "5")
-    running.admin("ca", "upload", "root", token_pki.root.pem_path, "--verified")
-    running.admin("group", "create", "everyone", "--ca-ref", "root", "--allocation", "custom",
-                  "--webhook-url", hook.url("/choose"))
+    running = Emulator.spawn(tmp_path_factory.mktemp("device-webhook-home"), "--retry-after", "0",
+                             "--hub", HUB_A, "--hub", HUB_B, "--webhook-trust", str(hook.ca_cert),
+                             "--webhook-timeout", "5")
+    stub_admin(running, "ca", "upload", "root", token_pki.root.pem_path, "--verified")
+    stub_admin(running, "group", "create", "everyone", "--ca-ref", "root", "--allocation", "custom",
+               "--webhook-url", hook.url("/choose"))
     yield running
     running.stop()
 
