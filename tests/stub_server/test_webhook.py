@@ -225,13 +225,16 @@ def test_never_reprovision_keeps_the_hub_and_refreshes_the_payload(stub, file_ca
     ("/unlinked", "Custom allocation failed: the webhook chose IoT hub 'elsewhere.example.net', "
                   "which is not one of the linked hubs"),
     ("/slow/4", f"Custom allocation failed: the webhook did not answer within {TIMEOUT:g} s"),
+    ("/trickle/0.3", f"Custom allocation failed: the webhook did not answer within {TIMEOUT:g} s"),
 ])
 def test_each_webhook_failure_fails_the_registration_with_400209(stub, file_cas, tmp_path, http_hook, path, message):
     registration_id = "dev-fail-" + path.strip("/").replace("/", "-")
     leaf = file_cas.device(registration_id)
     stub.individual(registration_id, leaf.cert, http_hook.url(path))
+    started = time.monotonic()
     body, _ = https_register(stub, registration_id,
                              leaf.write(tmp_path, registration_id))
+    assert time.monotonic() - started < TIMEOUT + 1.5  # the trickle alone would take ~40 s
     assert body["status"] == "failed", body
     state = body["registrationState"]
     assert state["errorCode"] == 400209 and state["errorMessage"].startswith(message), state

@@ -10,6 +10,7 @@ Paths (the query, e.g. a function key, is ignored):
 - `/slow/S`: waits S seconds, then answers like /choose
 - `/notjson`: 200 with a text body
 - `/unlinked`: a hub the emulator does not link
+- `/trickle/S`: the head at once, then the body one byte every S seconds
 """
 
 from __future__ import annotations
@@ -91,15 +92,20 @@ class Webhook:
             def do_POST(self):  # noqa: N802 - http.server's name
                 length = int(self.headers.get("Content-Length", "0"))
                 document = json.loads(self.rfile.read(length))
-                status, body = webhook._answer(self.path.split("?")[0], document)
+                path = self.path.split("?")[0]
+                status, body = webhook._answer(path, document)
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
+                pause = float(path.split("/")[2]) if path.startswith("/trickle/") else 0
                 try:
-                    self.wfile.write(body)
+                    for index in range(0, len(body), 1 if pause else len(body)):
+                        self.wfile.write(body[index:index + (1 if pause else len(body))])
+                        self.wfile.flush()
+                        time.sleep(pause)
                 except OSError:
-                    pass  # the emulator gave up (timeout test)
+                    pass  # the emulator gave up (timeout tests)
 
             def log_message(self, *args):
                 pass

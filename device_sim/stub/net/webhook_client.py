@@ -2,9 +2,9 @@
 threads owned by the server, `requests` underneath (docs/emulator.md, "Custom allocation
 webhooks").
 
-Each call is a POST of the AllocationRequest with one deadline for the whole exchange
-(connect, send, the answer's head and body): a webhook that answers late is a timeout
-even if it trickles bytes. The URL is never logged or put in an error text: its query
+Each call is a POST of the AllocationRequest with a deadline: connecting, sending and
+each wait for the answer's head get the timeout, and the whole answer must be in by the
+deadline, so a webhook that trickles its body byte by byte is a timeout too. The URL is never logged or put in an error text: its query
 usually carries the function key.
 """
 
@@ -35,6 +35,7 @@ class WebhookClient:
         self.log = log
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="webhook")
         self._local = threading.local()  # a Session per worker: Sessions are not thread-safe
+        self._closed = False
 
     def submit(self, call: WebhookCall, done: Callable[[WebhookAnswer], None]) -> None:
         self._pool.submit(self._run, call, done)
@@ -42,10 +43,13 @@ class WebhookClient:
     def close(self) -> None:
         """Stop taking calls; one in progress ends at its deadline (its outcome may be lost,
         which the core reports on the device's next poll after a restart)."""
+        self._closed = True
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     def _run(self, call: WebhookCall, done: Callable[[WebhookAnswer], None]) -> None:
         answer = self.post(call)
+        if self._closed:  # the server, its store included, is gone: nobody to tell
+            return
         if answer.error:
             self.log(f"custom allocation webhook at {_where(call.url)}: {answer.error}")
         done(answer)
@@ -82,15 +86,20 @@ class WebhookClient:
 
     @staticmethod
     def _read(response: requests.Response, deadline: float) -> bytes | None:
-        """The body, at most MAX_ANSWER + 1 bytes of it; None past the deadline."""
+        """The body, at most MAX_ANSWER + 1 bytes of it; None past the deadline. Reads
+        what has arrived (`read1`), so a body trickled byte by byte meets the deadline
+        too instead of filling a fixed-size read."""
+        raw = response.raw
+        read = getattr(raw, "read1", None) or raw.read  # read1: urllib3 2
         chunks, size = [], 0
-        for chunk in response.iter_content(64 * 1024):
-            chunks.append(chunk)
-            size += len(chunk)
+        while size <= MAX_ANSWER:
             if time.monotonic() > deadline:
                 return None
-            if size > MAX_ANSWER:
+            chunk = read(64 * 1024, decode_content=True)
+            if not chunk:
                 break
+            chunks.append(chunk)
+            size += len(chunk)
         return b"".join(chunks) if time.monotonic() <= deadline else None
 
     def _late(self) -> str:
