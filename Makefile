@@ -12,7 +12,9 @@ HOME_DIR ?= .device-sim
 # the emulator (swtpm, swtpm-tools), the resource manager on a session D-Bus (tpm2-abrmd,
 # libtss2-tcti-tabrmd0, dbus), the PKCS#11 module and its token tool (libtpm2-pkcs11-1,
 # libtpm2-pkcs11-tools) and tpm2-tools, which that tool runs.
-SYSPKGS := softhsm2 opensc-pkcs11 swtpm swtpm-tools tpm2-abrmd libtss2-tcti-tabrmd0 libtpm2-pkcs11-1 libtpm2-pkcs11-tools tpm2-tools dbus
+# opensc: pkcs11-tool, which the bring-your-own-PKI tests use to put objects on a token as a
+# factory station would (tests/hsm_setup/test_byo.py).
+SYSPKGS := softhsm2 opensc-pkcs11 opensc swtpm swtpm-tools tpm2-abrmd libtss2-tcti-tabrmd0 libtpm2-pkcs11-1 libtpm2-pkcs11-tools tpm2-tools dbus
 sysdeps:
 	@missing=$$(for p in $(SYSPKGS); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
 	if [ -n "$$missing" ]; then \

@@ -42,7 +42,8 @@ from device_sim.device.driver import run_registration
 from device_sim.device.identity import load_identity
 from device_sim.device.transport_https import CrtRuntime, HttpsTransport, TlsIdentity, client_tls_context
 from device_sim.testing import Emulator, TestCA
-from hsm_setup import devices, module, tokens
+from hsm_setup import devices, tokens
+from hsm_setup.context import Pkcs11Context
 
 BIN = Path(sys.executable).parent
 PIN = "1234-bench"
@@ -133,7 +134,7 @@ def measure(home: Path, ready: dict, n: int, in_flight: int) -> None:
     ids = [f"big-{i:04d}" for i in range(1, n + 1)]
     identity_ms = timed(lambda rid: load_identity(rid, home=home, pin_file=pin_file), ids)
     first = load_identity(ids[0], home=home, pin_file=pin_file)
-    live = {t.label: t.slot_id for t in tokens.list_tokens(module.load_library(first.module_path))}
+    live = {t.label: t.slot_id for t in tokens.list_tokens(Pkcs11Context(home).library(first.module_path))}
     big = [dataclasses.replace(devices.lookup_device(home, rid), slot_id=None) for rid in ids]
     small = [devices.lookup_device(home, f"small-{i:04d}") for i in range(1, 31)]
 

@@ -98,10 +98,11 @@ def _sign_child(home: str, seconds: float) -> float:
     from pkcs11 import Mechanism, ObjectClass
 
     from hsm_setup import devices, module, tokens
+    from hsm_setup.context import Pkcs11Context
 
     record = devices.list_devices(Path(home))[0]
     module_path = module.resolve_module(None, Path(home))
-    session = tokens.session(module.load_library(module_path), record.token_label, PIN)
+    session = tokens.session(Pkcs11Context(Path(home)).library(module_path), record.token_label, PIN)
     key = session.get_key(object_class=ObjectClass.PRIVATE_KEY, id=record.key_id)
     data = os.urandom(32)
     count, started = 0, time.perf_counter()

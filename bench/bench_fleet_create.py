@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 from hsm_setup import ca, certificates, keys, module, tokens
+from hsm_setup.context import Pkcs11Context
 from hsm_setup.key_types import key_spec
 
 PIN = "1234"
@@ -42,8 +43,7 @@ SPEC = key_spec("ec-p256")
 
 def raw_keygen_rate(module_path: str, home: str, label: str, count: int, *, with_cert: bytes | None = None) -> float:
     """Key pairs (optionally + one certificate object each) per second on token `label`."""
-    module.configure_softhsm(Path(home))
-    lib = module.load_library(module_path)
+    lib = Pkcs11Context(Path(home)).library(module_path)
     session = tokens.session(lib, label, PIN)
     from asn1crypto import x509 as asn1_x509
     cert = asn1_x509.Certificate.load(with_cert) if with_cert else None
@@ -71,14 +71,13 @@ def parallel_raw_rate(module_path: str, home: Path, labels: list[str], count: in
 def interleaved_rates(module_path: str, home: Path, count: int, chunk: int = 25) -> tuple[float, float]:
     """(fleet identities/s, raw keygen/s) measured in alternating chunks."""
     from hsm_setup import fleet
-    module.configure_softhsm(home)
-    lib = module.load_library(module_path)
+    lib = Pkcs11Context(home).library(module_path)
     issuer = ca.open_issuer(lib, home, "factory", PIN)
     ids = fleet.fleet_ids("inter-", count)
     fleet_seconds = raw_seconds = 0.0
     for start in range(0, count, chunk):
         part = ids[start:start + chunk]
-        result = fleet.create_fleet(lib, home, module_path, ids=part, issuer=issuer, spec=SPEC, pin=PIN,
+        result = fleet.create_fleet(lib, home, ids=part, issuer=issuer, spec=SPEC, pin=PIN,
                                     ca_pin=PIN, so_pin=lambda: SO_PIN, days=30, per_token=count,
                                     token_prefix="inter", progress=False)
         fleet_seconds += result.seconds
@@ -116,10 +115,10 @@ def main() -> int:
     home = Path(tempfile.mkdtemp(prefix="bench-fleet-"))
     try:
         module_path = module.resolve_module(None, home)
-        lib = module.load_library(module_path)
+        lib = Pkcs11Context(home).library(module_path)
         raw_labels = ["raw-a", "raw-b", "raw-i", "floor"] + [f"par-{n}" for n in range(max(job_values))]
         for label in ["ca", *raw_labels]:
-            tokens.init_token(lib, module_path, label, so_pin=SO_PIN, user_pin=PIN)
+            tokens.init_token(lib, label, so_pin=SO_PIN, user_pin=PIN)
         ca.create_ca(lib, home, "root", parent=None, spec=SPEC, days=30, token_label="ca", pin=PIN)
         factory = ca.create_ca(lib, home, "factory", parent="root", spec=SPEC, days=30,
                                token_label="ca", pin=PIN)

@@ -12,6 +12,7 @@ token; any depth works (manufacturer -> factory -> production line).
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import json
 import os
 import re
@@ -19,12 +20,13 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from asn1crypto import pem
 from asn1crypto import x509 as asn1_x509
 from cryptography import x509
 
-from hsm_setup import certificates, keys, tokens
+from device_sim.common import x509util
 from device_sim.common.errors import UserError
+from hsm_setup import certificates, keys, tokens
+from hsm_setup.context import Pkcs11Library
 from hsm_setup.key_types import KeySpec, key_spec
 from hsm_setup.signing import TokenSigner
 from hsm_setup.uri import Pkcs11Uri
@@ -35,6 +37,15 @@ DEFAULT_CA_TOKEN = "ca"
 DEFAULT_CA_DAYS = 3650
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
+
+
+class UnknownCa(UserError):
+    """No CA of that name in the registry; `name` and `what` let a caller explain more
+    (the CLI says when the name is a device identity's)."""
+
+    def __init__(self, message: str, *, name: str, what: str = "CA"):
+        super().__init__(message)
+        self.name, self.what = name, what
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +79,14 @@ class CaRecord:
     def spec(self) -> KeySpec:
         return key_spec(self.key_type)
 
+    @property
+    def not_before(self) -> dt.datetime:
+        return self.x509().not_valid_before_utc
+
+    @property
+    def not_after(self) -> dt.datetime:
+        return self.x509().not_valid_after_utc
+
     def as_dict(self) -> dict:
         return {
             "name": self.name, "parent": self.parent, "token": self.token_label,
@@ -75,6 +94,8 @@ class CaRecord:
             "key_type": self.key_type, "uri": self.uri, "certificate": str(self.pem_path),
             "chain": str(self.chain_path),
             "subject": self.x509().subject.rfc4514_string(),
+            "not_before": f"{self.not_before:%Y-%m-%dT%H:%M:%SZ}",
+            "not_after": f"{self.not_after:%Y-%m-%dT%H:%M:%SZ}",
         }
 
 
@@ -95,8 +116,8 @@ def load_ca(home: Path, name: str) -> CaRecord:
     folder = ca_root_dir(home) / name
     meta_path = folder / "ca.json"
     if not meta_path.is_file():
-        raise UserError(f"unknown CA {name!r}: create it with 'hsm-setup ca create {name}' "
-                        f"(known: {', '.join(c.name for c in list_cas(home)) or 'none'})")
+        raise UnknownCa(f"unknown CA {name!r}: create it with 'hsm-setup ca create {name}' "
+                        f"(known: {', '.join(c.name for c in list_cas(home)) or 'none'})", name=name)
     meta = json.loads(meta_path.read_text(encoding="utf-8"))
     pem_path = folder / "cert.pem"
     der = _read_single_pem(pem_path)
@@ -129,51 +150,72 @@ def chain_of(home: Path, record: CaRecord) -> list[CaRecord]:
 
 def require_ca_certificate(record: CaRecord) -> None:
     """UserError unless the record's certificate really is a CA certificate."""
-    cert = record.asn1()
-    constraints = cert.basic_constraints_value
-    usage = cert.key_usage_value
-    if not (constraints and constraints["ca"].native):
-        raise UserError(f"{record.name!r} is not a CA: its certificate lacks basicConstraints CA:true")
-    if usage is not None and "key_cert_sign" not in usage.native:
-        raise UserError(f"{record.name!r} is not a CA: its certificate lacks keyUsage keyCertSign")
+    problem = x509util.ca_problem(record.x509())
+    if problem:
+        raise UserError(f"{record.name!r} is not a CA: its certificate {problem}")
 
 
 @dataclasses.dataclass
 class Issuer:
-    """A CA ready to sign: its record, certificate, chain and a token signer."""
+    """A CA ready to sign: its record, certificate, chain, token session and signer."""
 
     record: CaRecord
     certificate: asn1_x509.Certificate
     chain: list[CaRecord]   # the CA itself first, root last
     signer: TokenSigner
+    library: Pkcs11Library  # the module holding the CA token (may differ from the devices')
+    session: object         # logged-in session on the CA token
 
     def chain_der(self) -> list[bytes]:
         return [c.certificate for c in self.chain]
 
+    def clamped(self, days: int, now: dt.datetime | None = None) -> bool:
+        """True when `days` from now ends more than a day after this CA's certificate:
+        certificates it issues end with it (see certificates.issue), so the caller may warn.
+        (A day of slack: a CA made with the same --days as its parent ends minutes later.)"""
+        now = now or dt.datetime.now(dt.timezone.utc)
+        return now + dt.timedelta(days=days) > self.record.not_after + dt.timedelta(days=1)
 
-def open_issuer(lib, home: Path, name: str, pin: str, *, what: str = "CA") -> Issuer:
-    """Load CA `name`, check it is a CA, log in to its token and find its key (once)."""
-    record = _load_ca_or_explain(home, name, what=what)
+
+def open_issuer(library: Pkcs11Library, home: Path, name: str, pin: str, *,
+                what: str = "CA") -> Issuer:
+    """Load CA `name`, check it is a CA that its token can sign with, log in (once per
+    token and run) and find its key."""
+    try:
+        record = load_ca(home, name)
+    except UnknownCa as exc:
+        exc.what = what
+        raise
     require_ca_certificate(record)
     chain = chain_of(home, record)
-    session = tokens.session(lib, record.token_label, pin)
+    spec = record.spec()
+    token = tokens.find_token(library, record.token_label)
+    if spec.sign_mechanism not in set(token.slot.get_mechanisms()):
+        raise UserError(f"token {record.token_label!r} cannot sign with {what} {name!r}'s "
+                        f"{spec.name} key (mechanism {spec.sign_mechanism.name} missing): "
+                        "check the CA token's module (--ca-module) and its mechanisms")
+    session = tokens.session(library, record.token_label, pin)
     private_key = keys.find_private_key(session, record.key_id)
     return Issuer(record=record, certificate=record.asn1(), chain=chain,
-                  signer=TokenSigner(private_key, record.spec()))
+                  signer=TokenSigner(private_key, spec), library=library, session=session)
 
 
-def create_ca(lib, home: Path, name: str, *, parent: str | None, spec: KeySpec, days: int,
-              token_label: str, pin: str, parent_pin: str | None = None) -> CaRecord:
-    """Generate the CA key in `token_label` and issue its certificate (self- or parent-signed)."""
+def create_ca(library: Pkcs11Library, home: Path, name: str, *, parent: str | None, spec: KeySpec,
+              days: int, token_label: str, pin: str, parent_pin: str | None = None,
+              parent_library: Pkcs11Library | None = None) -> CaRecord:
+    """Generate the CA key in `token_label` and issue its certificate (self- or parent-signed).
+
+    The parent's token may be in another module (`parent_library`, default `library`)."""
     validate_ca_name(name)
     if (ca_root_dir(home) / name / "ca.json").exists():
         raise UserError(f"CA {name!r} exists already")
     if days < 1:
         raise UserError("--days must be at least 1")
-    issuer = open_issuer(lib, home, parent, parent_pin or pin, what="parent CA") if parent else None
-    token = tokens.find_token(lib, token_label)
+    issuer = open_issuer(parent_library or library, home, parent, parent_pin or pin,
+                         what="parent CA") if parent else None
+    token = tokens.find_token(library, token_label)
     keys.check_key_support(token, spec)
-    session = tokens.session(lib, token_label, pin)
+    session = tokens.session(library, token_label, pin)
     key_id = keys.new_key_id()
     public, private = keys.generate_keypair(session, spec, key_id=key_id, label=name)
     cert_object = None
@@ -197,18 +239,6 @@ def create_ca(lib, home: Path, name: str, *, parent: str | None, spec: KeySpec, 
     return load_ca(home, name)
 
 
-def _load_ca_or_explain(home: Path, name: str, *, what: str) -> CaRecord:
-    try:
-        return load_ca(home, name)
-    except UserError:
-        # A common mistake: naming a device identity where a CA is expected.
-        from hsm_setup import devices
-        if devices.find_device(home, name) is not None:
-            raise UserError(f"{what} {name!r} is a device identity, not a CA "
-                            "(see 'hsm-setup ca list')") from None
-        raise
-
-
 def _write_record(home: Path, name: str, meta: dict, cert_der: bytes, parents: list[bytes]) -> None:
     """Write the CA folder atomically: a reader sees all of it or none."""
     root = ca_root_dir(home)
@@ -225,11 +255,4 @@ def _write_record(home: Path, name: str, meta: dict, cert_der: bytes, parents: l
 
 
 def _read_single_pem(path: Path) -> bytes:
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise UserError(f"cannot read CA certificate {path}: {exc.strerror}") from None
-    if not pem.detect(data):
-        raise UserError(f"{path} is not a PEM certificate")
-    _, _, der = pem.unarmor(data)
-    return der
+    return x509util.to_der(x509util.load_certificate_file(path)[0])

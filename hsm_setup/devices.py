@@ -17,10 +17,15 @@ from cryptography import x509
 
 from device_sim.common.errors import UserError
 from device_sim.common.registration_id import normalize_registration_id
-from hsm_setup.uri import Pkcs11Uri
+from device_sim.common.x509util import load_certificates, to_der
+from hsm_setup import ca
 
 DB_NAME = "devices.sqlite"
 PEM_DIR = "devices"
+# ca_name of a device whose issuer is no CA of this registry (bring-your-own PKI, see
+# docs/byo-pki.md): this prefix + the issuer's subject. Its CA certificates come from the
+# device's chain file instead of the CA registry.
+EXTERNAL_CA_PREFIX = "external:"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS devices (
@@ -66,9 +71,6 @@ class DeviceRecord:
 
     def chain_x509(self) -> list[x509.Certificate]:
         return [x509.load_der_x509_certificate(c) for c in self.chain]
-
-    def pkcs11_uri(self) -> Pkcs11Uri:
-        return Pkcs11Uri.parse(self.uri)
 
     def as_dict(self) -> dict:
         return {
@@ -164,18 +166,19 @@ def count_by_token(home: Path) -> dict[str, int]:
     return dict(rows)
 
 
-def existing_ids(home: Path, registration_ids: list[str]) -> list[str]:
-    """Which of `registration_ids` are registered already (case-insensitively)."""
+def existing(home: Path, registration_ids: list[str]) -> dict[str, tuple[str, str, str]]:
+    """Which of `registration_ids` are registered already (case-insensitively):
+    registration ID -> (token label, CA name, key type)."""
     conn = connect(home)
     if conn is None:
-        return []
+        return {}
     with conn:
         conn.execute("CREATE TEMP TABLE wanted (id TEXT COLLATE NOCASE)")
         conn.executemany("INSERT INTO wanted VALUES (?)", [(i,) for i in registration_ids])
-        rows = conn.execute("SELECT d.registration_id FROM devices d JOIN wanted w "
-                            "ON d.registration_id = w.id").fetchall()
+        rows = conn.execute("SELECT d.registration_id, d.token_label, d.ca_name, d.key_type "
+                            "FROM devices d JOIN wanted w ON d.registration_id = w.id").fetchall()
     conn.close()
-    return [r[0] for r in rows]
+    return {r[0]: tuple(r[1:]) for r in rows}
 
 
 def insert(conn: sqlite3.Connection, row: dict) -> None:
@@ -192,11 +195,23 @@ def insert(conn: sqlite3.Connection, row: dict) -> None:
 def _record(home: Path, row, chains: dict) -> DeviceRecord:
     values = dict(zip(_COLUMNS, row))
     ca_name = values["ca_name"]
-    if ca_name not in chains:
-        from hsm_setup import ca  # registry of CAs; imported late to keep the import graph flat
-        chains[ca_name] = tuple(c.certificate for c in ca.chain_of(home, ca.load_ca(home, ca_name)))
+    if ca_name.startswith(EXTERNAL_CA_PREFIX):
+        chain = _chain_file_cas(Path(values["chain_path"]))
+    else:
+        if ca_name not in chains:
+            chains[ca_name] = tuple(c.certificate for c in ca.chain_of(home, ca.load_ca(home, ca_name)))
+        chain = chains[ca_name]
     values["key_id"] = bytes(values["key_id"])
     values["certificate"] = bytes(values["certificate"])
     values["cert_path"] = Path(values["cert_path"])
     values["chain_path"] = Path(values["chain_path"])
-    return DeviceRecord(chain=chains[ca_name], **values)
+    return DeviceRecord(chain=chain, **values)
+
+
+def _chain_file_cas(chain_path: Path) -> tuple[bytes, ...]:
+    """The CA certificates (DER) after the leaf in a device's chain file; none if it is gone."""
+    try:
+        data = chain_path.read_bytes()
+    except OSError:
+        return ()
+    return tuple(to_der(c) for c in load_certificates(data, str(chain_path))[1:])

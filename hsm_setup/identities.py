@@ -14,13 +14,15 @@ import dataclasses
 from pathlib import Path
 
 from cryptography import x509
-from pkcs11 import Attribute
+from pkcs11 import Attribute, ObjectClass
 
+from device_sim.common.errors import UserError
+from device_sim.common.files import write_atomic
+from device_sim.common.registration_id import validate_registration_id
 from hsm_setup import certificates, csr, devices, keys, tokens
 from hsm_setup.ca import Issuer
-from device_sim.common.errors import UserError
+from hsm_setup.context import Pkcs11Library
 from hsm_setup.key_types import KeySpec
-from device_sim.common.registration_id import validate_registration_id
 from hsm_setup.signing import TokenSigner
 from hsm_setup.uri import Pkcs11Uri
 
@@ -39,10 +41,11 @@ class _TokenState:
 class IdentityFactory:
     """Creates device identities issued by one CA with one key type, on any device token."""
 
-    def __init__(self, lib, home: Path, issuer: Issuer, spec: KeySpec, *, days: int, pin: str):
+    def __init__(self, library: Pkcs11Library, home: Path, issuer: Issuer, spec: KeySpec, *,
+                 days: int, pin: str):
         if days < 1:
             raise UserError("--days must be at least 1")
-        self.lib, self.home, self.issuer, self.spec = lib, Path(home), issuer, spec
+        self.library, self.home, self.issuer, self.spec = library, Path(home), issuer, spec
         self.days, self._pin = days, pin
         self._tokens: dict[str, _TokenState] = {}
         self._chain_pem = certificates.to_pem(*issuer.chain_der())
@@ -51,9 +54,9 @@ class IdentityFactory:
         """Log in and check the key type (once per token); writes nothing."""
         state = self._tokens.get(label)
         if state is None:
-            token = tokens.find_token(self.lib, label)
+            token = tokens.find_token(self.library, label)
             keys.check_key_support(token, self.spec)
-            session = tokens.session(self.lib, label, self._pin)
+            session = tokens.session(self.library, label, self._pin)
             state = self._tokens[label] = _TokenState(token, session, tokens.token_info(token))
         return state
 
@@ -76,6 +79,19 @@ class IdentityFactory:
         finally:
             found.close()  # ends the C_FindObjects operation now, not at garbage collection
 
+    def remove_leftovers(self, label: str, registration_ids: set[str]) -> int:
+        """Destroy objects on token `label` labelled with one of `registration_ids` (which
+        have no registry row): what a process killed mid-identity left. Returns how many."""
+        session = self.open_token(label).session
+        found = session.get_objects({Attribute.CLASS: ObjectClass.PRIVATE_KEY})
+        try:
+            ids = {bytes(o[Attribute.ID]) for o in found if o[Attribute.LABEL] in registration_ids}
+        finally:
+            found.close()
+        stale = [o for key_id in ids for o in session.get_objects({Attribute.ID: key_id})]
+        keys.destroy_quietly(*stale)
+        return len(stale)
+
     def create(self, registration_id: str, token_label: str) -> dict:
         """Create one identity; returns the registry row (not yet inserted)."""
         validate_registration_id(registration_id)
@@ -97,8 +113,8 @@ class IdentityFactory:
             cert_object = certificates.store_on_token(state.session, leaf, key_id=key_id,
                                                       label=registration_id)
             leaf_pem = certificates.to_pem(leaf)
-            cert_path.write_bytes(leaf_pem)
-            chain_path.write_bytes(leaf_pem + self._chain_pem)
+            write_atomic(cert_path, leaf_pem)
+            write_atomic(chain_path, leaf_pem + self._chain_pem)
         except BaseException:
             keys.destroy_quietly(cert_object, public, private)
             cert_path.unlink(missing_ok=True)
@@ -138,14 +154,17 @@ def _check_csr(request) -> None:
         raise UserError("the token produced an invalid CSR signature: check the PKCS#11 module")
 
 
-def create_device(lib, home: Path, registration_id: str, *, issuer: Issuer, spec: KeySpec,
-                  token_label: str, pin: str, days: int = DEFAULT_DEVICE_DAYS) -> devices.DeviceRecord:
-    """`hsm-setup device create`: one identity, every check before anything is written."""
+def create_device(library: Pkcs11Library, home: Path, registration_id: str, *, issuer: Issuer,
+                  spec: KeySpec, token_label: str, pin: str,
+                  days: int = DEFAULT_DEVICE_DAYS) -> devices.DeviceRecord:
+    """`hsm-setup device create`: one identity, every check before anything is written.
+
+    `library` holds the device token; the issuer's CA token may be in another module."""
     validate_registration_id(registration_id)
     if devices.find_device(home, registration_id) is not None:
         raise UserError(f"registration ID {registration_id!r} exists already "
                         "(IDs compare case-insensitively)")
-    factory = IdentityFactory(lib, home, issuer, spec, days=days, pin=pin)
+    factory = IdentityFactory(library, home, issuer, spec, days=days, pin=pin)
     factory.open_token(token_label)
     if factory.label_taken(token_label, registration_id):
         raise UserError(f"token {token_label!r} already holds objects labelled {registration_id!r}")

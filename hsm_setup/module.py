@@ -1,22 +1,15 @@
-"""Which PKCS#11 module to load, and loading it once per process.
+"""Which PKCS#11 module to load, and SoftHSM's configuration inside the state directory.
 
-`--module PATH`, else $PKCS11_MODULE, else SoftHSM found on the system. SoftHSM is
-pointed at a configuration inside the state directory (token files live there too),
-so a run never touches the system token store.
-
-python-pkcs11 keeps one initialised library object per path and SoftHSM reads
-SOFTHSM2_CONF only in C_Initialize: `load_library` re-initialises the library when
-the configuration in the environment changed since the last load (several state
-directories in one process, as in tests). Re-initialising closes every open
-session of that library in this process.
+`--module PATH`, else $PKCS11_MODULE, else SoftHSM found on the system. SoftHSM gets a
+configuration file inside the state directory (token files live there too), so a run
+never touches the system token store. Loading the module is the context's job
+(`hsm_setup.context`); nothing here changes the process environment.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-
-import pkcs11
 
 from device_sim.common.errors import UserError
 
@@ -36,14 +29,12 @@ SOFTHSM_CANDIDATES = (
 SOFTHSM_CONF_NAME = "softhsm2.conf"
 SOFTHSM_TOKEN_DIR = "softhsm/tokens"
 
-# path -> the SOFTHSM2_CONF value the library was initialised with
-_initialised_with: dict[str, str | None] = {}
-# Bumped on every re-initialisation: session caches keyed on it go stale by themselves.
-_generation = 0
 
+def resolve_module(arg: str | None, home: Path | None = None) -> str:
+    """The module path to load: `arg`, else $PKCS11_MODULE, else SoftHSM; UserError if none.
 
-def resolve_module(arg: str | None, home: Path) -> str:
-    """The module path to load; for SoftHSM also configure it inside `home`."""
+    With `home`, a SoftHSM module also gets its configuration file there (`softhsm_conf`).
+    """
     path = arg or os.environ.get(ENV_MODULE) or _find_softhsm()
     if not path:
         raise UserError(
@@ -52,17 +43,23 @@ def resolve_module(arg: str | None, home: Path) -> str:
         )
     if not Path(path).is_file():
         raise UserError(f"PKCS#11 module not found: {path} (check --module / ${ENV_MODULE})")
-    if is_softhsm(path):
-        configure_softhsm(home)
+    if home is not None and is_softhsm(path):
+        softhsm_conf(home)
     return str(path)
+
+
+def softhsm_environment(path: str, home: Path) -> dict[str, str]:
+    """The environment a process needs before it initialises module `path` for `home`
+    (SoftHSM reads SOFTHSM2_CONF at C_Initialize only); empty for other modules."""
+    return {ENV_SOFTHSM_CONF: str(softhsm_conf(home))} if is_softhsm(path) else {}
 
 
 def is_softhsm(path: str) -> bool:
     return "softhsm" in Path(path).name.lower()
 
 
-def configure_softhsm(home: Path) -> Path:
-    """Write home/softhsm2.conf (if missing) and point $SOFTHSM2_CONF at it.
+def softhsm_conf(home: Path) -> Path:
+    """home/softhsm2.conf, written if missing (with its token directory).
 
     An existing file is kept, so a user (or a test) may tune it, e.g. restrict
     `slots.mechanisms`.
@@ -82,43 +79,8 @@ def configure_softhsm(home: Path) -> Path:
             "library.reset_on_fork = false\n",
             encoding="utf-8",
         )
-    os.environ[ENV_SOFTHSM_CONF] = str(conf)
     return conf
-
-
-def load_library(path: str, *, fresh: bool = False):
-    """The python-pkcs11 `lib` for `path`, initialised for the current configuration.
-
-    `fresh=True` re-initialises it anyway: SoftHSM lists its tokens at C_Initialize,
-    so tokens another process created since are only seen after that.
-    """
-    global _generation
-    conf = os.environ.get(ENV_SOFTHSM_CONF)
-    try:
-        lib = pkcs11.lib(path)
-        if path in _initialised_with and (fresh or _initialised_with[path] != conf):
-            lib.reinitialize()
-            _generation += 1
-    except pkcs11.PKCS11Error as exc:
-        raise UserError(f"cannot load PKCS#11 module {path}: {_describe(exc)}") from None
-    _initialised_with[path] = conf
-    return lib
-
-
-def generation() -> int:
-    """Changes whenever a library was re-initialised (all sessions closed)."""
-    return _generation
-
-
-def load(arg: str | None, home: Path):
-    """resolve_module + load_library: the usual first step of every command."""
-    return load_library(resolve_module(arg, home))
 
 
 def _find_softhsm() -> str | None:
     return next((p for p in SOFTHSM_CANDIDATES if Path(p).is_file()), None)
-
-
-def _describe(exc: Exception) -> str:
-    text = str(exc).strip()
-    return text or type(exc).__name__

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from asn1crypto import x509 as asn1_x509
 
-from hsm_setup import certificates, keys, tokens
+from hsm_setup import certificates, keys
 from hsm_setup.ca import Issuer
 from device_sim.common.errors import UserError
 
@@ -24,10 +24,11 @@ def validate_code(code: str) -> str:
     return code
 
 
-def issue_verification_certificate(lib, issuer: Issuer, code: str, *, pin: str,
+def issue_verification_certificate(issuer: Issuer, code: str, *,
                                    days: int = DEFAULT_DAYS) -> asn1_x509.Certificate:
+    """Signed by the CA key through the issuer's own session (its module, its login)."""
     validate_code(code)
-    session = tokens.session(lib, issuer.record.token_label, pin)
+    session = issuer.session
     spec = issuer.record.spec()
     public, private = keys.generate_keypair(session, spec, key_id=keys.new_key_id(),
                                             label="verification", store=False)

@@ -42,8 +42,9 @@ def add_subparser(subparsers) -> None:
 
 def device_chain(args, *, check: bool):
     home = ensure_home(args.home)
+    # Without the key check only public objects are read: no PIN is asked for.
     identity = load_identity(args.device, home=home, module=args.module, pin_file=args.pin_file,
-                             cert_file=args.cert, check=check)
+                             cert_file=args.cert, check=check, login=check)
     candidates = chain_builder.gather_candidates(home, files=args.chain_file, extra=identity.ca_certs)
     return identity, chain_builder.build_chain(identity.leaf, candidates, args.chain_to)
 

@@ -7,23 +7,26 @@ A registration reads as a straight line (docs/device.md): options -> target -> i
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import sys
 import time
 from pathlib import Path
 
+from cryptography import x509
+
 from device_sim.cli.options import add_home_argument
-from device_sim.cli.register_output import EXIT_TABLE, as_json, exit_code, human_summary
-from device_sim.common.dps import DEVICE_API_VERSION
+from device_sim.cli.register_output import EXIT_TABLE, as_json, exit_code, human_summary, issued_json
+from device_sim.common.dps import DEVICE_API_VERSION, ISSUANCE_API_VERSION
 from device_sim.common.errors import UserError
 from device_sim.common.home import ensure_home
 from device_sim.common.x509util import to_pem
 from device_sim.device import chain_builder, target as targets
 from device_sim.device.driver import run_registration
 from device_sim.device.identity import load_identity
-from device_sim.device.registration import RegistrationFlow
+from device_sim.device.registration import ASSIGNED, RegistrationFlow
 from device_sim.device.transport_https import CrtRuntime, TlsIdentity, client_tls_context
+from hsm_setup import issued
+from hsm_setup.uri import Pkcs11Uri
 
 DEFAULT_TIMEOUT = 60.0
 
@@ -79,6 +82,10 @@ def add_subparser(subparsers) -> None:
                         help="present an expired or not-yet-valid certificate anyway, to see how DPS answers")
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="S",
                         help=f"total deadline in seconds, retries and polls included (default {DEFAULT_TIMEOUT:g})")
+    parser.add_argument("--issue-cert", action="store_true",
+                        help="ask DPS for a certificate: a new EC P-384 key pair is made in the device's "
+                             "token, its CSR sent (api-version " + ISSUANCE_API_VERSION + ") and the "
+                             "issued chain stored beside it as <ID>.issued")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the summary")
     parser.set_defaults(func=cmd_register)
 
@@ -110,15 +117,27 @@ def _target_message(exc: targets.TargetError, args, home: Path) -> str:
     return str(exc)
 
 
-def _validity_option(allow_invalid_time: bool) -> dict:
-    """load_identity's check_validity keyword, passed only when the flag asks for it: the
-    identity loader that takes it is being rewritten beside this change (helper hsm)."""
-    if not allow_invalid_time:
-        return {}
-    if "check_validity" not in inspect.signature(load_identity).parameters:
-        raise UserError("--allow-invalid-time: this build's identity loader always checks the "
-                        "certificate's validity period")
-    return {"check_validity": False}
+def _device_token_session(identity):
+    """The identity's own logged-in session: the run logs in to the token once."""
+    library = identity.context.library(identity.module_path)
+    return issued.token_session(library, identity.token_label, identity.pin)
+
+
+def _issuance_key(identity, registration_id: str):
+    session = _device_token_session(identity)
+    return issued.new_issuance_key(session, registration_id)
+
+
+def _keep_issued(identity, new_key, outcome) -> dict | None:
+    """Store an issued chain beside the new key (None when none came: the key is removed)."""
+    chain = outcome.issued_chain
+    if outcome.status != ASSIGNED or not chain:
+        issued.discard(new_key)
+        return None
+    session = _device_token_session(identity)
+    issued.store_issued_chain(session, new_key, chain)
+    uri = str(Pkcs11Uri(token=identity.token_label, object=new_key.label, id=new_key.key_id, type="private"))
+    return issued_json(x509.load_der_x509_certificate(chain[0]), uri, len(chain))
 
 
 def cmd_register(args) -> int:
@@ -126,10 +145,11 @@ def cmd_register(args) -> int:
     if args.timeout <= 0:
         raise UserError("--timeout must be a positive number of seconds")
     home = ensure_home(args.home)
+    if args.issue_cert and args.api_version == DEVICE_API_VERSION:
+        args.api_version = ISSUANCE_API_VERSION  # the version that knows csr
     target = resolve_target(args, home)
-    validity = _validity_option(args.allow_invalid_time)
     identity = load_identity(args.device, home=home, module=args.module, pin_file=args.pin_file,
-                             cert_file=args.cert, **validity)
+                             cert_file=args.cert, check_validity=not args.allow_invalid_time)
     candidates = chain_builder.gather_candidates(home, files=args.chain_file, extra=identity.ca_certs)
     chain = chain_builder.build_chain(identity.leaf, candidates, args.chain_to)
     runtime = CrtRuntime()
@@ -139,13 +159,20 @@ def cmd_register(args) -> int:
     registration_id = args.registration_id or identity.registration_id
     transport = target.new_transport(registration_id, tls_context, runtime)
     # --timeout counts from the start of the command: token and TLS setup are part of it.
+    new_key = _issuance_key(identity, registration_id) if args.issue_cert else None
+    csr = issued.issuance_csr(new_key) if new_key else None
     budget = max(0.001, args.timeout - (time.monotonic() - started))
-    outcome, timings = run_registration(RegistrationFlow(registration_id, target.payload), transport, budget)
+    outcome, timings = run_registration(RegistrationFlow(registration_id, target.payload, csr=csr),
+                                        transport, budget)
+    extra = {}
+    if new_key is not None:
+        extra["issued_certificate"] = _keep_issued(identity, new_key, outcome)
     if args.json:
         print(json.dumps(as_json(registration_id, outcome, timings, endpoint=target.endpoint,
-                                 transport=target.transport, id_scope=target.id_scope, chain_length=len(chain))))
+                                 transport=target.transport, id_scope=target.id_scope, chain_length=len(chain),
+                                 **extra)))
     else:
-        print(human_summary(registration_id, outcome, timings))
+        print(human_summary(registration_id, outcome, timings, **extra))
     code = exit_code(outcome)
     if code and not args.json:
         print(f"device-sim: {outcome.status}: {outcome.error_message or 'see above'}", file=sys.stderr)

@@ -7,6 +7,7 @@ registration ends (`device_sim.device.registration` statuses) onto them.
 from __future__ import annotations
 
 from device_sim.common import errors
+from device_sim.common.x509util import sha256_thumbprint
 from device_sim.device import registration as reg
 from device_sim.device.driver import Timings
 
@@ -62,7 +63,21 @@ def as_json(registration_id: str, outcome: reg.Outcome, timings: Timings, **extr
     return document
 
 
-def human_summary(registration_id: str, outcome: reg.Outcome, timings: Timings) -> str:
+def issued_json(leaf, uri: str, chain_length: int) -> dict:
+    """`issued_certificate` of `--json` (register --issue-cert): where it is and what it says."""
+    return {
+        "uri": uri,
+        "subject": leaf.subject.rfc4514_string(),
+        "issuer": leaf.issuer.rfc4514_string(),
+        "not_before": leaf.not_valid_before_utc.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "not_after": leaf.not_valid_after_utc.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "sha256_thumbprint": sha256_thumbprint(leaf),
+        "chain_length": chain_length,
+    }
+
+
+def human_summary(registration_id: str, outcome: reg.Outcome, timings: Timings,
+                  issued_certificate: dict | None = None) -> str:
     lines = [f"device {registration_id}: {outcome.status}"]
     if outcome.status == reg.ASSIGNED:
         lines.append(f"  hub:        {outcome.assigned_hub}")
@@ -71,6 +86,10 @@ def human_summary(registration_id: str, outcome: reg.Outcome, timings: Timings) 
             lines.append(f"  substatus:  {outcome.substatus}")
         if outcome.payload is not None:
             lines.append(f"  payload:    {outcome.payload}")
+        if issued_certificate is not None:
+            lines.append(f"  issued:     {issued_certificate['uri']}")
+            lines.append(f"              {issued_certificate['subject']} by {issued_certificate['issuer']}, "
+                         f"valid {issued_certificate['not_before']} .. {issued_certificate['not_after']}")
     else:
         code = f" ({outcome.error_code})" if outcome.error_code is not None else ""
         if outcome.error_message or code:

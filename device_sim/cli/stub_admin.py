@@ -141,6 +141,9 @@ def _add_record_commands(verbs, noun: str, help_text: str) -> None:
                    help="custom allocation webhook (http:// or https://) the emulator POSTs each registration to")
     p.add_argument("--webhook-api-version", metavar="V",
                    help="customAllocationDefinition.apiVersion (default 2021-10-01)")
+    p.add_argument("--credential-policy", metavar="NAME",
+                   help="credentialPolicyName: devices sending a csr get a certificate from this policy "
+                        "(the emulator has 'default')")
     p.set_defaults(func=_record_create, noun=noun)
     for action, text in (("get", "show one"), ("delete", "delete one"), ("enable", "enable one"),
                          ("disable", "disable one")):
@@ -166,6 +169,8 @@ def _record_create(args) -> int:
         record = admin.group_record(args.id, args.ca_ref, cert, args.disabled, args.hub, allocation)
     else:
         record = admin.enrollment_record(args.id, cert, args.device_id, args.disabled, args.hub, allocation)
+    if args.credential_policy:
+        record["credentialPolicyName"] = args.credential_policy
     result = _client(args).put_record(RECORD_KINDS[args.noun], args.id, record)
     return _emit(args, result, _record_summary(args.noun, result))
 

@@ -51,6 +51,12 @@ def add_serve(verbs) -> None:
     parser.add_argument("--tls-chain", type=Path, metavar="FILE",
                         help="CA certificates for --tls-cert (intermediates are sent, the file is the "
                              "ready line's ca_cert)")
+    parser.add_argument("--issuing-ca-cert", type=Path, metavar="FILE",
+                        help="certificate issuance: the issuing CA (PEM, its root may follow); "
+                             "default: one made in <home>/stub/issuing/")
+    parser.add_argument("--issuing-ca-key", metavar="FILE|URI",
+                        help="the key of --issuing-ca-cert: an unencrypted PEM file or a pkcs11: URI "
+                             "(signatures made in the token; PIN from ?pin-source= or $PKCS11_PIN)")
     parser.add_argument("--max-connections", type=int, default=512, metavar="N",
                         help="connections served at once per port; more wait in the backlog (default 512)")
     parser.add_argument("--webhook-trust", type=Path, metavar="FILE",
@@ -96,6 +102,8 @@ def run_serve(args) -> int:
         id_scope=args.id_scope, hubs=_parse_hubs(args.hub),
         assignment_delay=args.assignment_delay, retry_after=args.retry_after, throttle=args.throttle,
         limits=Limits(max_connections=args.max_connections),
+        issuing_ca_cert=args.issuing_ca_cert and args.issuing_ca_cert.absolute(),
+        issuing_ca_key=_absolute_unless_uri(args.issuing_ca_key),
         webhook_trust=args.webhook_trust and args.webhook_trust.resolve(),
         webhook_timeout=args.webhook_timeout,
     )
@@ -116,6 +124,12 @@ def run_serve(args) -> int:
     print(json.dumps(ready), flush=True)
     stub.serve_until(stop)
     return 0
+
+
+def _absolute_unless_uri(value: str | None) -> str | None:
+    if value is None or value.lower().startswith("pkcs11:"):
+        return value
+    return str(Path(value).absolute())
 
 
 def _check_tls_options(args) -> None:

@@ -7,6 +7,9 @@ statuses, and the Retry-After rule. No behaviour of either side lives here.
 from __future__ import annotations
 
 DEVICE_API_VERSION = "2021-06-01"  # the device API the Azure C SDK and the HTTPS how-to use
+# Certificate issuance at registration (`csr` in, `issuedCertificateChain` out) is in this
+# preview only (docs/certificate-issuance.md).
+ISSUANCE_API_VERSION = "2025-07-01-preview"
 SERVICE_API_VERSION = "2021-10-01"  # the service (enrollments, certificates) API
 # Devices registering with this version or older keep their first hub on re-registration
 # unless the entry says otherwise (docs/x509-rules.md, "Re-registration").

@@ -26,6 +26,8 @@ deadline passes first it asks `flow.expire(reason)` for the outcome.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import random
 from collections import Counter
@@ -134,6 +136,12 @@ class Outcome:
     def payload(self):
         return self.registration_state.get("payload")
 
+    @property
+    def issued_chain(self) -> list[bytes]:
+        """`issuedCertificateChain` as DER, leaf first (certificate issuance,
+        docs/certificate-issuance.md); empty when none came or an item is not base64."""
+        return issued_chain_der(self.registration_state)
+
 
 @dataclass(frozen=True)
 class Send:
@@ -194,12 +202,25 @@ def parse_retry_after(headers: Mapping[str, str], cap: float) -> float | None:
     return None if seconds is None else float(min(seconds, cap))
 
 
-def registration_body(registration_id: str, payload=None) -> bytes:
-    """The `DeviceRegistration` JSON a register request carries."""
+def registration_body(registration_id: str, payload=None, csr: bytes | None = None) -> bytes:
+    """The `DeviceRegistration` JSON a register request carries; `csr` is DER PKCS#10,
+    sent as base64 without PEM armour (device API 2025-07-01-preview)."""
     document = {"registrationId": registration_id}
     if payload is not None:
         document["payload"] = payload
+    if csr is not None:
+        document["csr"] = base64.b64encode(csr).decode("ascii")
     return json.dumps(document, separators=(",", ":")).encode()
+
+
+def issued_chain_der(state: Mapping) -> list[bytes]:
+    items = state.get("issuedCertificateChain")
+    if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
+        return []
+    try:
+        return [base64.b64decode(item, validate=True) for item in items]
+    except (binascii.Error, ValueError):
+        return []
 
 
 def _json_object(body: bytes) -> dict | None:
@@ -224,11 +245,13 @@ class RegistrationFlow:
         registration_id: str,
         payload=None,
         *,
+        csr: bytes | None = None,
         policy: RetryPolicy = RetryPolicy(),
         rng: random.Random | None = None,
     ):
         self.registration_id = registration_id
-        self.body = registration_body(registration_id, payload)
+        self.body = registration_body(registration_id, payload, csr)
+        self.wants_certificate = csr is not None
         self.policy = policy
         self.rng = rng or random.Random()
         self.operation_id: str | None = None
@@ -286,6 +309,10 @@ class RegistrationFlow:
             retry_after = parse_retry_after(response.headers, self.policy.retry_after_cap)
             delay = self.policy.poll_default if retry_after is None else retry_after
             return self._send(Send(POLL, delay, operation_id=self.operation_id))
+        if status == ASSIGNED and self.wants_certificate and not issued_chain_der(state):
+            return self._finish(Outcome(PROTOCOL_ERROR, self.operation_id, state, response.status,
+                                        error_message="the service assigned the device but sent no "
+                                        "issuedCertificateChain for the csr (base64 DER items expected)"))
         if status in TERMINAL:
             return self._finish(Outcome(
                 status, self.operation_id, state, response.status,

@@ -4,12 +4,15 @@ Devices come from the state directory's registry (`hsm-setup fleet create` / `de
 create`), selected by ID prefix or by a file of PKCS#11 URIs / registration IDs. Slot ids
 are looked up once per run in a short-lived child process: python-pkcs11 must not
 initialise SoftHSM in the fleet process (see runner.py), and slot ids recorded at creation
-can change when tokens are re-initialised.
+can change when tokens are re-initialised. The same child logs in once to each token the
+run uses before any device starts: a wrong PIN then costs one failed login, not one per
+device (tokens lock their PIN after a few wrong tries), and the run registers nothing.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,8 +20,9 @@ from pathlib import Path
 from device_sim.device import chain_builder
 from device_sim.device.transport_https import TlsIdentity
 from device_sim.fleet.runner import FleetDevice
-from hsm_setup import devices as registry
 from device_sim.common.errors import UserError
+from hsm_setup import devices as registry
+from hsm_setup import module
 from hsm_setup.uri import Pkcs11Uri
 
 
@@ -60,28 +64,54 @@ def _record_for(home: Path, entry: str) -> registry.DeviceRecord:
                     "identities made by hsm-setup; register others one by one with 'device-sim register')")
 
 
-def token_slots(module_path: str, home: Path) -> dict[str, int]:
-    """Token label -> slot id, asked of the module in a child process (see module docstring)."""
-    child = subprocess.run([sys.executable, "-m", __name__, module_path, str(home)],
+def token_slots(module_path: str, home: Path, *, pin: str | None = None,
+                labels: list[str] | tuple[str, ...] = ()) -> dict[str, int]:
+    """Token label -> slot id, asked of the module in a child process (see module docstring).
+
+    With `pin`, the child also logs in to each token of `labels`, once, and stops at the
+    first refusal: UserError naming the token (wrong PIN, locked, expired, absent).
+    """
+    # awscrt initialises the module in this process later and SoftHSM reads its
+    # configuration then; the child inherits it too.
+    os.environ.update(module.softhsm_environment(module_path, home))
+    request = json.dumps({"module": module_path, "home": str(home), "pin": pin, "labels": list(labels)})
+    child = subprocess.run([sys.executable, "-m", __name__], input=request,  # the PIN never in argv
                            capture_output=True, text=True, timeout=300)
-    if child.returncode != 0:
+    try:
+        answer = json.loads(child.stdout)
+    except ValueError:
         lines = child.stderr.strip().splitlines()
-        raise UserError(f"cannot list the tokens of {module_path}: {lines[-1] if lines else 'no reason given'}")
-    return {label: int(slot) for label, slot in json.loads(child.stdout).items()}
+        raise UserError(f"cannot list the tokens of {module_path}: {lines[-1] if lines else 'no reason given'}") from None
+    if "error" in answer:
+        raise UserError(answer["error"])
+    return {label: int(slot) for label, slot in answer["slots"].items()}
 
 
-def _print_token_slots(module_path: str, home: str) -> None:
-    from hsm_setup import module, tokens
+def _answer_token_slots(request: dict) -> dict:
+    from hsm_setup import tokens
+    from hsm_setup.context import Pkcs11Context
 
-    module.resolve_module(module_path, Path(home))
-    lib = module.load_library(module_path)
-    print(json.dumps({t.label: t.slot_id for t in tokens.list_tokens(lib)}))
+    try:
+        with Pkcs11Context(Path(request["home"])) as ctx:
+            library = ctx.library(request["module"])
+            slots = {t.label: t.slot_id for t in tokens.list_tokens(library)}
+            if request.get("pin") is not None:
+                for label in request["labels"]:
+                    if label in slots:  # an absent token is reported per device, as before
+                        tokens.session(library, label, request["pin"])
+    except UserError as exc:
+        return {"error": str(exc)}
+    return {"slots": slots}
 
 
 def fleet_devices(records: list[registry.DeviceRecord], *, home: Path, module_path: str, pin: str,
                   slots: dict[str, int], chain_to: str = chain_builder.ROOT,
                   chain_files=()) -> list[FleetDevice]:
-    """A TLS identity per record; the chain above the leaf is built once per issuing CA."""
+    """A TLS identity per record; the chain above the leaf is built once per issuing CA.
+
+    Logs in once to each token first (see `token_slots`): a wrong PIN stops here."""
+    labels = tuple(dict.fromkeys(r.token_label for r in records))
+    slots = {**slots, **token_slots(module_path, home, pin=pin, labels=labels)}
     ca_parts: dict[str, bytes] = {}
     out = []
     for record in records:
@@ -102,7 +132,4 @@ def fleet_devices(records: list[registry.DeviceRecord], *, home: Path, module_pa
 
 
 if __name__ == "__main__":  # the child of `token_slots`
-    try:
-        _print_token_slots(sys.argv[1], sys.argv[2])
-    except UserError as exc:
-        sys.exit(str(exc))
+    print(json.dumps(_answer_token_slots(json.loads(sys.stdin.read()))))

@@ -9,6 +9,8 @@
                        connection string in it carries the key)
       tls/ca.pem       the CA clients trust; tls/ca.key its key (mode 600)
       tls/server.pem   the server certificate, tls/server.key its key (mode 600)
+      issuing/ca.pem   the issuing CA of certificate issuance, then its root (PEM bundle);
+                       issuing/ca.key its key (mode 600), unless --issuing-ca-* names others
 
 The server (`stub/server.py`), the admin client (`stub/admin.py`) and the device side read
 these names from here; see docs/emulator.md for what each file holds.
@@ -34,6 +36,9 @@ CA_CERT_FILE = "ca.pem"
 CA_KEY_FILE = "ca.key"
 SERVER_CERT_FILE = "server.pem"
 SERVER_KEY_FILE = "server.key"
+ISSUING_SUBDIR = "issuing"
+ISSUING_CA_CERT_FILE = "ca.pem"
+ISSUING_CA_KEY_FILE = "ca.key"
 
 
 @dataclass(frozen=True)

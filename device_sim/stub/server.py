@@ -72,6 +72,9 @@ class ServeOptions:
     retry_after: int = 1
     throttle: int = 0
     limits: Limits = field(default_factory=Limits)
+    # Certificate issuance: None/None = the issuing CA generated in <home>/stub/issuing/.
+    issuing_ca_cert: Path | None = None
+    issuing_ca_key: str | None = None  # a PEM file or a pkcs11: URI
     webhook_trust: Path | None = None  # CA file for https custom allocation webhooks
     webhook_timeout: float = 10.0
 
@@ -173,6 +176,7 @@ class StubServer:
         from device_sim.stub.core.device_api import DeviceApi
         from device_sim.stub.core.service import ServiceApi
         from device_sim.stub.core.store import Store
+        from device_sim.stub.issuing_ca import load_issuer
 
         options = self.options
         layout = StateLayout.of(options.home)
@@ -190,7 +194,8 @@ class StubServer:
             state_dir=directory,
             config=config,
             store=store,
-            device_api=DeviceApi(store, config, webhooks=self.webhooks),
+            device_api=DeviceApi(store, config, issuer=load_issuer(
+                directory, options.issuing_ca_cert, options.issuing_ca_key), webhooks=self.webhooks),
             service_api=ServiceApi(store, config, read_service_key(key_path), server_status=self.status),
             identity=identity,
             host=options.host,

@@ -17,9 +17,10 @@ initialised on first use with `pin` / `so_pin`. `pki.env()` is the environment f
 `pki.devices` hold what was made. The records are hsm_setup's (`CaRecord`,
 `DeviceRecord`, docs/hsm-setup.md) with PEM views added.
 
-SoftHSM reads its configuration when the library is initialised, so one process uses one
-SoftHSM directory at a time: `lib()` switches to this one (re-initialising the library
-and closing the sessions of the directory used before).
+Each TokenPki owns one `hsm_setup.context.Pkcs11Context` for its directory. SoftHSM reads
+its configuration when the library is initialised, so one process uses one SoftHSM
+directory at a time: `lib()` switches to this one (the context re-initialises the library,
+closing the sessions of the directory used before).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from device_sim.testing.ca import pem
 from hsm_setup import ca as hsm_ca
 from hsm_setup import devices as hsm_devices
 from hsm_setup import identities, module, tokens, verification
+from hsm_setup.context import Pkcs11Context
 from hsm_setup.key_types import key_spec
 
 TEST_PIN = "1234"
@@ -65,9 +67,8 @@ class TokenCa(_CertPem, hsm_ca.CaRecord):
 
     def verification_certificate(self, code: str) -> bytes:
         """DPS proof of possession for `code`, signed inside the token by this CA's key (PEM)."""
-        lib = self.pki.lib()
-        issuer = hsm_ca.open_issuer(lib, self.pki.home, self.name, self.pki.pin)
-        proof = verification.issue_verification_certificate(lib, issuer, code, pin=self.pki.pin)
+        issuer = hsm_ca.open_issuer(self.pki.lib(), self.pki.home, self.name, self.pki.pin)
+        proof = verification.issue_verification_certificate(issuer, code)
         return pem(x509.load_der_x509_certificate(proof.dump()))
 
 
@@ -95,6 +96,7 @@ class TokenPki:
         self.home = Path(home)
         self.home.mkdir(parents=True, exist_ok=True)
         self.module_path = module.resolve_module(module_path, self.home)
+        self.context = Pkcs11Context(self.home)
         self.pin, self.so_pin = pin, so_pin
         self.ca_token, self.device_token = ca_token, device_token
         self.cas: dict[str, TokenCa] = {}
@@ -102,13 +104,22 @@ class TokenPki:
         self._issuers: dict[str, hsm_ca.Issuer] = {}
 
     def lib(self, *, fresh: bool = False):
-        """The python-pkcs11 library switched to this directory (`fresh` also re-reads the
-        token list, for tokens another process created)."""
-        module.resolve_module(self.module_path, self.home)
-        return module.load_library(self.module_path, fresh=fresh)
+        """This directory's `Pkcs11Library` (hsm_setup/context.py), switched to it; `fresh`
+        also re-reads the token list, for tokens another process created."""
+        library = self.context.library(self.module_path)
+        if fresh:
+            library.reload()
+        else:
+            library.lib  # noqa: B018 - initialise, or switch back from another directory
+        return library
 
     def session(self, token_label: str):
-        return tokens.session(self.lib(), token_label, self.pin)
+        """A logged-in session on `token_label`. Logged in afresh each call: an in-process
+        CLI run in between may have logged this process out (a second login logs out first,
+        hsm_setup/tokens.py), which ends the sessions a cache would hand back."""
+        library = self.lib()
+        library.drop_session(tokens.find_token(library, token_label).slot.slot_id)
+        return tokens.session(library, token_label, self.pin)
 
     def init_token(self, label: str) -> tokens.TokenInfo:
         """Initialise token `label` with this PKI's PINs (unless it exists already)."""
@@ -117,7 +128,7 @@ class TokenPki:
         if existing is not None:
             return tokens.token_info(existing)
         self._issuers.clear()  # initialising re-reads the slot list: cached sessions end
-        return tokens.init_token(lib, self.module_path, label, so_pin=self.so_pin, user_pin=self.pin)
+        return tokens.init_token(lib, label, so_pin=self.so_pin, user_pin=self.pin)
 
     def ca(self, name: str, parent: str | None = None, *, key_type: str = "ec-p256",
            token: str | None = None) -> TokenCa:

@@ -270,3 +270,31 @@ def test_chain_show_and_lint(token_pki):
                             "--chain-to", "line", "--json"], capture_output=True, text=True, env=env, timeout=60)
     assert short.returncode == 1
     assert "verified" in {f["rule"] for f in json.loads(short.stdout)["findings"] if f["level"] == "error"}
+
+
+# -- a certificate outside its validity, on purpose --------------------------------------------
+
+
+def test_allow_invalid_time_presents_an_expired_certificate_to_see_dps_answer(token_pki, emulator, tmp_path):
+    """The token key with an expired certificate: refused before connecting unless asked."""
+    record = token_pki.devices["device-ec-p256"]
+    now = datetime.datetime.now(datetime.timezone.utc)
+    expired = TestCA("expired-test-root").issue_leaf(
+        "device-ec-p256", public_key=record.certificate_x509().public_key(),
+        not_before=now - datetime.timedelta(days=30), not_after=now - datetime.timedelta(days=1))
+    cert_file = tmp_path / "expired.pem"
+    cert_file.write_bytes(expired.chain_pem)
+    code, out, err = register(token_pki, "device-ec-p256", emulator, "--cert", cert_file)
+    assert code == 2 and out is None and "expired on" in err
+    code, out, err = register(token_pki, "device-ec-p256", emulator, "--cert", cert_file, "--allow-invalid-time")
+    assert code == 4 and out["status"] == "unauthorized", err
+    assert "validity" in out["error"]["message"]  # the emulator's own reason, as DPS would refuse it
+
+
+def test_chain_show_reads_public_objects_without_a_pin(token_pki):
+    env = token_pki.env()
+    del env["PKCS11_PIN"]
+    result = subprocess.run([DEVICE_SIM, "chain", "show", "device-ec-p256"], capture_output=True, text=True,
+                            timeout=60, env=env, stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stderr
+    assert "device-ec-p256" in result.stdout

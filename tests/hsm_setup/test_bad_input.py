@@ -160,7 +160,7 @@ def test_pin_file_is_used(small, monkeypatch):
 def test_separate_ca_pin(softhsm_home, monkeypatch, tmp_path):
     h = softhsm_home
     from hsm_setup import tokens
-    tokens.init_token(h.lib(), h.module_path, "ca", so_pin=h.so_pin, user_pin="ca-pin-777")
+    tokens.init_token(h.lib(), "ca", so_pin=h.so_pin, user_pin="ca-pin-777")
     h.init_token("devices")
     ca_pin = tmp_path / "ca.pin"
     ca_pin.write_text("ca-pin-777\n")

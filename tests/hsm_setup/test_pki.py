@@ -125,7 +125,7 @@ def test_csr_signed_inside_the_token_verifies(token_pki, registration_id):
 def test_verification_certificate_signed_by_ca_key(token_pki):
     lib = token_pki.lib()
     issuer = ca.open_issuer(lib, token_pki.home, "intermediate", token_pki.pin)
-    cert = verification.issue_verification_certificate(lib, issuer, "0A1B2C3D4E5F", pin=token_pki.pin)
+    cert = verification.issue_verification_certificate(issuer, "0A1B2C3D4E5F")
     parsed = x509.load_der_x509_certificate(cert.dump())
     assert parsed.subject.rfc4514_string() == "CN=0A1B2C3D4E5F"
     ca_key = token_pki.intermediate.x509().public_key()

@@ -154,3 +154,21 @@ def test_a_disabled_custom_entry_calls_no_webhook(env):
     device = custom_device(env, status="disabled")
     reply = env.poll(device, start(env, device))
     assert reply.body["status"] == "disabled" and env.hooks.calls == []
+
+
+def test_a_csr_is_issued_once_the_webhook_has_chosen_the_hub(env, tmp_path):
+    from device_sim.stub.issuing_ca import generated_issuer
+
+    from .test_issuance import API as ISSUANCE_API, csr_b64
+
+    env.device.issuer = generated_issuer(tmp_path / "issuing")
+    device = custom_device(env, credentialPolicyName="default")
+    body = json.dumps({"csr": csr_b64("dev-c")}).encode()
+    first = env.register(device, body=body, api=ISSUANCE_API)
+    assert first.status == 202
+    operation = first.body["operationId"]
+    assert env.poll(device, operation).body["status"] == "assigning"
+    env.hooks.answer(iotHubHostName="hub1.example")
+    state = env.poll(device, operation).body["registrationState"]
+    assert state["assignedHub"] == "hub1.example" and len(state["issuedCertificateChain"]) >= 2
+    assert "issuedCertificateChain" not in env.call("GET", "/registrations/dev-c").body

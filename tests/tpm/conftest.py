@@ -61,9 +61,7 @@ def _finalize_module(path: str) -> None:
     """C_Finalize the module in this process while its TPM still runs (else the exit-time
     C_Finalize floods stderr with failed Esys_FlushContext calls)."""
     import pkcs11
-    from hsm_setup import tokens
 
-    tokens.forget_sessions()
     loaded = pkcs11._loaded.get(path)  # python-pkcs11's per-path library objects
     if loaded is not None and loaded.initialized:
         loaded.finalize()
@@ -82,16 +80,20 @@ class TpmHome:
     tpm: SoftwareTpm
     pin: str
     _run: object
+    _context: object = None
 
     def cli(self, *argv):
         return self._run(*argv)
 
     def lib(self):
-        from hsm_setup import module
-        return module.load_library(self.tpm.module_path)
+        """This home's `Pkcs11Library` for the TPM module (one context per TpmHome)."""
+        from hsm_setup.context import Pkcs11Context
+        if self._context is None:
+            self._context = Pkcs11Context(self.home)
+        return self._context.library(self.tpm.module_path)
 
     def session(self):
-        """hsm_setup's shared logged-in session on the TPM token."""
+        """The context's logged-in session on the TPM token."""
         from hsm_setup import tokens
         return tokens.session(self.lib(), self.tpm.token_label, self.pin)
 

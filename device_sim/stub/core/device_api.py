@@ -25,7 +25,9 @@ Decisions where the public documentation is silent (docs/x509-rules.md, "Open qu
   webhook's outcome is committed (docs/emulator.md, "Custom allocation webhooks"). An
   operation still pending from an earlier process (the webhook's answer was lost with it)
   ends `failed` with 400209 on its next poll.
-- `csr` (certificate issuance, preview API) is refused with 400.
+- `csr` (certificate issuance, preview API): checked and issued through `issuance`
+  (docs/certificate-issuance.md); the chain rides only the terminal operation result.
+  Sent to the status lookup it is a 400, as the spec says.
 - Polls are authenticated cheaply: the leaf CN must match the path and the leaf must be
   the certificate that started the operation (the TLS handshake proved its key).
 - The status lookup (POST) runs the full walk: an unauthenticated chain gets 401002,
@@ -49,7 +51,7 @@ from device_sim.common import dps
 from device_sim.common.registration_id import MAX_LENGTH, registration_id_problem
 from device_sim.common.x509util import common_name, sha256_thumbprint
 
-from . import errors
+from . import errors, issuance
 from .allocation import allocate, is_custom, twin_applies, webhook_hubs
 from .cert_input import certificate_info
 from .config import StubConfig
@@ -92,10 +94,13 @@ def new_operation_id() -> str:
 
 class DeviceApi:
     def __init__(self, store: Store, config: StubConfig, clock=time.time,
+                 issuer: issuance.Issuer | None = None, policies=None,
                  webhooks: WebhookCaller | None = None):
         self.store = store
         self.config = config
         self.clock = clock
+        self.issuer = issuer  # None: no issuing CA, so a csr is refused
+        self.policies = issuance.default_policies() if policies is None else policies
         self.webhooks = webhooks
         self._in_flight: set[str] = set()  # operation IDs whose webhook runs in this process
         self._in_flight_lock = threading.Lock()
@@ -172,9 +177,6 @@ class DeviceApi:
                            "Invalid RegistrationId: the body's registrationId differs from the path")
         if data.get("payload") is not None and not isinstance(data["payload"], dict):
             raise DpsError(errors.BAD_REQUEST, "payload must be a JSON object")
-        if data.get("csr") is not None:
-            raise DpsError(errors.BAD_REQUEST,
-                           "certificate issuance (csr) is not supported by the emulator")
         return data
 
     @staticmethod
@@ -197,29 +199,48 @@ class DeviceApi:
         decision = decide(chain, self.store.walk_view(), now)
         if decision.outcome == UNAUTHORIZED:
             raise DpsError(errors.INVALID_CERTIFICATE, f"Invalid certificate: {decision.reason}")
+        csr = self._checked_csr(data.get("csr"), registration_id, decision)
         previous = self.store.get_registration(registration_id)
         operation_id = new_operation_id()
         started = (decision.outcome != DISABLED and is_custom(decision.entry.doc)
                    and self._start_webhook(decision, previous, data.get("payload"),
-                                           api_version, chain, stamp, operation_id))
+                                           api_version, chain, stamp, operation_id, csr))
         if not started:
             row = self._outcome(decision, previous, data.get("payload"), api_version, now)
-            self.store.save_registration(row, self._terminal(operation_id, decision, row, stamp))
+            self.store.save_registration(row, self._terminal(operation_id, decision, row, stamp,
+                                                             csr, now))
         headers = {"Retry-After": str(self.config.retry_after),
                    "Location": location(host, f"/{id_scope}/registrations/{registration_id}/register")}
         return Reply(202, {"operationId": operation_id, "status": dps.ASSIGNING}, headers)
 
-    def _terminal(self, operation_id: str, decision, row: RegistrationRow,
-                  stamp: float) -> OperationRow:
+    def _terminal(self, operation_id: str, decision, row: RegistrationRow, stamp: float,
+                  csr, now: datetime) -> OperationRow:
+        """The operation's final answer; an issued chain rides only here (never the record)."""
         body = {"operationId": operation_id, "status": row.doc["status"],
                 "registrationState": {"x509": {}, **row.doc}}
+        if csr is not None and row.doc["status"] == dps.ASSIGNED:
+            issued = self.issuer.issue(csr[0], decision.registration_id, csr[1], now)
+            body["registrationState"]["issuedCertificateChain"] = issuance.chain_base64(issued)
         return OperationRow(operation_id, decision.registration_id.lower(),
                             decision.leaf_thumbprint, stamp + self.config.assignment_delay, body)
+
+    def _checked_csr(self, value, registration_id, decision):
+        """(request, policy) when the body asks for a certificate, else None; a fault is a 400."""
+        if value is None:
+            return None
+        csr = issuance.parse_csr(value, registration_id)
+        if decision.outcome == DISABLED:
+            return None
+        policy = issuance.policy_for(decision.entry.doc, self.policies, decision.entry.label)
+        if self.issuer is None:
+            raise DpsError(issuance.NO_CREDENTIAL_POLICY,
+                           "this emulator runs without an issuing CA, so it cannot issue certificates")
+        return csr, policy
 
     # -- custom allocation --------------------------------------------------------------
 
     def _start_webhook(self, decision, previous, payload, api_version, chain, stamp,
-                       operation_id) -> bool:
+                       operation_id, csr) -> bool:
         """Hand the AllocationRequest to the webhook caller; False when there is no
         candidate hub to offer (the ordinary outcome then fails with 400208)."""
         entry = decision.entry
@@ -244,7 +265,7 @@ class DeviceApi:
 
         def done(answer: WebhookAnswer) -> None:
             self._finish_webhook(answer, decision, previous, payload, api_version, stamp,
-                                 operation_id)
+                                 operation_id, csr)
 
         if self.webhooks is None:
             done(WebhookAnswer(error="the emulator was started without a webhook client"))
@@ -254,17 +275,18 @@ class DeviceApi:
         return True
 
     def _finish_webhook(self, answer, decision, previous, payload, api_version, stamp,
-                        operation_id) -> None:
+                        operation_id, csr) -> None:
         """Runs in the caller's worker thread: commit the outcome the answer decides."""
         try:
             outcome = read_answer(answer)
             for custom in (outcome, (None, f"{FAILED_PREFIX}: the emulator could not record "
                                            "the webhook's answer")):
                 try:
-                    row = self._outcome(decision, previous, payload, api_version,
-                                        self._now()[1], custom=custom)
+                    now = self._now()[1]
+                    row = self._outcome(decision, previous, payload, api_version, now,
+                                        custom=custom)
                     self.store.finish_operation(row, self._terminal(operation_id, decision,
-                                                                    row, stamp))
+                                                                    row, stamp, csr, now))
                     return
                 except Exception:  # the worker has nobody to report to but the log
                     log.exception("custom allocation outcome not recorded")
@@ -360,7 +382,9 @@ class DeviceApi:
 
     def _registration_status(self, id_scope, registration_id, api_version, chain, body) -> Reply:
         self._check_request(id_scope, registration_id, api_version)
-        self._parse_body(body, registration_id)
+        if self._parse_body(body, registration_id).get("csr") is not None:
+            raise DpsError(errors.BAD_REQUEST, "csr is not allowed in a registration status "
+                           "lookup; send it with the register call")
         self._leaf_matches(chain, registration_id)
         decision = decide(chain, self.store.walk_view(), self._now()[1])
         if decision.outcome == UNAUTHORIZED:
