@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from device_sim.cli.hsm_openssl import add_openssl_export
 from device_sim.cli.hsm_options import write_out
 from device_sim.cli.options import add_home_argument
 from device_sim.common.errors import UserError
@@ -37,14 +38,18 @@ def cmd_export(args) -> int:
 
 
 def add_command(sub) -> None:
-    p = sub.add_parser("export", help="PEM of a certificate, its chain, or the CA bundle",
+    p = sub.add_parser("export", help="PEM of a certificate, its chain, or the CA bundle; the key for OpenSSL",
                        description="cert: one certificate; chain: it and its issuers up to the "
-                                   "root; bundle: CA certificates (all, or one CA's chain)")
-    p.add_argument("what", choices=("cert", "chain", "bundle"))
-    p.add_argument("--device", metavar="ID", help="a device's certificate")
-    p.add_argument("--ca", metavar="NAME", help="a CA's certificate (bundle: that CA's chain)")
-    p.add_argument("--no-root", action="store_true", help="chain: leave the root out")
-    p.add_argument("--roots-only", action="store_true", help="bundle: only root certificates")
-    p.add_argument("--out", metavar="FILE", help="write here (default: stdout)")
-    add_home_argument(p)
-    p.set_defaults(func=cmd_export)
+                                   "root; bundle: CA certificates (all, or one CA's chain); "
+                                   "openssl: the device key for OpenSSL tools (docs/openssl.md)")
+    verbs = p.add_subparsers(dest="what", required=True, metavar="WHAT")
+    for what in ("cert", "chain", "bundle"):
+        v = verbs.add_parser(what)
+        v.add_argument("--device", metavar="ID", help="a device's certificate")
+        v.add_argument("--ca", metavar="NAME", help="a CA's certificate (bundle: that CA's chain)")
+        v.add_argument("--no-root", action="store_true", help="chain: leave the root out")
+        v.add_argument("--roots-only", action="store_true", help="bundle: only root certificates")
+        v.add_argument("--out", metavar="FILE", help="write here (default: stdout)")
+        add_home_argument(v)
+        v.set_defaults(func=cmd_export)
+    add_openssl_export(verbs)

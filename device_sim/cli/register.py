@@ -87,6 +87,9 @@ def add_subparser(subparsers) -> None:
                              "token, its CSR sent (api-version " + ISSUANCE_API_VERSION + ") and the "
                              "issued chain stored beside it as <ID>.issued")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the summary")
+    parser.add_argument("--tls", choices=("awscrt", "openssl"), default="awscrt",
+                        help="TLS stack: awscrt (default, TLS 1.2) or OpenSSL through pkcs11-provider "
+                             "(TLS 1.2/1.3, HTTPS only; docs/openssl.md)")
     parser.set_defaults(func=cmd_register)
 
 
@@ -140,6 +143,24 @@ def _keep_issued(identity, new_key, outcome) -> dict | None:
     return issued_json(x509.load_der_x509_certificate(chain[0]), uri, len(chain))
 
 
+def _transport(args, target, identity, chain, registration_id: str):
+    """The device transport over the chosen TLS stack (awscrt by default)."""
+    if args.tls == "openssl":
+        from device_sim.device import transport_openssl
+
+        if target.transport != "https":
+            raise UserError("--tls openssl carries DPS over HTTPS only: drop --transport mqtt (docs/openssl.md)")
+        context = transport_openssl.client_context(identity.module_path, identity.uri, to_pem(chain),
+                                                   identity.pin, target.trust_pem)
+        return transport_openssl.OpensslHttpsTransport(target.host, target.port, target.id_scope,
+                                                       registration_id, context, api_version=target.api_version)
+    runtime = CrtRuntime()
+    tls_context = client_tls_context(TlsIdentity(
+        identity.module_path, identity.key_label, to_pem(chain), identity.pin,
+        slot_id=identity.slot_id), target.trust_pem, runtime)
+    return target.new_transport(registration_id, tls_context, runtime)
+
+
 def cmd_register(args) -> int:
     started = time.monotonic()
     if args.timeout <= 0:
@@ -152,12 +173,8 @@ def cmd_register(args) -> int:
                              cert_file=args.cert, check_validity=not args.allow_invalid_time)
     candidates = chain_builder.gather_candidates(home, files=args.chain_file, extra=identity.ca_certs)
     chain = chain_builder.build_chain(identity.leaf, candidates, args.chain_to)
-    runtime = CrtRuntime()
-    tls_context = client_tls_context(TlsIdentity(
-        identity.module_path, identity.key_label, to_pem(chain), identity.pin,
-        slot_id=identity.slot_id), target.trust_pem, runtime)
     registration_id = args.registration_id or identity.registration_id
-    transport = target.new_transport(registration_id, tls_context, runtime)
+    transport = _transport(args, target, identity, chain, registration_id)
     # --timeout counts from the start of the command: token and TLS setup are part of it.
     new_key = _issuance_key(identity, registration_id) if args.issue_cert else None
     csr = issued.issuance_csr(new_key) if new_key else None

@@ -10,7 +10,7 @@ from pathlib import Path
 from device_sim.cli.options import add_home_argument
 from device_sim.common.errors import UserError
 from device_sim.common.home import ensure_home
-from device_sim.stub.net import mqtt
+from device_sim.stub.net import amqp, mqtt
 
 
 # --------------------------------------------------------------------------- serve
@@ -64,7 +64,7 @@ def add_serve(verbs) -> None:
                              "(default: the system's)")
     parser.add_argument("--webhook-timeout", type=float, default=10.0, metavar="S",
                         help="seconds a custom allocation webhook has to answer (default 10)")
-    _add_mqtt_arguments(parser)
+    _add_front_end_arguments(parser)
     parser.set_defaults(func=run_serve)
 
 
@@ -107,7 +107,7 @@ def run_serve(args) -> int:
         webhook_trust=args.webhook_trust and args.webhook_trust.resolve(),
         webhook_timeout=args.webhook_timeout,
     )
-    factories = [f for f in (_mqtt_listener_factory(args),) if f is not None]
+    factories = _front_end_factories(args)
     stub = server.StubServer(options, factories)
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -159,6 +159,7 @@ LISTENER_OPTIONS = {
     "device": ("device API", "--port"),
     "service": ("service API", "--service-port"),
     "mqtt": ("MQTT", "--mqtt-port"),
+    "amqp": ("AMQP", "--amqp-port"),
 }
 
 
@@ -166,26 +167,34 @@ def _listen_error_text(exc) -> str:
     """One line naming the port, why it cannot be used, and the option to change."""
     what, option = LISTENER_OPTIONS.get(exc.name, (exc.name, "--port"))
     text = f"{what} port {exc.port} {exc.reason}: cannot listen on {exc.host}:{exc.port}; {option} 0 picks a free port"
-    if exc.name == "mqtt":
-        text += ", --no-mqtt turns MQTT off"
+    if exc.name in ("mqtt", "amqp"):
+        text += f", --no-{exc.name} turns {what} off"
     return text
 
 
 # --------------------------------------------------------------------------- front ends
 
-
-def _add_mqtt_arguments(parser) -> None:
-    parser.add_argument("--mqtt-port", type=int, default=mqtt.DEFAULT_PORT, metavar="PORT",
-                        help=f"DPS MQTT (TLS) port; 0 picks a free one (default {mqtt.DEFAULT_PORT}, "
-                             "the port the Azure SDKs use)")
-    parser.add_argument("--no-mqtt", action="store_true", help="do not serve MQTT")
+# Front ends with a TLS port of their own: listener name (option stem), what the help
+# calls it, and the module giving DEFAULT_PORT and listener_factory(port).
+PORT_FRONT_ENDS = (("mqtt", "MQTT", mqtt), ("amqp", "AMQP 1.0", amqp))
 
 
-def _mqtt_listener_factory(args):
-    """The MQTT `server.ListenerFactory` for `stub serve`, or None with --no-mqtt."""
-    if args.no_mqtt:
-        return None
-    port = args.mqtt_port
-    if not 0 <= port <= 65535:
-        raise UserError(f"--mqtt-port {port} is not a TCP port (0..65535)")
-    return mqtt.listener_factory(port)
+def _add_front_end_arguments(parser) -> None:
+    for name, label, module in PORT_FRONT_ENDS:
+        parser.add_argument(f"--{name}-port", type=int, default=module.DEFAULT_PORT, metavar="PORT",
+                            help=f"DPS {label} (TLS) port; 0 picks a free one (default {module.DEFAULT_PORT}, "
+                                 "the port the Azure SDKs use)")
+        parser.add_argument(f"--no-{name}", action="store_true", help=f"do not serve {label}")
+
+
+def _front_end_factories(args) -> list:
+    """The `server.ListenerFactory` of each front end not turned off with --no-NAME."""
+    factories = []
+    for name, _label, module in PORT_FRONT_ENDS:
+        if getattr(args, f"no_{name}"):
+            continue
+        port = getattr(args, f"{name}_port")
+        if not 0 <= port <= 65535:
+            raise UserError(f"--{name}-port {port} is not a TCP port (0..65535)")
+        factories.append(module.listener_factory(port))
+    return factories

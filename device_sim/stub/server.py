@@ -27,6 +27,7 @@ from device_sim.common.errors import UserError
 from device_sim.common.files import write_atomic
 from device_sim.stub.core.config import Hub, StubConfig
 from device_sim.stub.layout import StateLayout, ensure_service_key, read_service_key
+from device_sim.stub.net import amqp
 from device_sim.stub.net import http as http_server
 from device_sim.stub.net.listener import Limits, TlsListener
 from device_sim.stub.net.log import log_stderr
@@ -246,6 +247,8 @@ class StubServer:
 
     def _start_listeners(self, app: StubApp) -> None:
         options = self.options
+        # AMQP over WebSockets belongs to the device port, whether or not 5671 is served.
+        amqp.register_websocket(app)
         on_service = http_server.service_handler(app.service_api)
         on_device = http_server.device_handler(app.device_api)
         if options.service_on_device_port:

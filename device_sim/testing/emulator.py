@@ -56,8 +56,9 @@ class Emulator:
         home.mkdir(parents=True, exist_ok=True)
         log = home / "serve.log"  # a file, not a pipe nobody drains
         argv = [sys.executable, "-m", "device_sim.cli", "stub", "serve", "--home", str(home)]
-        for flag in ("--port", "--service-port", "--mqtt-port"):
-            if flag not in extra_args and not (flag == "--mqtt-port" and "--no-mqtt" in extra_args):
+        for flag, off in (("--port", None), ("--service-port", None), ("--mqtt-port", "--no-mqtt"),
+                          ("--amqp-port", "--no-amqp")):
+            if flag not in extra_args and off not in extra_args:
                 argv += [flag, "0"]
         with open(log, "ab") as log_file:
             process = subprocess.Popen([*argv, *map(str, extra_args)], stdout=subprocess.PIPE, stderr=log_file,

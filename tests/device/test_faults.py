@@ -36,7 +36,7 @@ def free_port() -> int:
 def serve(home: Path, port: int, *extra, transport: str = HTTPS) -> tuple[subprocess.Popen, dict]:
     """`python -m device_sim.cli stub serve` with `transport` on a fixed port (0: any);
     returns it and its ready line."""
-    ports = ["--port", str(port), "--no-mqtt"] if transport == HTTPS else ["--port", "0", "--mqtt-port", str(port)]
+    ports = ["--port", str(port), "--no-mqtt", "--no-amqp"] if transport == HTTPS else ["--port", "0", "--mqtt-port", str(port), "--no-amqp"]
     proc = subprocess.Popen([sys.executable, "-m", "device_sim.cli", "stub", "serve", "--home", str(home),
                              "--service-port", "0", *ports, *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

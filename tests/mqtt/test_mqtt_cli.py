@@ -74,7 +74,7 @@ def test_busy_mqtt_port_is_a_one_line_error(tmp_path):
         busy.listen(1)
         port = busy.getsockname()[1]
         result = cli("stub", "serve", "--home", tmp_path, "--port", "0", "--service-port", "0",
-                     "--mqtt-port", port, check=False)
+                     "--mqtt-port", port, "--no-amqp", check=False)
     assert result.returncode != 0
     assert result.stderr.count("\n") == 1, result.stderr
     assert f"MQTT port {port}" in result.stderr and "--mqtt-port 0" in result.stderr

@@ -187,7 +187,7 @@ def test_serve_without_a_chain_has_no_ca_cert(tmp_path, file_cas):
     (["--tls-cert", "missing.pem", "--tls-key", "missing.key"], "missing.pem"),
 ])
 def test_bad_tls_options_are_one_line_errors(tmp_path, args, message):
-    result = cli("stub", "serve", "--home", tmp_path, "--mqtt-port", "0", *args, check=False)
+    result = cli("stub", "serve", "--home", tmp_path, "--mqtt-port", "0", "--no-amqp", *args, check=False)
     assert result.returncode == 2 and message in result.stderr
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
 
@@ -197,7 +197,7 @@ def test_busy_port_is_named_in_the_error(tmp_path):
         busy.bind(("127.0.0.1", 0))
         busy.listen(1)
         port = busy.getsockname()[1]
-        result = cli("stub", "serve", "--home", tmp_path, "--port", port, "--mqtt-port", "0", check=False)
+        result = cli("stub", "serve", "--home", tmp_path, "--port", port, "--mqtt-port", "0", "--no-amqp", check=False)
     assert result.returncode == 2
     assert f"port {port} is in use: cannot listen on 127.0.0.1:{port}; --port 0 picks a free port" in result.stderr
     assert result.stderr.count("\n") == 1

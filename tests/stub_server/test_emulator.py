@@ -202,6 +202,6 @@ def test_state_survives_a_restart_and_kill_9(tmp_path, file_cas):
 
 def test_serve_refuses_a_busy_port_in_one_line(emulator, tmp_path):
     port = emulator.device_url.rsplit(":", 1)[1]
-    result = cli("stub", "serve", "--home", tmp_path, "--port", port, "--mqtt-port", "0", check=False)
+    result = cli("stub", "serve", "--home", tmp_path, "--port", port, "--mqtt-port", "0", "--no-amqp", check=False)
     assert result.returncode == 2 and "cannot listen" in result.stderr
     assert "Traceback" not in result.stderr and result.stdout == ""

@@ -150,7 +150,7 @@ def test_registration_through_the_emulator_with_tpm_keys(tpm_home, tmp_path):
 
     log = open(tmp_path / "stub.log", "wb")
     server = subprocess.Popen([str(BIN / "device-sim"), "stub", "serve", "--home", str(h.home),
-                               "--port", "0", "--no-mqtt"],
+                               "--port", "0", "--no-mqtt", "--no-amqp"],
                               env=env, stdout=subprocess.PIPE, stderr=log, text=True)
     try:
         ready = server.stdout.readline()

@@ -51,7 +51,7 @@ def test_issue_cert_to_a_tpm_device(tpm_home, tmp_path):
 
     log = open(tmp_path / "stub.log", "wb")
     server = subprocess.Popen([str(BIN / "device-sim"), "stub", "serve", "--home", str(h.home),
-                               "--port", "0", "--no-mqtt", "--retry-after", "0"],
+                               "--port", "0", "--no-mqtt", "--no-amqp", "--retry-after", "0"],
                               env=env, stdout=subprocess.PIPE, stderr=log, text=True)
     try:
         assert server.stdout.readline(), (tmp_path / "stub.log").read_text()
