@@ -12,6 +12,7 @@ from device_sim.cli.options import add_home_argument, existing_home
 from device_sim.common.errors import UserError
 
 RECORD_KINDS = {"group": "enrollmentGroups", "enroll": "enrollments"}
+ALLOCATION_CHOICES = ("hashed", "geoLatency", "static", "custom")
 
 
 def add_admin(verbs) -> None:
@@ -137,6 +138,12 @@ def _add_record_commands(verbs, noun: str, help_text: str) -> None:
         p.add_argument("--device-id", help="IoT Hub device ID (default: the registration ID)")
     p.add_argument("--disabled", action="store_true", help="create it disabled")
     p.add_argument("--hub", action="append", default=[], metavar="HOST", help="restrict to these linked hubs")
+    p.add_argument("--allocation", choices=ALLOCATION_CHOICES,
+                   help="allocation policy (default: the emulator's, hashed); custom calls --webhook-url")
+    p.add_argument("--webhook-url", metavar="URL",
+                   help="custom allocation webhook (http:// or https://) the emulator POSTs each registration to")
+    p.add_argument("--webhook-api-version", metavar="V",
+                   help="customAllocationDefinition.apiVersion (default 2021-10-01)")
     p.add_argument("--credential-policy", metavar="NAME",
                    help="credentialPolicyName: devices sending a csr get a certificate from this policy "
                         "(the emulator has 'default')")
@@ -159,15 +166,25 @@ def _record_summary(noun: str, record: dict) -> str:
 def _record_create(args) -> int:
     from device_sim.stub import admin
 
+    allocation = admin.allocation_fields(*_allocation_options(args))
     cert = admin.read_certificate_pem(args.cert) if args.cert else None
     if args.noun == "group":
-        record = admin.group_record(args.id, args.ca_ref, cert, args.disabled, args.hub)
+        record = admin.group_record(args.id, args.ca_ref, cert, args.disabled, args.hub, allocation)
     else:
-        record = admin.enrollment_record(args.id, cert, args.device_id, args.disabled, args.hub)
+        record = admin.enrollment_record(args.id, cert, args.device_id, args.disabled, args.hub, allocation)
     if args.credential_policy:
         record["credentialPolicyName"] = args.credential_policy
     result = _client(args).put_record(RECORD_KINDS[args.noun], args.id, record)
     return _emit(args, result, _record_summary(args.noun, result))
+
+
+def _allocation_options(args) -> tuple[str | None, str | None, str | None]:
+    custom = args.allocation == "custom"
+    if custom and not args.webhook_url:
+        raise UserError("--allocation custom needs --webhook-url URL (the webhook the emulator calls)")
+    if not custom and (args.webhook_url or args.webhook_api_version):
+        raise UserError("--webhook-url and --webhook-api-version belong to --allocation custom")
+    return args.allocation, args.webhook_url, args.webhook_api_version
 
 
 def _record_action(args) -> int:

@@ -66,6 +66,11 @@ def add_serve(verbs) -> None:
                              "(signatures made in the token; PIN from ?pin-source= or $PKCS11_PIN)")
     parser.add_argument("--max-connections", type=int, default=512, metavar="N",
                         help="connections served at once per port; more wait in the backlog (default 512)")
+    parser.add_argument("--webhook-trust", type=Path, metavar="FILE",
+                        help="CA certificates (PEM) to trust for https custom allocation webhooks "
+                             "(default: the system's)")
+    parser.add_argument("--webhook-timeout", type=float, default=10.0, metavar="S",
+                        help="seconds a custom allocation webhook has to answer (default 10)")
     _add_front_end_arguments(parser)
     parser.add_argument("--json", action="store_true",
                         help="on failure also print a JSON error object on stdout")
@@ -100,6 +105,7 @@ def run_serve(args) -> int:
     _check_tls_options(args)
     if not 0 <= args.quota_units <= 10_000:
         raise UserError("--quota-units must be 0..10000 (0: no quotas)")
+    _check_webhook_options(args)
     options = server.ServeOptions(
         home=home, host=args.host, port=args.port, service_port=args.service_port,
         server_names=args.server_name, tls_cert=args.tls_cert, tls_key=args.tls_key, tls_chain=args.tls_chain,
@@ -111,6 +117,8 @@ def run_serve(args) -> int:
         faults=_read_fault_plan(args.faults), quota_units=args.quota_units,
         issuing_ca_cert=args.issuing_ca_cert and args.issuing_ca_cert.absolute(),
         issuing_ca_key=_absolute_unless_uri(args.issuing_ca_key),
+        webhook_trust=args.webhook_trust and args.webhook_trust.resolve(),
+        webhook_timeout=args.webhook_timeout,
     )
     factories = _front_end_factories(args)
     dashboard_factory = _dashboard_factory(args)
@@ -161,6 +169,18 @@ def _check_tls_options(args) -> None:
     if args.tls_cert is not None and args.server_name:
         raise UserError("--server-name names the generated certificate; with --tls-cert the names "
                         "are the ones in that certificate")
+
+
+def _check_webhook_options(args) -> None:
+    from device_sim.common.x509util import CertificateError, load_certificate_file
+
+    if not 0 < args.webhook_timeout <= 300:
+        raise UserError(f"--webhook-timeout {args.webhook_timeout:g} must be more than 0 and at most 300 seconds")
+    if args.webhook_trust is not None:
+        try:
+            load_certificate_file(args.webhook_trust)
+        except (OSError, CertificateError, ValueError) as exc:
+            raise UserError(f"--webhook-trust: {exc}; give a PEM file of CA certificates") from None
 
 
 # The option that moves each listener, and how the error names it.

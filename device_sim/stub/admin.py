@@ -260,8 +260,23 @@ def read_fault_plan(path: str | Path) -> dict:
         raise UserError(f"{path}: {exc}") from None
 
 
+WEBHOOK_API_VERSION = dps.SERVICE_API_VERSION  # what the webhook's records are shaped by
+
+
+def allocation_fields(policy: str | None, webhook_url: str | None,
+                      webhook_api_version: str | None = None) -> dict:
+    """`allocationPolicy` and, for `custom`, the `customAllocationDefinition` of a record."""
+    if policy is None:
+        return {}
+    fields: dict = {"allocationPolicy": policy}
+    if webhook_url is not None:
+        fields["customAllocationDefinition"] = {
+            "webhookUrl": webhook_url, "apiVersion": webhook_api_version or WEBHOOK_API_VERSION}
+    return fields
+
+
 def group_record(group_id: str, ca_ref: str | None, cert_pem: str | None, disabled: bool,
-                 hubs: list[str]) -> dict:
+                 hubs: list[str], allocation: dict | None = None) -> dict:
     if ca_ref:
         x509_attestation = {"caReferences": {"primary": ca_ref}}
     else:
@@ -273,11 +288,12 @@ def group_record(group_id: str, ca_ref: str | None, cert_pem: str | None, disabl
     }
     if hubs:
         record["iotHubs"] = hubs
+    record.update(allocation or {})
     return record
 
 
 def enrollment_record(registration_id: str, cert_pem: str, device_id: str | None, disabled: bool,
-                      hubs: list[str]) -> dict:
+                      hubs: list[str], allocation: dict | None = None) -> dict:
     record = {
         "registrationId": registration_id,
         "attestation": {"type": "x509", "x509": {"clientCertificates": {"primary": {"certificate": cert_pem}}}},
@@ -287,6 +303,7 @@ def enrollment_record(registration_id: str, cert_pem: str, device_id: str | None
         record["deviceId"] = device_id
     if hubs:
         record["iotHubs"] = hubs
+    record.update(allocation or {})
     return record
 
 

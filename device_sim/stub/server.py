@@ -80,6 +80,8 @@ class ServeOptions:
     # Certificate issuance: None/None = the issuing CA generated in <home>/stub/issuing/.
     issuing_ca_cert: Path | None = None
     issuing_ca_key: str | None = None  # a PEM file or a pkcs11: URI
+    webhook_trust: Path | None = None  # CA file for https custom allocation webhooks
+    webhook_timeout: float = 10.0
 
 
 @dataclass
@@ -175,6 +177,7 @@ class StubServer:
         self.listeners: list[Listener] = []
         self.ready: dict = {}
         self.started = time.time()
+        self.webhooks = None
 
     def start(self) -> dict:
         # The core is imported here so that the admin commands (which only need the file
@@ -192,8 +195,11 @@ class StubServer:
         key_path = ensure_service_key(layout.service_key)
         identity = server_identity(layout, options)
         store = Store(layout.database)
+        from device_sim.stub.net.webhook_client import WebhookClient
+
+        self.webhooks = WebhookClient(options.webhook_trust, options.webhook_timeout, log=self.log)
         device_api = DeviceApi(store, config, issuer=load_issuer(
-            directory, options.issuing_ca_cert, options.issuing_ca_key))
+            directory, options.issuing_ca_cert, options.issuing_ca_key), webhooks=self.webhooks)
         device_api.faults.set(options.faults)
         url_host = "localhost" if options.host in ("127.0.0.1", "::1", "localhost", "0.0.0.0", "::") else options.host
         self.app = app = StubApp(
@@ -295,6 +301,8 @@ class StubServer:
             except Exception as exc:
                 self.log(f"closing {listener.name} listener failed: {exc}")
         self.listeners.clear()
+        if self.webhooks is not None:
+            self.webhooks.close()
         if self.app is not None:
             self.app.store.close()
             self._remove_endpoint_file()

@@ -16,6 +16,8 @@ def registration_view(row: RegistrationRow) -> dict:
     view = dict(row.doc)
     if row.internal.get("devicePayload") is not None:
         view["devicePayload"] = row.internal["devicePayload"]
+    if row.internal.get("initialTwin") is not None:  # what a custom webhook gave the hub
+        view["initialTwin"] = row.internal["initialTwin"]
     return view
 
 
