@@ -5,10 +5,11 @@ from __future__ import annotations
 import sys
 
 from device_sim.cli.durations import human_duration
-from device_sim.cli.hsm_options import (ca_library, device_library, emit, json_option, lazy, pin_book,
-                                        token_options, token_run, warn_if_clamped)
+from device_sim.cli.hsm_options import (add_key_argument, ca_library, device_library, emit,
+                                        json_option, lazy, pin_book, token_options, token_run,
+                                        warn_if_clamped)
 from hsm_setup import ca, fleet, identities, tokens
-from hsm_setup.key_types import add_key_argument, key_spec
+from hsm_setup.key_types import key_spec
 from hsm_setup.pins import ENV_SO_PIN, resolve_pin
 
 

@@ -14,6 +14,7 @@ from device_sim.common.home import ensure_home
 from hsm_setup import devices
 from hsm_setup.ca import Issuer, UnknownCa
 from hsm_setup.context import Pkcs11Context, Pkcs11Library
+from hsm_setup.key_types import DEFAULT_KEY_TYPE, KEY_TYPES
 from hsm_setup.pins import PinBook
 
 
@@ -125,3 +126,19 @@ def lazy(fn):
             cache.append(fn())
         return cache[0]
     return get
+
+
+def add_key_argument(parser, *, help_what: str = "key") -> None:
+    parser.add_argument("--key", default=DEFAULT_KEY_TYPE, choices=sorted(KEY_TYPES),
+                        metavar="TYPE",
+                        help=f"{help_what} type: {', '.join(KEY_TYPES)} (default {DEFAULT_KEY_TYPE})")
+
+
+def key_holder_options(parser: argparse.ArgumentParser, *, token: str, days: int, what: str) -> None:
+    """What every verb that makes a key and a certificate in a token takes: the token, the
+    validity, the key type, and the token options with the CA token's PIN and module."""
+    parser.add_argument("--token", default=token, metavar="LABEL",
+                        help=f"token that holds the {what} (default {token!r})")
+    parser.add_argument("--days", type=int, default=days, help="validity in days")
+    add_key_argument(parser, help_what=what)
+    token_options(parser, ca_pin=True, ca_module=True)
