@@ -14,8 +14,9 @@ HOME_DIR ?= .device-sim
 # libtpm2-pkcs11-tools) and tpm2-tools, which that tool runs.
 # opensc: pkcs11-tool, which the bring-your-own-PKI tests use to put objects on a token as a
 # factory station would (tests/hsm_setup/test_byo.py). OpenSSL's command line and curl: the
-# token key through standard OpenSSL (docs/openssl.md).
-SYSPKGS := softhsm2 opensc-pkcs11 opensc swtpm swtpm-tools tpm2-abrmd libtss2-tcti-tabrmd0 libtpm2-pkcs11-1 libtpm2-pkcs11-tools tpm2-tools dbus openssl curl
+# token key through standard OpenSSL (docs/openssl.md). Chromium: the browser the dashboard
+# test drives through Playwright (which is told not to fetch a browser of its own).
+SYSPKGS := softhsm2 opensc-pkcs11 opensc swtpm swtpm-tools tpm2-abrmd libtss2-tcti-tabrmd0 libtpm2-pkcs11-1 libtpm2-pkcs11-tools tpm2-tools dbus openssl curl chromium
 # pkcs11-provider (the OpenSSL 3 provider for token keys) is in Debian 12 only in the
 # backports suite. That suite is added from the mirror the machine's own `bookworm` entry
 # names (apt parses sources.list and deb822 .sources alike), so no host is written here.
@@ -69,3 +70,13 @@ bench: venv
 
 clean:
 	rm -rf $(VENV) $(HOME_DIR) .pytest_cache
+
+# The official service SDK (azure-iot-deviceprovisioning) shares the SDK venv: tests/stub_server
+# creates and reads enrollments with it, and registers with azure-iot-device over MQTT and
+# MQTT over WebSockets (docs/emulator.md, "WebSockets").
+SERVICE_SDK_STAMP := $(SDK_VENV)/.service-sdk
+$(SERVICE_SDK_STAMP): $(SDK_STAMP)
+	$(SDK_VENV)/bin/python -m pip install -q azure-iot-deviceprovisioning
+	touch $(SERVICE_SDK_STAMP)
+
+venv: $(SERVICE_SDK_STAMP)

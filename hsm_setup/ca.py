@@ -25,6 +25,7 @@ from cryptography import x509
 
 from device_sim.common import x509util
 from device_sim.common.errors import UserError
+from device_sim.common.suggest import did_you_mean
 from hsm_setup import certificates, keys, tokens
 from hsm_setup.context import Pkcs11Library
 from hsm_setup.key_types import KeySpec, key_spec
@@ -116,8 +117,9 @@ def load_ca(home: Path, name: str) -> CaRecord:
     folder = ca_root_dir(home) / name
     meta_path = folder / "ca.json"
     if not meta_path.is_file():
-        raise UnknownCa(f"unknown CA {name!r}: create it with 'hsm-setup ca create {name}' "
-                        f"(known: {', '.join(c.name for c in list_cas(home)) or 'none'})", name=name)
+        known = [c.name for c in list_cas(home)]
+        raise UnknownCa(f"unknown CA {name!r}{did_you_mean(name, known)}: create it with "
+                        f"'hsm-setup ca create {name}' (known: {', '.join(known) or 'none'})", name=name)
     meta = json.loads(meta_path.read_text(encoding="utf-8"))
     pem_path = folder / "cert.pem"
     der = _read_single_pem(pem_path)

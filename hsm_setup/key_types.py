@@ -54,9 +54,3 @@ def key_spec(name: str) -> KeySpec:
         return KEY_TYPES[name.lower()]
     except KeyError:
         raise UserError(f"unknown key type {name!r}: use one of {', '.join(KEY_TYPES)}") from None
-
-
-def add_key_argument(parser, *, help_what: str = "key") -> None:
-    parser.add_argument("--key", default=DEFAULT_KEY_TYPE, choices=sorted(KEY_TYPES),
-                        metavar="TYPE",
-                        help=f"{help_what} type: {', '.join(KEY_TYPES)} (default {DEFAULT_KEY_TYPE})")

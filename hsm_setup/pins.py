@@ -8,9 +8,10 @@ from __future__ import annotations
 import getpass
 import os
 import sys
+import warnings
 from pathlib import Path
 
-from device_sim.common.errors import UserError
+from device_sim.common.errors import Notice, UserError
 
 ENV_USER_PIN = "PKCS11_PIN"
 ENV_SO_PIN = "PKCS11_SO_PIN"
@@ -40,7 +41,19 @@ def read_pin_file(path: str | os.PathLike, *, what: str = "PIN") -> str:
     value = text.splitlines()[0] if text else ""
     if not value:
         raise UserError(f"{what} file {path} is empty")
+    _warn_if_shared(path, what)
     return value
+
+
+def _warn_if_shared(path, what: str) -> None:
+    """A PIN others can read is a leaked PIN: say so, still use it."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return
+    if mode & 0o044:
+        warnings.warn(f"{what} file {path} is readable by others (mode {mode & 0o777:o}); "
+                      f"run `chmod 600 {path}`", Notice, stacklevel=3)
 
 
 def _option_for(env: str) -> str:

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import sys
 
-from device_sim.cli.hsm_options import (ca_library, device_library, emit, json_option, pin_book, token_options,
-                                        token_run, write_out)
+from device_sim.cli.hsm_options import (add_key_argument, ca_library, device_library, emit,
+                                        json_option, pin_book, token_options, token_run, write_out)
 from hsm_setup import byo, certificates, csr_signing, identities, probe
-from hsm_setup.key_types import add_key_argument, key_spec
+from hsm_setup.key_types import key_spec
 
 
 def add_verbs(group) -> None:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import sys
 
-from device_sim.cli.hsm_options import (ca_library, device_library, emit, emit_list, show_command,
-                                        json_option, pin_book, token_options, token_run, warn_if_clamped, write_out)
-from device_sim.cli.options import add_home_argument
-from device_sim.common.home import ensure_home
+from device_sim.cli.hsm_options import (ca_library, device_library, emit,
+                                        emit_list, ERRORS_AS_JSON, json_option, key_holder_options, pin_book,
+                                        show_command, token_options, token_run, warn_if_clamped,
+                                        write_out)
+from device_sim.cli.options import add_home_argument, existing_home
 from hsm_setup import ca, certificates, verification
 from hsm_setup.interrupts import StopRequest
-from hsm_setup.key_types import add_key_argument, key_spec
+from hsm_setup.key_types import key_spec
 
 
 def cmd_ca_create(args) -> int:
@@ -31,7 +32,7 @@ def cmd_ca_create(args) -> int:
 
 
 def cmd_ca_list(args) -> int:
-    emit_list(args, ca.list_cas(ensure_home(args.home)),
+    emit_list(args, ca.list_cas(existing_home(args.home)),
               lambda r: f"{r.name}\tparent={r.parent or '-'}\t{r.key_type}\t{r.uri}", "(no CAs)")
     return 0
 
@@ -57,11 +58,7 @@ def add_verbs(group) -> None:
     p = verbs.add_parser("create", help="create a root CA, or an intermediate with --parent")
     p.add_argument("name", help="CA name (also its certificate CN and the CKA_LABEL of its key)")
     p.add_argument("--parent", metavar="NAME", help="parent CA (default: a self-signed root)")
-    p.add_argument("--token", default=ca.DEFAULT_CA_TOKEN, metavar="LABEL",
-                   help=f"token that holds the CA key (default {ca.DEFAULT_CA_TOKEN!r})")
-    p.add_argument("--days", type=int, default=ca.DEFAULT_CA_DAYS, help="validity in days")
-    add_key_argument(p, help_what="CA key")
-    token_options(p, ca_pin=True, ca_module=True)
+    key_holder_options(p, token=ca.DEFAULT_CA_TOKEN, days=ca.DEFAULT_CA_DAYS, what="CA key")
     json_option(p, cmd_ca_create)
     p = verbs.add_parser("list", help="list registered CAs")
     add_home_argument(p)
@@ -77,4 +74,4 @@ def add_verbs(group) -> None:
     p.add_argument("--days", type=int, default=verification.DEFAULT_DAYS, help="validity in days")
     p.add_argument("--out", metavar="FILE", help="write the PEM here (default: stdout)")
     token_options(p, ca_pin=True, ca_module=True)
-    p.set_defaults(func=cmd_ca_verification_cert)
+    json_option(p, cmd_ca_verification_cert, ERRORS_AS_JSON)

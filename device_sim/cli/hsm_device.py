@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from device_sim.cli.hsm_options import (ca_library, device_library, emit, emit_list, show_command,
-                                        json_option, pin_book, token_options, token_run, warn_if_clamped)
-from device_sim.cli.options import add_home_argument
-from device_sim.common.home import ensure_home
+from device_sim.cli.hsm_options import (ca_library, device_library, emit, emit_list, json_option,
+                                        key_holder_options, pin_book, show_command, token_run,
+                                        warn_if_clamped)
+from device_sim.cli.options import add_home_argument, existing_home
 from hsm_setup import ca, devices, identities
 from hsm_setup.interrupts import StopRequest
-from hsm_setup.key_types import add_key_argument, key_spec
+from hsm_setup.key_types import key_spec
 
 
 def cmd_device_create(args) -> int:
@@ -27,7 +27,7 @@ def cmd_device_create(args) -> int:
 
 
 def cmd_device_list(args) -> int:
-    emit_list(args, devices.list_devices(ensure_home(args.home), token_label=args.token, prefix=args.prefix),
+    emit_list(args, devices.list_devices(existing_home(args.home), token_label=args.token, prefix=args.prefix),
               lambda r: f"{r.registration_id}\t{r.token_label}\t{r.key_type}\t{r.uri}", "(no devices)")
     return 0
 
@@ -40,11 +40,8 @@ def add_verbs(group) -> None:
     p = verbs.add_parser("create", help="create one device identity")
     p.add_argument("registration_id", help="DPS registration ID = certificate CN = CKA_LABEL")
     p.add_argument("--ca", required=True, metavar="NAME", help="issuing CA")
-    p.add_argument("--token", default=identities.DEFAULT_DEVICE_TOKEN, metavar="LABEL",
-                   help=f"device token (default {identities.DEFAULT_DEVICE_TOKEN!r})")
-    p.add_argument("--days", type=int, default=identities.DEFAULT_DEVICE_DAYS, help="validity in days")
-    add_key_argument(p, help_what="device key")
-    token_options(p, ca_pin=True, ca_module=True)
+    key_holder_options(p, token=identities.DEFAULT_DEVICE_TOKEN, days=identities.DEFAULT_DEVICE_DAYS,
+                       what="device key")
     json_option(p, cmd_device_create)
     p = verbs.add_parser("list", help="list registered devices")
     p.add_argument("--token", metavar="LABEL", help="only devices on this token")

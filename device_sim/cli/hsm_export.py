@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 from device_sim.cli.hsm_openssl import add_openssl_export
-from device_sim.cli.hsm_options import write_out
-from device_sim.cli.options import add_home_argument
+from device_sim.cli.hsm_options import ERRORS_AS_JSON, json_option, write_out
+from device_sim.cli.options import add_home_argument, existing_home
 from device_sim.common.errors import UserError
-from device_sim.common.home import ensure_home
 from hsm_setup import ca, certificates, devices
 
 
 def cmd_export(args) -> int:
-    home = ensure_home(args.home)
+    home = existing_home(args.home)
     if args.what == "bundle":
         records = ca.list_cas(home)
         if args.ca:
@@ -51,5 +50,5 @@ def add_command(sub) -> None:
         v.add_argument("--roots-only", action="store_true", help="bundle: only root certificates")
         v.add_argument("--out", metavar="FILE", help="write here (default: stdout)")
         add_home_argument(v)
-        v.set_defaults(func=cmd_export)
+        json_option(v, cmd_export, ERRORS_AS_JSON)
     add_openssl_export(verbs)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import sys
 
-from device_sim.cli.hsm_options import (ca_library, device_library, emit, json_option, lazy, pin_book,
-                                        token_options, token_run, warn_if_clamped)
+from device_sim.cli.durations import human_duration
+from device_sim.cli.hsm_options import (add_key_argument, ca_library, device_library, emit,
+                                        json_option, lazy, pin_book, token_options, token_run,
+                                        warn_if_clamped)
 from hsm_setup import ca, fleet, identities, tokens
-from hsm_setup.key_types import add_key_argument, key_spec
+from hsm_setup.key_types import key_spec
 from hsm_setup.pins import ENV_SO_PIN, resolve_pin
 
 
@@ -45,7 +47,7 @@ def cmd_fleet_create(args) -> int:
         summary["devices"] = result.created
     kept = f" ({result.kept} made before were kept)" if result.kept else ""
     emit(args, summary,
-         f"{len(result.created)} device identities in {result.seconds:.1f} s "
+         f"{len(result.created)} device identities in {human_duration(result.seconds)} "
          f"({result.rate:.1f}/s) on tokens {', '.join(result.tokens)}{kept}\n"
          f"first: {result.created[0]['uri']}\nlast:  {result.created[-1]['uri']}")
     return 0

@@ -8,12 +8,13 @@ import json
 import sys
 from pathlib import Path
 
-from device_sim.cli.options import add_home_argument
+from device_sim.cli.options import add_home_argument, existing_home
 from device_sim.common.errors import UserError
 from device_sim.common.home import ensure_home
 from hsm_setup import devices
 from hsm_setup.ca import Issuer, UnknownCa
 from hsm_setup.context import Pkcs11Context, Pkcs11Library
+from hsm_setup.key_types import DEFAULT_KEY_TYPE, KEY_TYPES
 from hsm_setup.pins import PinBook
 
 
@@ -35,9 +36,12 @@ def token_options(parser: argparse.ArgumentParser, *, ca_pin: bool = False, so_p
                             help="security-officer PIN for new tokens (default: $PKCS11_SO_PIN, else prompt)")
 
 
-def json_option(parser: argparse.ArgumentParser, func=None) -> None:
+ERRORS_AS_JSON = "on failure also print a JSON error object on stdout (the PEM output is unchanged)"
+
+
+def json_option(parser: argparse.ArgumentParser, func=None, help_text: str = "print machine-readable JSON") -> None:
     """--json, and the verb's function when given (the last step of most verbs' setup)."""
-    parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    parser.add_argument("--json", action="store_true", help=help_text)
     if func is not None:
         parser.set_defaults(func=func)
 
@@ -101,7 +105,7 @@ def emit_fields(args, data: dict) -> None:
 def show_command(load):
     """A `show` verb: `load(home, args)` -> a record with as_dict(), printed as fields."""
     def cmd(args) -> int:
-        emit_fields(args, load(ensure_home(args.home), args).as_dict())
+        emit_fields(args, load(existing_home(args.home), args).as_dict())
         return 0
     return cmd
 
@@ -122,3 +126,19 @@ def lazy(fn):
             cache.append(fn())
         return cache[0]
     return get
+
+
+def add_key_argument(parser, *, help_what: str = "key") -> None:
+    parser.add_argument("--key", default=DEFAULT_KEY_TYPE, choices=sorted(KEY_TYPES),
+                        metavar="TYPE",
+                        help=f"{help_what} type: {', '.join(KEY_TYPES)} (default {DEFAULT_KEY_TYPE})")
+
+
+def key_holder_options(parser: argparse.ArgumentParser, *, token: str, days: int, what: str) -> None:
+    """What every verb that makes a key and a certificate in a token takes: the token, the
+    validity, the key type, and the token options with the CA token's PIN and module."""
+    parser.add_argument("--token", default=token, metavar="LABEL",
+                        help=f"token that holds the {what} (default {token!r})")
+    parser.add_argument("--days", type=int, default=days, help="validity in days")
+    add_key_argument(parser, help_what=what)
+    token_options(parser, ca_pin=True, ca_module=True)

@@ -1,4 +1,4 @@
-"""`device-sim stub ca|group|enroll|registration|status ...`: manage the emulator's CA
+"""`device-sim stub ca|group|enroll|registration|status|faults ...`: manage the emulator's CA
 certificates, enrollments and registration records through its service API, and show what
 it holds."""
 
@@ -7,11 +7,12 @@ from __future__ import annotations
 import argparse
 import json
 
-from device_sim.cli.options import add_home_argument
+from device_sim.cli.durations import human_duration
+from device_sim.cli.options import add_home_argument, existing_home
 from device_sim.common.errors import UserError
-from device_sim.common.home import resolve_home
 
 RECORD_KINDS = {"group": "enrollmentGroups", "enroll": "enrollments"}
+ALLOCATION_CHOICES = ("hashed", "geoLatency", "static", "custom")
 
 
 def add_admin(verbs) -> None:
@@ -20,6 +21,7 @@ def add_admin(verbs) -> None:
     _add_record_commands(verbs, "enroll", "individual enrollments (a device's leaf certificate)")
     _add_registration(verbs)
     _add_status(verbs)
+    _add_faults(verbs)
 
 
 # --------------------------------------------------------------------------- admin commands
@@ -36,7 +38,9 @@ def _admin_parser(verbs, name: str, help_text: str) -> argparse.ArgumentParser:
 def _client(args):
     from device_sim.stub import admin
 
-    endpoint = admin.find_endpoint(resolve_home(args.home), args.service_url)
+    home = existing_home(args.home, hint="no emulator ran there: start one with "
+                         "`device-sim stub serve --home DIR`", exit_code=admin.EXIT_UNREACHABLE)
+    endpoint = admin.find_endpoint(home, args.service_url)
     return admin.ServiceClient(endpoint)
 
 
@@ -134,6 +138,12 @@ def _add_record_commands(verbs, noun: str, help_text: str) -> None:
         p.add_argument("--device-id", help="IoT Hub device ID (default: the registration ID)")
     p.add_argument("--disabled", action="store_true", help="create it disabled")
     p.add_argument("--hub", action="append", default=[], metavar="HOST", help="restrict to these linked hubs")
+    p.add_argument("--allocation", choices=ALLOCATION_CHOICES,
+                   help="allocation policy (default: the emulator's, hashed); custom calls --webhook-url")
+    p.add_argument("--webhook-url", metavar="URL",
+                   help="custom allocation webhook (http:// or https://) the emulator POSTs each registration to")
+    p.add_argument("--webhook-api-version", metavar="V",
+                   help="customAllocationDefinition.apiVersion (default 2021-10-01)")
     p.add_argument("--credential-policy", metavar="NAME",
                    help="credentialPolicyName: devices sending a csr get a certificate from this policy "
                         "(the emulator has 'default')")
@@ -156,15 +166,25 @@ def _record_summary(noun: str, record: dict) -> str:
 def _record_create(args) -> int:
     from device_sim.stub import admin
 
+    allocation = admin.allocation_fields(*_allocation_options(args))
     cert = admin.read_certificate_pem(args.cert) if args.cert else None
     if args.noun == "group":
-        record = admin.group_record(args.id, args.ca_ref, cert, args.disabled, args.hub)
+        record = admin.group_record(args.id, args.ca_ref, cert, args.disabled, args.hub, allocation)
     else:
-        record = admin.enrollment_record(args.id, cert, args.device_id, args.disabled, args.hub)
+        record = admin.enrollment_record(args.id, cert, args.device_id, args.disabled, args.hub, allocation)
     if args.credential_policy:
         record["credentialPolicyName"] = args.credential_policy
     result = _client(args).put_record(RECORD_KINDS[args.noun], args.id, record)
     return _emit(args, result, _record_summary(args.noun, result))
+
+
+def _allocation_options(args) -> tuple[str | None, str | None, str | None]:
+    custom = args.allocation == "custom"
+    if custom and not args.webhook_url:
+        raise UserError("--allocation custom needs --webhook-url URL (the webhook the emulator calls)")
+    if not custom and (args.webhook_url or args.webhook_api_version):
+        raise UserError("--webhook-url and --webhook-api-version belong to --allocation custom")
+    return args.allocation, args.webhook_url, args.webhook_api_version
 
 
 def _record_action(args) -> int:
@@ -239,7 +259,13 @@ def _status_text(status: dict) -> str:
     for hub in status.get("hubs", []):
         lines.append(f"hub\t{hub.get('name')}\tweight {hub.get('weight')}\t"
                      f"{hub.get('assignedRegistrations', 0)} assigned")
+    if status.get("quotaUnits"):
+        lines.append(f"quota units\t{status['quotaUnits']}")
+    if status.get("faults"):
+        lines.extend(_fault_lines(status["faults"]))
     for name, value in (status.get("server") or {}).items():
+        if name.endswith("Seconds") and isinstance(value, (int, float)):
+            name, value = name.removesuffix("Seconds"), human_duration(value)
         lines.append(f"{name}\t{value}")
     return "\n".join(lines)
 
@@ -247,3 +273,43 @@ def _status_text(status: dict) -> str:
 def _status(args) -> int:
     status = _client(args).status()
     return _emit(args, status, _status_text(status))
+
+
+def _add_faults(verbs) -> None:
+    parser = verbs.add_parser("faults", help="the live fault plan: show, set, clear",
+                              description="The running emulator's fault plan (docs/emulator.md, "
+                                          "'Fault plans'); a change applies to new requests at once.")
+    sub = parser.add_subparsers(dest="faults_command", required=True, metavar="ACTION")
+    p = _admin_parser(sub, "show", "show the plan and the counters of its rules")
+    p.set_defaults(func=_faults_show)
+    p = _admin_parser(sub, "set", "replace the plan (counters and windows start again)")
+    p.add_argument("file", help="fault plan JSON file")
+    p.set_defaults(func=_faults_set)
+    p = _admin_parser(sub, "clear", "remove the plan: no more faults")
+    p.set_defaults(func=_faults_clear)
+
+
+def _fault_lines(report: dict) -> list[str]:
+    lines = [f"fault plan\tseed {report.get('seed')}, {len(report.get('rules', []))} rule(s), "
+             f"started {report.get('startedUtc')}"]
+    for rule in report.get("rules", []):
+        lines.append(f"rule {rule.get('index')}\tmatched {rule.get('matched', 0)}\tfired {rule.get('fired', 0)}\t"
+                     f"{json.dumps(rule.get('match', {}))} -> {json.dumps(rule.get('action', {}))}")
+    return lines
+
+
+def _faults_show(args) -> int:
+    report = _client(args).faults_show()
+    return _emit(args, report, "\n".join(_fault_lines(report)) if report else "(no fault plan)")
+
+
+def _faults_set(args) -> int:
+    from device_sim.stub.admin import read_fault_plan
+
+    report = _client(args).faults_set(read_fault_plan(args.file))
+    return _emit(args, report, "\n".join(_fault_lines(report or {})))
+
+
+def _faults_clear(args) -> int:
+    _client(args).faults_clear()
+    return _emit(args, None, "fault plan cleared")

@@ -42,6 +42,13 @@ def add_serve(verbs) -> None:
     parser.add_argument("--retry-after", type=int, default=1, metavar="S", help="Retry-After seconds on 202 (default 1)")
     parser.add_argument("--throttle", type=int, default=0, metavar="N",
                         help="answer the first N device requests of each registration ID with 429 (default 0)")
+    parser.add_argument("--faults", type=Path, metavar="FILE",
+                        help="fault plan (JSON: seed and rules) to start with; change it live with "
+                             "`device-sim stub faults set|clear` (docs/emulator.md, 'Fault plans')")
+    parser.add_argument("--quota-units", type=int, default=0, metavar="N",
+                        help="enforce DPS quotas for N units: 1,000 registrations and 1,000 service "
+                             "operations per minute per unit, 5 polls per 10 s per device; 429 past them "
+                             "(default 0: no quotas)")
     parser.add_argument("--server-name", action="append", default=[], metavar="NAME",
                         help="extra DNS name or IP for the server certificate (localhost and 127.0.0.1 are always in it)")
     parser.add_argument("--tls-cert", type=Path, metavar="FILE",
@@ -59,7 +66,15 @@ def add_serve(verbs) -> None:
                              "(signatures made in the token; PIN from ?pin-source= or $PKCS11_PIN)")
     parser.add_argument("--max-connections", type=int, default=512, metavar="N",
                         help="connections served at once per port; more wait in the backlog (default 512)")
+    parser.add_argument("--webhook-trust", type=Path, metavar="FILE",
+                        help="CA certificates (PEM) to trust for https custom allocation webhooks "
+                             "(default: the system's)")
+    parser.add_argument("--webhook-timeout", type=float, default=10.0, metavar="S",
+                        help="seconds a custom allocation webhook has to answer (default 10)")
     _add_front_end_arguments(parser)
+    parser.add_argument("--json", action="store_true",
+                        help="on failure also print a JSON error object on stdout")
+    _add_dashboard_arguments(parser)
     parser.set_defaults(func=run_serve)
 
 
@@ -88,6 +103,9 @@ def run_serve(args) -> int:
     if args.max_connections < 1:
         raise UserError("--max-connections must be at least 1")
     _check_tls_options(args)
+    if not 0 <= args.quota_units <= 10_000:
+        raise UserError("--quota-units must be 0..10000 (0: no quotas)")
+    _check_webhook_options(args)
     options = server.ServeOptions(
         home=home, host=args.host, port=args.port, service_port=args.service_port,
         server_names=args.server_name, tls_cert=args.tls_cert, tls_key=args.tls_key, tls_chain=args.tls_chain,
@@ -96,10 +114,16 @@ def run_serve(args) -> int:
         id_scope=args.id_scope, hubs=_parse_hubs(args.hub),
         assignment_delay=args.assignment_delay, retry_after=args.retry_after, throttle=args.throttle,
         limits=Limits(max_connections=args.max_connections),
+        faults=_read_fault_plan(args.faults), quota_units=args.quota_units,
         issuing_ca_cert=args.issuing_ca_cert and args.issuing_ca_cert.absolute(),
         issuing_ca_key=_absolute_unless_uri(args.issuing_ca_key),
+        webhook_trust=args.webhook_trust and args.webhook_trust.resolve(),
+        webhook_timeout=args.webhook_timeout,
     )
     factories = _front_end_factories(args)
+    dashboard_factory = _dashboard_factory(args)
+    if dashboard_factory is not None:
+        factories.append(dashboard_factory)
     stub = server.StubServer(options, factories)
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -118,6 +142,19 @@ def run_serve(args) -> int:
     return 0
 
 
+def _read_fault_plan(path: Path | None):
+    from device_sim.stub.core.faults import FaultPlanError, parse_plan
+
+    if path is None:
+        return None
+    try:
+        return parse_plan(path.read_bytes())
+    except OSError as exc:
+        raise UserError(f"--faults {path}: cannot read it ({exc.strerror or exc})") from None
+    except FaultPlanError as exc:
+        raise UserError(f"--faults {path}: {exc}") from None
+
+
 def _absolute_unless_uri(value: str | None) -> str | None:
     if value is None or value.lower().startswith("pkcs11:"):
         return value
@@ -134,12 +171,25 @@ def _check_tls_options(args) -> None:
                         "are the ones in that certificate")
 
 
+def _check_webhook_options(args) -> None:
+    from device_sim.common.x509util import CertificateError, load_certificate_file
+
+    if not 0 < args.webhook_timeout <= 300:
+        raise UserError(f"--webhook-timeout {args.webhook_timeout:g} must be more than 0 and at most 300 seconds")
+    if args.webhook_trust is not None:
+        try:
+            load_certificate_file(args.webhook_trust)
+        except (OSError, CertificateError, ValueError) as exc:
+            raise UserError(f"--webhook-trust: {exc}; give a PEM file of CA certificates") from None
+
+
 # The option that moves each listener, and how the error names it.
 LISTENER_OPTIONS = {
     "device": ("device API", "--port"),
     "service": ("service API", "--service-port"),
     "mqtt": ("MQTT", "--mqtt-port"),
     "amqp": ("AMQP", "--amqp-port"),
+    "dashboard": ("dashboard", "--dashboard-port"),
 }
 
 
@@ -178,3 +228,23 @@ def _front_end_factories(args) -> list:
             raise UserError(f"--{name}-port {port} is not a TCP port (0..65535)")
         factories.append(module.listener_factory(port))
     return factories
+
+
+def _add_dashboard_arguments(parser) -> None:
+    parser.add_argument("--dashboard-port", type=int, default=0, metavar="PORT",
+                        help="port of the dashboard page (plain HTTP; the ready line's dashboard_url "
+                             "carries its access token); 0 picks a free one (default)")
+    parser.add_argument("--dashboard-host", default="127.0.0.1", metavar="ADDR",
+                        help="address the dashboard listens on (default 127.0.0.1: this machine only)")
+    parser.add_argument("--no-dashboard", action="store_true", help="do not serve the dashboard")
+
+
+def _dashboard_factory(args):
+    """The dashboard `server.ListenerFactory` for `stub serve`, or None with --no-dashboard."""
+    from device_sim.stub.net import dashboard
+
+    if args.no_dashboard:
+        return None
+    if not 0 <= args.dashboard_port <= 65535:
+        raise UserError(f"--dashboard-port {args.dashboard_port} is not a TCP port (0..65535)")
+    return dashboard.listener_factory(args.dashboard_port, args.dashboard_host)

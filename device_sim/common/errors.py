@@ -39,12 +39,36 @@ REGISTER_EXIT_CODES = (EXIT_ASSIGNED, EXIT_USAGE, EXIT_DISABLED, EXIT_UNAUTHORIZ
                        EXIT_TIMEOUT, EXIT_TLS, EXIT_PROTOCOL)
 
 
+# The `code` of `--json` errors when neither the raise nor the error class names one.
+EXIT_SLUGS = {
+    EXIT_USAGE: "usage",
+    EXIT_DISABLED: "disabled",
+    EXIT_UNAUTHORIZED: "unauthorized",
+    EXIT_FAILED: "failed",
+    EXIT_TIMEOUT: "timeout",
+    EXIT_TLS: "tls",
+    EXIT_PROTOCOL: "protocol",
+    EXIT_INTERRUPTED: "interrupted",
+}
+
+
 class UserError(Exception):
     """A failure the user can fix: the message names what is wrong and what to do.
 
-    Never put a secret (PIN, SAS key) into the message.
+    `code` is a short stable slug scripts may match on (`--json` errors); a subclass may set
+    it as a class attribute. Never put a secret (PIN, SAS key) into the message.
     """
 
-    def __init__(self, message: str, exit_code: int = EXIT_USAGE):
+    code: str | None = None
+
+    def __init__(self, message: str, exit_code: int = EXIT_USAGE, code: str | None = None):
         super().__init__(message)
         self.exit_code = exit_code
+        if code:
+            self.code = code
+
+
+class Notice(UserWarning):
+    """Something the user should fix that does not stop the run (a PIN file others can
+    read). Libraries `warnings.warn(text, Notice)`; the CLI prints each once as
+    `PROG: warning: ...` after a verb that succeeded, so a failure stays one line."""

@@ -116,7 +116,7 @@ def render_text(summary: dict) -> str:
     lines = [
         f"devices {summary['devices']}, finished {summary['finished']}"
         + (" (interrupted)" if summary["interrupted"] else ""),
-        f"wall time {summary['wall_s']} s, {summary['registrations_per_s']} registrations/s",
+        f"wall time {summary['wall_s']:.1f} s, {summary['registrations_per_s']} registrations/s",
         "latency ms      " + "  ".join(f"{k:>8}" for k in ("p50", "p90", "p99", "max")),
     ]
     for phase, stats in summary["latency_ms"].items():

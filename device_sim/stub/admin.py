@@ -13,14 +13,16 @@ service API; `/emulator/...` paths are the emulator's own (docs/emulator.md).
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 import requests
 
 from device_sim.common import dps
 from device_sim.common.errors import UserError
+from device_sim.common.suggest import did_you_mean
 from device_sim.common.x509util import load_certificate_file, to_pem
 from device_sim.stub.layout import StateLayout, read_service_key
 from device_sim.stub.core import sas
@@ -54,7 +56,7 @@ def find_endpoint(home: Path, service_url: str | None = None) -> Endpoint:
         raise UserError(
             f"no running emulator found under {home} (no {endpoint_file}); start one with "
             f"`device-sim stub serve --home {home}` or pass --service-url",
-            exit_code=EXIT_UNREACHABLE,
+            exit_code=EXIT_UNREACHABLE, code="unreachable",
         )
     ca_cert = Path(recorded.get("ca_cert") or layout.ca_cert)
     key_file = Path(recorded.get("service_key_file") or layout.service_key)
@@ -98,13 +100,37 @@ class ServiceClient:
             )
         except requests.exceptions.SSLError as exc:
             raise UserError(f"TLS to {self.endpoint.service_url} failed ({_short(exc)}); is "
-                            f"{self.endpoint.ca_cert} the CA of this emulator?", EXIT_UNREACHABLE) from None
+                            f"{self.endpoint.ca_cert} the CA of this emulator?", EXIT_UNREACHABLE,
+                            code="tls") from None
         except requests.exceptions.RequestException as exc:
             raise UserError(f"no emulator answering at {self.endpoint.service_url} ({_short(exc)}); "
-                            "start it with `device-sim stub serve`", EXIT_UNREACHABLE) from None
+                            "start it with `device-sim stub serve`", EXIT_UNREACHABLE,
+                            code="unreachable") from None
         if response.status_code not in ok:
-            raise UserError(_error_text(method, path, response), EXIT_SERVICE_ERROR)
+            text = _error_text(method, path, response)
+            if response.status_code == 404:
+                text += self._suggestion(path)
+            raise UserError(text, EXIT_SERVICE_ERROR, code=_error_slug(response))
         return response
+
+    def _suggestion(self, path: str) -> str:
+        """' (did you mean X?)' when a named CA, enrollment or registration is unknown and a
+        known name is close; nothing when none is, or listing fails too."""
+        match = _NAMED_PATH.fullmatch(path)
+        if not match:
+            return ""
+        kind, name = match.group(1), unquote(match.group(2))
+        try:
+            if kind == "certificates":
+                known = [r.get("name", "") for r in self.ca_list()]
+            elif kind == "registrations":
+                known = [r.get("registrationId", "") for r in self.registration_list()]
+            else:
+                key = "enrollmentGroupId" if kind == "enrollmentGroups" else "registrationId"
+                known = [r.get(key, "") for r in self.list_records(kind)]
+        except UserError:
+            return ""
+        return did_you_mean(name, known)
 
     def json(self, method: str, path: str, body: dict | None = None, headers: dict | None = None):
         response = self.call(method, path, body, headers)
@@ -210,9 +236,47 @@ class ServiceClient:
     def status(self) -> dict:
         return self.json("GET", "/emulator/status") or {}
 
+    # -- fault plan (docs/emulator.md, "Fault plans")
+
+    def faults_show(self) -> dict | None:
+        return (self.json("GET", "/emulator/faults") or {}).get("plan")
+
+    def faults_set(self, plan: dict) -> dict | None:
+        return (self.json("PUT", "/emulator/faults", plan) or {}).get("plan")
+
+    def faults_clear(self) -> None:
+        self.json("DELETE", "/emulator/faults")
+
+
+def read_fault_plan(path: str | Path) -> dict:
+    """A plan file as JSON, checked here first so a bad field is named before any call."""
+    from device_sim.stub.core.faults import FaultPlanError, parse_plan
+
+    try:
+        return parse_plan(Path(path).read_bytes()).source
+    except OSError as exc:
+        raise UserError(f"cannot read {path} ({exc.strerror or exc})") from None
+    except FaultPlanError as exc:
+        raise UserError(f"{path}: {exc}") from None
+
+
+WEBHOOK_API_VERSION = dps.SERVICE_API_VERSION  # what the webhook's records are shaped by
+
+
+def allocation_fields(policy: str | None, webhook_url: str | None,
+                      webhook_api_version: str | None = None) -> dict:
+    """`allocationPolicy` and, for `custom`, the `customAllocationDefinition` of a record."""
+    if policy is None:
+        return {}
+    fields: dict = {"allocationPolicy": policy}
+    if webhook_url is not None:
+        fields["customAllocationDefinition"] = {
+            "webhookUrl": webhook_url, "apiVersion": webhook_api_version or WEBHOOK_API_VERSION}
+    return fields
+
 
 def group_record(group_id: str, ca_ref: str | None, cert_pem: str | None, disabled: bool,
-                 hubs: list[str]) -> dict:
+                 hubs: list[str], allocation: dict | None = None) -> dict:
     if ca_ref:
         x509_attestation = {"caReferences": {"primary": ca_ref}}
     else:
@@ -224,11 +288,12 @@ def group_record(group_id: str, ca_ref: str | None, cert_pem: str | None, disabl
     }
     if hubs:
         record["iotHubs"] = hubs
+    record.update(allocation or {})
     return record
 
 
 def enrollment_record(registration_id: str, cert_pem: str, device_id: str | None, disabled: bool,
-                      hubs: list[str]) -> dict:
+                      hubs: list[str], allocation: dict | None = None) -> dict:
     record = {
         "registrationId": registration_id,
         "attestation": {"type": "x509", "x509": {"clientCertificates": {"primary": {"certificate": cert_pem}}}},
@@ -238,7 +303,36 @@ def enrollment_record(registration_id: str, cert_pem: str, device_id: str | None
         record["deviceId"] = device_id
     if hubs:
         record["iotHubs"] = hubs
+    record.update(allocation or {})
     return record
+
+
+_NAMED_PATH = re.compile(r"/(certificates|enrollmentGroups|enrollments|registrations)/([^/?]+)")
+
+# What the service says, in its API's terms, and what to type instead with our verbs.
+_SERVICE_HINTS = (
+    ("call generateVerificationCode first",
+     "no verification code is pending for {name}: run `device-sim stub ca code {name}`, then "
+     "`hsm-setup ca verification-cert {name} --code CODE --out FILE` and "
+     "`device-sim stub ca verify {name} FILE`"),
+    ("subject CN is not the current verification code",
+     "the verification certificate's CN is not {name}'s current code (each `stub ca code` "
+     "makes a new one): run `device-sim stub ca code {name}` and "
+     "`hsm-setup ca verification-cert {name} --code CODE --out FILE` again"),
+    ("not signed by this CA certificate's private key",
+     "the verification certificate is not signed by {name}'s key: make it with "
+     "`hsm-setup ca verification-cert {name} --code CODE` for the same CA"),
+    ("If-Match does not",
+     "{name} changed while this command ran (etag mismatch); run it again"),
+)
+
+
+def _error_slug(response: requests.Response) -> str:
+    """`not_found`, `conflict`, ... from the HTTP status (errorCode numbers are DPS's, not
+    stable words)."""
+    slugs = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+             409: "conflict", 412: "precondition_failed", 429: "throttled"}
+    return slugs.get(response.status_code, "service_error")
 
 
 def _seg(value: str) -> str:
@@ -261,5 +355,17 @@ def _error_text(method: str, path: str, response: requests.Response) -> str:
     except ValueError:
         body = None
     if isinstance(body, dict) and "message" in body:
+        hint = _service_hint(path, str(body["message"]))
+        if hint:
+            return hint
         return f"{method} {path.split('?')[0]}: {response.status_code} {body.get('errorCode', '')}: {body['message']}"
     return f"{method} {path}: HTTP {response.status_code} {response.reason}"
+
+
+def _service_hint(path: str, message: str) -> str | None:
+    match = _NAMED_PATH.match(path)
+    name = unquote(match.group(2)) if match else "NAME"
+    for marker, hint in _SERVICE_HINTS:
+        if marker in message:
+            return hint.format(name=name)
+    return None

@@ -29,8 +29,10 @@ from device_sim.stub.core.config import Hub, StubConfig
 from device_sim.stub.layout import StateLayout, ensure_service_key, read_service_key
 from device_sim.stub.net import amqp
 from device_sim.stub.net import http as http_server
+from device_sim.stub.net import websocket
 from device_sim.stub.net.listener import Limits, TlsListener
 from device_sim.stub.net.log import log_stderr
+from device_sim.stub.net.mqtt import serve_mqtt
 from device_sim.stub.net.server_pki import ServerIdentity, ensure_server_identity, supplied_identity
 from device_sim.stub.net.tls_context import device_context, service_context
 
@@ -72,10 +74,14 @@ class ServeOptions:
     assignment_delay: float = 0.0
     retry_after: int = 1
     throttle: int = 0
+    faults: object = None  # core.faults.FaultPlan from --faults, or None
+    quota_units: int = 0
     limits: Limits = field(default_factory=Limits)
     # Certificate issuance: None/None = the issuing CA generated in <home>/stub/issuing/.
     issuing_ca_cert: Path | None = None
     issuing_ca_key: str | None = None  # a PEM file or a pkcs11: URI
+    webhook_trust: Path | None = None  # CA file for https custom allocation webhooks
+    webhook_timeout: float = 10.0
 
 
 @dataclass
@@ -92,6 +98,9 @@ class StubApp:
     url_host: str
     limits: Limits
     log: Callable[[str], None]
+    # What `GET /$iothub/websocket` on the device port may switch to; a front end adds its
+    # own with register_subprotocol(name, handler) (net/websocket.py).
+    websocket_subprotocols: websocket.Subprotocols = field(default_factory=websocket.Subprotocols)
 
     def device_context(self) -> SSL.Context:
         """pyOpenSSL context for device ports (asks for any client chain, accepts any)."""
@@ -136,6 +145,7 @@ def resolve_config(directory: Path, options: ServeOptions) -> StubConfig:
         assignment_delay=options.assignment_delay,
         retry_after=options.retry_after,
         throttle=options.throttle,
+        quota_units=options.quota_units,
     )  # validates: a bad value raises ValueError before anything is remembered
     settings = {"id_scope": id_scope, "hubs": [asdict(hub) for hub in hubs]}
     write_atomic(StateLayout.at(directory).settings, json.dumps(settings, indent=2) + "\n")
@@ -167,6 +177,7 @@ class StubServer:
         self.listeners: list[Listener] = []
         self.ready: dict = {}
         self.started = time.time()
+        self.webhooks = None
 
     def start(self) -> dict:
         # The core is imported here so that the admin commands (which only need the file
@@ -184,14 +195,20 @@ class StubServer:
         key_path = ensure_service_key(layout.service_key)
         identity = server_identity(layout, options)
         store = Store(layout.database)
+        from device_sim.stub.net.webhook_client import WebhookClient
+
+        self.webhooks = WebhookClient(options.webhook_trust, options.webhook_timeout, log=self.log)
+        device_api = DeviceApi(store, config, issuer=load_issuer(
+            directory, options.issuing_ca_cert, options.issuing_ca_key), webhooks=self.webhooks)
+        device_api.faults.set(options.faults)
         url_host = "localhost" if options.host in ("127.0.0.1", "::1", "localhost", "0.0.0.0", "::") else options.host
         self.app = app = StubApp(
             state_dir=directory,
             config=config,
             store=store,
-            device_api=DeviceApi(store, config, issuer=load_issuer(
-                directory, options.issuing_ca_cert, options.issuing_ca_key)),
-            service_api=ServiceApi(store, config, read_service_key(key_path), server_status=self.status),
+            device_api=device_api,
+            service_api=ServiceApi(store, config, read_service_key(key_path), server_status=self.status,
+                                   faults=device_api.faults),
             identity=identity,
             host=options.host,
             url_host=url_host,
@@ -217,6 +234,10 @@ class StubServer:
             "home": str(options.home),
             "pid": os.getpid(),
         }
+        if options.faults is not None:
+            self.ready["faults"] = app.device_api.faults.summary()
+        if options.quota_units:
+            self.ready["quota_units"] = options.quota_units
         if options.service_connection_string:
             self.ready["service_connection_string"] = self._service_connection_string(app)
         # Private: the connection string carries the service key.
@@ -243,15 +264,21 @@ class StubServer:
         options = self.options
         # AMQP over WebSockets belongs to the device port, whether or not 5671 is served.
         amqp.register_websocket(app)
-        on_service = http_server.service_handler(app.service_api)
+        on_service = http_server.service_handler(app.service_api, app.device_api.faults)
         on_device = http_server.device_handler(app.device_api)
         if options.service_on_device_port:
             on_device = http_server.device_or_service_handler(on_device, on_service)
+        # MQTT over WebSockets belongs to the device port (as on DPS), whether or not 8883 is served.
+        app.websocket_subprotocols.register_subprotocol(
+            websocket.MQTT, lambda stream: serve_mqtt(stream, app.device_api, app.limits, log=self.log))
+        upgrade = websocket.upgrade_handler(app.websocket_subprotocols, log=self.log)
         device = TlsListener(
             "device", "https", options.host, options.port, app.device_context(),
-            lambda stream: http_server.serve_http(stream, on_device, app.limits, app.config.max_body, self.log),
+            lambda stream: http_server.serve_http(stream, on_device, app.limits, app.config.max_body, self.log,
+                                                  upgrade),
             limits=app.limits, on_not_tls=http_server.plain_http_hint, url_host=app.url_host, log=self.log,
             one_at_a_time=True,  # the device handlers only wait in TlsStream reads and writes
+            faults=app.device_api.faults, transport="https",
         )
         self.listeners.append(device)
         service = TlsListener(
@@ -274,6 +301,8 @@ class StubServer:
             except Exception as exc:
                 self.log(f"closing {listener.name} listener failed: {exc}")
         self.listeners.clear()
+        if self.webhooks is not None:
+            self.webhooks.close()
         if self.app is not None:
             self.app.store.close()
             self._remove_endpoint_file()

@@ -285,7 +285,9 @@ def test_allow_invalid_time_presents_an_expired_certificate_to_see_dps_answer(to
     cert_file = tmp_path / "expired.pem"
     cert_file.write_bytes(expired.chain_pem)
     code, out, err = register(token_pki, "device-ec-p256", emulator, "--cert", cert_file)
-    assert code == 2 and out is None and "expired on" in err
+    # exit 2 with --json: only the error object (issue 15: errors a script can read)
+    assert code == 2 and set(out) == {"error"} and "expired on" in err
+    assert out["error"]["exit_code"] == 2 and "expired on" in out["error"]["message"]
     code, out, err = register(token_pki, "device-ec-p256", emulator, "--cert", cert_file, "--allow-invalid-time")
     assert code == 4 and out["status"] == "unauthorized", err
     assert "validity" in out["error"]["message"]  # the emulator's own reason, as DPS would refuse it

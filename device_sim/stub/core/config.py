@@ -38,6 +38,7 @@ class StubConfig:
     service_ports: tuple[int, ...] = ()
     max_body: int = 96 * 1024
     allocation_policy: str = "hashed"  # instance default for entries that name none
+    quota_units: int = 0           # DPS quotas (core/quotas.py); 0 = unlimited
 
     def __post_init__(self) -> None:
         self.hubs = [h if isinstance(h, Hub) else Hub(**h) for h in self.hubs]
@@ -84,6 +85,8 @@ def config_problems(config: StubConfig) -> list[str]:
         problems.append("throttle must be >= 0")
     if not all(isinstance(p, int) and 0 < p < 65536 for p in config.service_ports):
         problems.append("service_ports must be TCP port numbers 1..65535")
+    if not 0 <= config.quota_units <= 10_000:
+        problems.append("quota_units must be 0..10000")
     if config.max_body < 1024:
         problems.append("max_body must be at least 1024 bytes")
     if config.allocation_policy not in ALLOCATION_POLICIES:

@@ -20,6 +20,7 @@ BAD_REQUEST = 400000              # generic validation failure (own)
 INVALID_REGISTRATION_ID = 400004  # observed: "Invalid RegistrationId"
 MISSING_API_VERSION = 400001      # own
 NO_HUB_ASSIGNED = 400208          # observed, reported inside registrationState
+CUSTOM_ALLOCATION_FAILED = 400209  # observed: the custom allocation webhook failed
 # 401: authentication
 UNAUTHORIZED = 401000             # observed for SAS failures; used for the service API
 INVALID_CERTIFICATE = 401002      # observed: certificate / chain not accepted
@@ -56,7 +57,7 @@ class Reply:
     """
 
     status: int
-    body: dict | list | None
+    body: dict | list | bytes | None  # bytes: sent as they are (a fault plan's non-JSON body)
     headers: dict[str, str] = field(default_factory=dict)
 
 

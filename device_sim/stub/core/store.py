@@ -428,6 +428,26 @@ class Store:
                        (operation.operation_id, key, operation.leaf_thumbprint,
                         operation.ready_at, texts[2]))
 
+    def start_operation(self, operation: OperationRow) -> None:
+        """An operation whose outcome is not known yet (a webhook runs); it replaces the
+        registration's earlier operations, the record itself stays as it was."""
+        text = document_text(operation.body, "operation")
+        with self.transaction() as db:
+            db.execute("DELETE FROM operations WHERE id_key = ?", (operation.registration_id,))
+            db.execute("INSERT INTO operations VALUES (?,?,?,?,?)",
+                       (operation.operation_id, operation.registration_id,
+                        operation.leaf_thumbprint, operation.ready_at, text))
+
+    def finish_operation(self, row: RegistrationRow, operation: OperationRow) -> bool:
+        """Record the outcome of a started operation, unless a newer register call
+        replaced it meanwhile (then nothing changes and the answer is False)."""
+        with self.transaction() as db:
+            if not db.execute("SELECT 1 FROM operations WHERE operation_id = ?",
+                              (operation.operation_id,)).fetchall():
+                return False
+            self.save_registration(row, operation)
+            return True
+
     def get_operation(self, operation_id: str) -> OperationRow | None:
         rows = self._query("SELECT id_key, leaf_thumbprint, ready_at, body FROM operations"
                            " WHERE operation_id = ?", (operation_id,))

@@ -25,7 +25,8 @@ from OpenSSL import SSL
 
 from device_sim.stub.core import errors
 from device_sim.stub.core.errors import Reply, error_reply
-from device_sim.stub.net.listener import Limits
+from device_sim.stub.core.faults import FaultAction, fault_reply
+from device_sim.stub.net.listener import Limits, pause, reset_socket
 from device_sim.stub.net.tls_context import UnreadablePeerChain
 from device_sim.stub.net.tls_stream import TlsClosed, TlsStream
 
@@ -49,6 +50,14 @@ class Request:
     headers: dict[str, str]  # lower-case names
     body: bytes
     keep_alive: bool
+
+
+@dataclass(frozen=True)
+class Faulted:
+    """A handler's reply that a fault plan touched: `serve_http` waits, answers or drops."""
+
+    reply: object
+    action: FaultAction
 
 
 class HttpError(Exception):
@@ -145,12 +154,13 @@ _REASONS = {status.value: status.phrase for status in HTTPStatus}
 
 
 def render_response(reply, keep_alive: bool) -> bytes:
-    body = b"" if reply.body is None else _COMPACT_JSON.encode(reply.body).encode()
+    raw = isinstance(reply.body, bytes)  # a fault plan's non-JSON body
+    body = reply.body if raw else b"" if reply.body is None else _COMPACT_JSON.encode(reply.body).encode()
     reason = _REASONS.get(reply.status, "Unknown")
     lines = [f"HTTP/1.1 {reply.status} {reason}"]
     headers = {k.lower(): v for k, v in (reply.headers or {}).items()}
     if body:
-        headers["content-type"] = JSON_TYPE
+        headers["content-type"] = "text/html" if raw else JSON_TYPE
     headers["content-length"] = str(len(body))
     headers["connection"] = "keep-alive" if keep_alive else "close"
     for name, value in headers.items():
@@ -249,8 +259,12 @@ def serve_http(
     limits: Limits,
     max_body: int = DEFAULT_MAX_BODY,
     log: Callable[[str], None] | None = None,
+    upgrade: Callable[[TlsStream, Request, bytes], bool] | None = None,
 ) -> None:
-    """Answer requests on one connection until the client closes, idles out, or errs."""
+    """Answer requests on one connection until the client closes, idles out, or errs.
+
+    `upgrade(stream, request, buffered)` may take the connection over (net/websocket.py);
+    it gets the bytes read past the request and returns True when it did."""
     try:
         chain, refusal = stream.presented_chain(), None
     except UnreadablePeerChain as exc:
@@ -267,6 +281,8 @@ def serve_http(
             return
         if request is None:
             return
+        if upgrade is not None and upgrade(stream, request, reader.buffer):
+            return
         try:
             reply = refusal or handle(request, chain)
         except HttpError as exc:
@@ -278,10 +294,27 @@ def serve_http(
             if log is not None:
                 log(f"internal error on {request.method} {request.path}: {type(exc).__name__}: {exc}")
             reply = error_reply(errors.INTERNAL_ERROR, "internal error in the emulator")
+        if isinstance(reply, Faulted):
+            reply = _carry_out(stream, reply)
+            if reply is None:
+                return
         if not _send(stream, reply, request.keep_alive):
             return
         if not request.keep_alive:
             return
+
+
+def _carry_out(stream: TlsStream, faulted: Faulted):
+    """Wait the plan's latency; None when the answer is to be lost with the connection."""
+    action = faulted.action
+    if action.latency_s:
+        pause(stream, action.latency_s)
+    if action.reset == "after_request":
+        reset_socket(stream.sock)
+        return None
+    if action.close == "after_request":
+        return None  # the listener closes the stream
+    return faulted.reply
 
 
 def _send(stream: TlsStream, reply, keep_alive: bool) -> bool:
@@ -356,35 +389,61 @@ def match_device_route(method: str, path: str) -> tuple[str, list[str]]:
     raise HttpError(404000, f"no device API route for {method} {path}", close=False)
 
 
+# Route names as a fault plan's `operation` names them.
+FAULT_OPERATIONS = {"register": "register", "operation_status": "poll", "registration_status": "status_lookup"}
+
+
+def with_faults(faults, operation: str, registration_id: str | None, serve: Callable[[FaultAction | None], object]):
+    """Ask the plan about one request; `serve(action)` runs unless the plan answers instead."""
+    action = faults.decide("https", operation, registration_id) if faults is not None else None
+    if action is None:
+        return serve(None)
+    return Faulted(fault_reply(action) or serve(action), action)
+
+
 def device_handler(device_api) -> RequestHandler:
     """Route the three DPS device operations to `DeviceApi` (transport-independent core)."""
+    faults = getattr(device_api, "faults", None)
 
     def handle(request: Request, chain: Sequence[x509.Certificate]):
         name, params = match_device_route(request.method, request.path)
-        api_version = request.query.get("api-version")
-        if name == "register":
-            check_json_body(request)
-            id_scope, registration_id = params
-            return device_api.register(id_scope, registration_id, api_version, chain, request.body,
-                                       host=request.headers.get("host"))
-        if name == "operation_status":
-            id_scope, registration_id, operation_id = params
-            return device_api.operation_status(id_scope, registration_id, operation_id, api_version, chain)
-        check_json_body(request)
-        id_scope, registration_id = params
-        return device_api.registration_status(id_scope, registration_id, api_version, chain, request.body)
+        return with_faults(faults, FAULT_OPERATIONS[name], params[1],
+                           lambda action: _device_call(device_api, name, params, request, chain, action))
 
     return handle
 
 
-def service_handler(service_api) -> RequestHandler:
+def _device_call(device_api, name: str, params: list[str], request: Request, chain, action):
+    api_version = request.query.get("api-version")
+    if name == "register":
+        check_json_body(request)
+        id_scope, registration_id = params
+        hold = {"hold": action.assigning_s} if action is not None and action.assigning_s else {}
+        return device_api.register(id_scope, registration_id, api_version, chain, request.body,
+                                   host=request.headers.get("host"), **hold)
+    if name == "operation_status":
+        id_scope, registration_id, operation_id = params
+        return device_api.operation_status(id_scope, registration_id, operation_id, api_version, chain)
+    check_json_body(request)
+    id_scope, registration_id = params
+    return device_api.registration_status(id_scope, registration_id, api_version, chain, request.body)
+
+
+def service_handler(service_api, faults=None) -> RequestHandler:
     """Everything on the service port goes to `ServiceApi`, which authenticates the SAS token.
 
-    The path stays percent-encoded: ServiceApi splits it into segments before decoding."""
+    The path stays percent-encoded: ServiceApi splits it into segments before decoding.
+    `/emulator/...` paths are never faulted, so a plan can always be changed or cleared."""
 
     def handle(request: Request, chain: Sequence[x509.Certificate]):
         check_json_body(request)
-        return service_api.handle(request.method, request.path, request.query, request.headers, request.body)
+
+        def serve(_action):
+            return service_api.handle(request.method, request.path, request.query, request.headers, request.body)
+
+        if unquote(request.path.split("/", 2)[1]).lower() == "emulator":
+            return serve(None)
+        return with_faults(faults, "service", None, serve)
 
     return handle
 

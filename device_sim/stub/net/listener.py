@@ -10,6 +10,7 @@ import errno
 import os
 import select
 import socket
+import struct
 import threading
 import time
 from dataclasses import dataclass
@@ -64,6 +65,40 @@ def _bound_socket(name: str, host: str, port: int) -> socket.socket:
     return sock
 
 
+def reset_socket(sock: socket.socket) -> None:
+    """Close with an RST instead of a FIN (SO_LINGER 0, and no shutdown first)."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()
+    except OSError:
+        pass
+
+
+def pause(stream: TlsStream, seconds: float) -> None:
+    """Sleep without holding the listener's turn (a fault plan's latency)."""
+    turn = stream.turn
+    if turn is not None:
+        turn.release()
+    try:
+        time.sleep(seconds)
+    finally:
+        if turn is not None:
+            turn.acquire()
+
+
+def _stay_silent(sock: socket.socket, seconds: float) -> None:
+    """Read and drop what the client sends, answer nothing, until it leaves or time is up."""
+    deadline = time.monotonic() + seconds
+    sock.setblocking(True)
+    while (remaining := deadline - time.monotonic()) > 0:
+        sock.settimeout(remaining)
+        try:
+            if not sock.recv(65536):
+                return
+        except (TimeoutError, socket.timeout, OSError):
+            return
+
+
 ConnectionHandler = Callable[[TlsStream], None]
 PlainHandler = Callable[[socket.socket, bytes], None]
 
@@ -101,8 +136,14 @@ class TlsListener:
         log: Callable[[str], None] | None = None,
         quickack: bool = True,
         one_at_a_time: bool = False,
+        faults=None,
+        transport: str | None = None,
     ):
+        """`faults` (core.faults.Faults) with `transport` ("https", "mqtt", ...): the plan
+        asked once per accepted connection; None for listeners no plan may spoil."""
         self.name = name
+        self.faults = faults if transport else None
+        self.transport = transport
         # one_at_a_time: the connection threads take turns (a lock held while a thread
         # works, let go while it waits for its client), so only one of them runs Python at
         # a time. Why: pyOpenSSL and sqlite3 release the GIL around every C call; with
@@ -249,6 +290,9 @@ class TlsListener:
     def _serve_connection(self, sock: socket.socket) -> None:
         stream = None
         try:
+            fault = None if self.faults is None else self.faults.on_connection(self.transport)
+            if fault is not None and self._spoil_before_tls(sock, fault):
+                return
             tune_socket(sock, self.quickack)
             stream = TlsStream(sock, self.context, self.quickack, self._turn)
             try:
@@ -259,6 +303,11 @@ class TlsListener:
                 return
             except (TlsClosed, TimeoutError, socket.timeout, SSL.Error, OSError):
                 return  # garbage, silence or a reset during the handshake: just drop it
+            if fault is not None and fault.reset == "after_tls":
+                reset_socket(sock)
+                return
+            if fault is not None and fault.close == "after_tls":
+                return  # the finally clause closes it (close_notify, then FIN)
             self.handler(stream)
         except Exception as exc:  # a bug must not kill the server or leak a traceback to a client
             self.log(f"{self.name}: connection failed: {type(exc).__name__}: {exc}")
@@ -269,6 +318,21 @@ class TlsListener:
                 close_socket(sock)
             with self._active_lock:
                 self._active.discard(sock)
+
+    def _spoil_before_tls(self, sock: socket.socket, fault) -> bool:
+        """Carry out a connection-level fault that comes before TLS; True when it took the connection."""
+        if fault.refuse or fault.reset == "before_tls":
+            # The kernel accepted already, so an outage is a reset the client sees at once.
+            reset_socket(sock)
+            return True
+        if fault.close == "before_tls":
+            close_socket(sock)
+            return True
+        if fault.silent_s is not None:
+            self._outside_turn(_stay_silent, sock, fault.silent_s)
+            close_socket(sock)
+            return True
+        return False
 
     def _outside_turn(self, function, *args) -> None:
         if self._turn is None:

@@ -14,7 +14,7 @@ from typing import Callable
 from OpenSSL import SSL
 
 from device_sim.mqtt.codec import DEFAULT_MAX_PACKET_SIZE, Decoder, ProtocolError, encode
-from device_sim.stub.net.listener import Limits, TlsListener
+from device_sim.stub.net.listener import Limits, TlsListener, pause, reset_socket
 from device_sim.stub.net.log import log_stderr
 from device_sim.stub.net.mqtt_session import DpsMqttSession, SessionClosed
 from device_sim.stub.net.tls_context import UnreadablePeerChain, device_context
@@ -35,7 +35,8 @@ def serve_mqtt(stream, api, limits: Limits, max_packet_size: int = DEFAULT_MAX_P
     except UnreadablePeerChain:
         chain = []  # an unreadable certificate authenticates nobody: CONNACK refuses it
     try:
-        _serve(stream, DpsMqttSession(api, chain), Decoder(max_packet_size), limits, log)
+        session = DpsMqttSession(api, chain, faults=getattr(api, "faults", None))
+        _serve(stream, session, Decoder(max_packet_size), limits, log)
     except (OSError, SSL.Error):
         return  # the peer vanished mid-answer (reset, broken pipe): nothing left to tell it
 
@@ -60,19 +61,31 @@ def _serve(stream, session: DpsMqttSession, decoder: Decoder, limits: Limits, lo
         try:
             while (packet := decoder.next_packet()) is not None:
                 received = True
-                stream.sendall(b"".join(encode(p) for p in session.receive(packet)))
+                answer = session.receive(packet)
+                _wait(stream, session)
+                stream.sendall(b"".join(encode(p) for p in answer))
         except ProtocolError as exc:
             _note(log, f"mqtt: closing connection: malformed packet: {exc}")
             return
         except SessionClosed as exc:
+            _wait(stream, session)
+            if exc.reset:
+                reset_socket(stream.sock)
+                return
             if exc.answer:
                 stream.sendall(b"".join(encode(p) for p in exc.answer))
-            if exc.reason != "client disconnected":
+            if exc.reason != "client disconnected" and not exc.reason.startswith("fault plan"):
                 _note(log, f"mqtt: closing connection: {exc.reason}")
             return
         if received and session.connected:
             window = session.keep_alive * KEEP_ALIVE_FACTOR if session.keep_alive else MAX_SILENCE
             deadline = time.monotonic() + window
+
+
+def _wait(stream, session: DpsMqttSession) -> None:
+    if session.delay:
+        pause(stream, session.delay)
+        session.delay = 0.0
 
 
 def _note(log: Callable[[str], None] | None, message: str) -> None:
@@ -94,7 +107,8 @@ def mqtt_listener(api, context, host: str = "127.0.0.1", port: int = 8883, *,
     def handler(stream) -> None:
         serve_mqtt(stream, api, limits, max_packet_size, log)
 
-    return TlsListener("mqtt", "mqtts", host, port, context, handler, limits=limits, url_host=url_host, log=log)
+    return TlsListener("mqtt", "mqtts", host, port, context, handler, limits=limits, url_host=url_host, log=log,
+                       faults=getattr(api, "faults", None), transport="mqtt")
 
 
 def start_mqtt_listener(api, identity, host: str = "127.0.0.1", port: int = 8883, **kwargs) -> TlsListener:

@@ -50,6 +50,7 @@ from typing import Mapping, Sequence
 from cryptography import x509
 
 from device_sim.common.x509util import common_name
+from device_sim.stub.core.faults import fault_reply
 from device_sim.mqtt import topics
 from device_sim.mqtt.codec import (
     SUBACK_FAILURE,
@@ -72,10 +73,11 @@ from device_sim.mqtt.codec import (
 class SessionClosed(Exception):
     """The session ended; `reason` says why (for the log, never sent to the client)."""
 
-    def __init__(self, reason: str, answer: Sequence[Packet] = ()):
+    def __init__(self, reason: str, answer: Sequence[Packet] = (), reset: bool = False):
         super().__init__(reason)
         self.reason = reason
         self.answer = list(answer)
+        self.reset = reset  # end with an RST, not a FIN (a fault plan's reset)
 
 
 def connect_decision(packet: Connect, chain: Sequence[x509.Certificate]) -> tuple[int, topics.Username | None]:
@@ -106,7 +108,10 @@ def _header(headers: Mapping[str, str], name: str) -> str | None:
 def response_publish(reply, rid: str, qos: int, packet_id: int | None) -> Publish:
     """A `DeviceApi` reply as the PUBLISH DPS sends back: status and retry-after in the topic."""
     retry_after = topics.parse_retry_after(_header(reply.headers, "retry-after"))
-    payload = b"" if reply.body is None else json.dumps(reply.body, separators=(",", ":")).encode()
+    if isinstance(reply.body, bytes):  # a fault plan's non-JSON body
+        payload = reply.body
+    else:
+        payload = b"" if reply.body is None else json.dumps(reply.body, separators=(",", ":")).encode()
     topic = topics.format_response(reply.status, rid, retry_after)
     return Publish(topic, payload, qos, packet_id if qos else None)
 
@@ -123,6 +128,10 @@ class DpsMqttSession:
     username: topics.Username | None = None
     keep_alive: int = 0
     granted_qos: int | None = None  # QoS of the response subscription, None before SUBSCRIBE
+    faults: object = None  # core.faults.Faults, asked once per DPS request
+    # Seconds the I/O loop waits before sending the answer (a fault plan's latency); it
+    # sets this back to 0 once waited.
+    delay: float = 0.0
     _next_packet_id: int = field(default=0, repr=False)
 
     @property
@@ -185,18 +194,29 @@ class DpsMqttSession:
             request = topics.parse_request(packet.topic)
         except topics.TopicError as exc:
             raise SessionClosed(str(exc)) from None
-        reply = self._call_api(request, packet.payload)
+        action = None
+        if self.faults is not None:
+            operation = "register" if isinstance(request, topics.RegisterRequest) else "poll"
+            action = self.faults.decide("mqtt", operation, self.username.registration_id)
+        reply = fault_reply(action) or self._call_api(request, packet.payload, action)
+        if action is not None:
+            self.delay += action.latency_s
+            if action.drops_after_request:
+                raise SessionClosed("fault plan: connection dropped after the request",
+                                    reset=action.reset == "after_request")
         answer: list[Packet] = [Puback(packet.packet_id)] if packet.qos == 1 else []
         if self.granted_qos is not None:  # like a broker: nothing is delivered without a subscription
             qos = self.granted_qos
             answer.append(response_publish(reply, request.rid, qos, self._packet_id() if qos else None))
         return answer
 
-    def _call_api(self, request, payload: bytes):
+    def _call_api(self, request, payload: bytes, action=None):
         user = self.username
         if isinstance(request, topics.RegisterRequest):
+            hold = {"hold": action.assigning_s} if action is not None and action.assigning_s else {}
             # C# sends an empty register payload; the core reads a blank body as `{}`.
-            return self.api.register(user.id_scope, user.registration_id, user.api_version, self.chain, payload)
+            return self.api.register(user.id_scope, user.registration_id, user.api_version, self.chain,
+                                     payload, **hold)
         return self.api.operation_status(
             user.id_scope, user.registration_id, request.operation_id, user.api_version, self.chain
         )

@@ -22,6 +22,7 @@ Routes (every call needs `?api-version=...`, e.g. SERVICE_API_VERSION, and an
 | POST | /registrations/{enrollmentGroupId}/query | a group's registration records |
 | POST | /emulator/registrations/query | every registration record (emulator only) |
 | GET | /emulator/status | counts of what the emulator holds (emulator only) |
+| GET, PUT, DELETE | /emulator/faults | the live fault plan and its counters (emulator only) |
 """
 
 from __future__ import annotations
@@ -38,11 +39,14 @@ from .. import errors
 from ..config import StubConfig
 from ..enrollment_walk import GROUP, INDIVIDUAL
 from ..errors import DpsError, Reply, error_reply, with_request_id
+from ..faults import Faults
+from ..quotas import Quotas
 from ..sas import SasError, verify_token_for
 from ..store import Store
 from .bulk import bulk
 from .certificates import CaCertificates
 from .enrollments import Enrollments
+from .faults import FaultPlanRoutes
 from .registrations import Registrations
 from .status import Status
 
@@ -53,8 +57,9 @@ Handlers = dict[str, Callable[..., Reply]]
 
 class ServiceApi:
     def __init__(self, store: Store, config: StubConfig, service_key: bytes, clock=time.time,
-                 server_status: Callable[[], dict] | None = None):
-        """`server_status`: the server's part of `/emulator/status` (listeners, uptime)."""
+                 server_status: Callable[[], dict] | None = None, faults: Faults | None = None):
+        """`server_status`: the server's part of `/emulator/status` (listeners, uptime).
+        `faults`: the live plan `/emulator/faults` shows and changes (the device API's)."""
         self.store = store
         self.config = config
         self.service_key = service_key
@@ -62,7 +67,10 @@ class ServiceApi:
         self.certificates = CaCertificates(store, clock)
         self.enrollments = Enrollments(store, config, clock)
         self.registrations = Registrations(store)
-        self.status = Status(store, config, server_status)
+        self.faults = faults if faults is not None else Faults()
+        self.fault_routes = FaultPlanRoutes(self.faults)
+        self.quotas = Quotas(config.quota_units)
+        self.status = Status(store, config, server_status, self.faults)
 
     def handle(self, method: str, path: str, query: dict[str, str],
                headers: Mapping[str, str], body: bytes) -> Reply:
@@ -86,6 +94,8 @@ class ServiceApi:
             raise DpsError(errors.MISSING_API_VERSION, "the api-version query parameter is "
                            f"required (e.g. {SERVICE_API_VERSION})")
         segments = [unquote(s) for s in path.strip("/").split("/") if s]
+        if segments[:1] != ["emulator"]:  # the emulator's own paths are not DPS operations
+            self._check_quota()
         handlers, args = self._route(segments)
         if handlers is None:
             raise DpsError(errors.NOT_FOUND, f"no such resource: {path}")
@@ -95,6 +105,12 @@ class ServiceApi:
                            f"(allowed: {', '.join(sorted(handlers))})",
                            {"Allow": ", ".join(sorted(handlers))})
         return handler(*args, headers=headers, body=body)
+
+    def _check_quota(self) -> None:
+        retry_after = self.quotas.admit_service_operation()
+        if retry_after is not None:
+            raise DpsError(errors.THROTTLED, "Too many requests: the service operations quota of this "
+                           "instance is used up (emulator --quota-units)", {"Retry-After": str(retry_after)})
 
     def _authenticate(self, token: str | None, path: str) -> None:
         resource_path = path.strip("/")
@@ -157,4 +173,7 @@ class ServiceApi:
             return {"GET": self.status.get}, ()
         if words == ["emulator", "registrations", "query"]:
             return {"POST": self.registrations.query_all}, ()
+        if words == ["emulator", "faults"]:
+            routes = self.fault_routes
+            return {"GET": routes.get, "PUT": routes.put, "DELETE": routes.delete}, ()
         return None, ()

@@ -16,7 +16,14 @@ def registration_view(row: RegistrationRow) -> dict:
     view = dict(row.doc)
     if row.internal.get("devicePayload") is not None:
         view["devicePayload"] = row.internal["devicePayload"]
+    if row.internal.get("initialTwin") is not None:  # what a custom webhook gave the hub
+        view["initialTwin"] = row.internal["initialTwin"]
     return view
+
+
+def emulator_view(row: RegistrationRow) -> dict:
+    """The record with what only the emulator knows: how many register calls made it."""
+    return {**registration_view(row), "registerRequests": row.internal.get("registerRequests", 1)}
 
 
 class Registrations:
@@ -47,10 +54,10 @@ class Registrations:
 
     def query_all(self, *, headers, body) -> Reply:
         paging.check_query(body)
-        return self._page(None, headers)
+        return self._page(None, headers, emulator_view)
 
-    def _page(self, group_id: str | None, headers) -> Reply:
+    def _page(self, group_id: str | None, headers, view=registration_view) -> Reply:
         after, count = paging.page_args(headers)
         rows = self.store.list_registrations(group_id, after, count + 1)
-        return paging.paged([registration_view(r) for r in rows],
+        return paging.paged([view(r) for r in rows],
                             [r.registration_id.lower() for r in rows], count, "DeviceRegistration")

@@ -8,15 +8,17 @@ from collections.abc import Callable
 
 from ..config import StubConfig
 from ..errors import Reply
+from ..faults import Faults
 from ..store import Store
 
 
 class Status:
     def __init__(self, store: Store, config: StubConfig,
-                 server_part: Callable[[], dict] | None = None):
+                 server_part: Callable[[], dict] | None = None, faults: Faults | None = None):
         self.store = store
         self.config = config
         self.server_part = server_part
+        self.faults = faults
 
     def overview(self) -> dict:
         counts = self.store.counts()
@@ -31,6 +33,10 @@ class Status:
                       "assignedRegistrations": assigned.get(hub.name.lower(), 0)}
                      for hub in self.config.hubs],
         }
+        if self.faults is not None and self.faults.plan is not None:
+            overview["faults"] = self.faults.report()
+        if self.config.quota_units:
+            overview["quotaUnits"] = self.config.quota_units
         if self.server_part is not None:
             overview["server"] = self.server_part()
         return overview

@@ -4,7 +4,8 @@ stored (docs/x509-rules.md, "Enrollments"; docs/emulator.md, "Service API").
 Only X.509 attestation. Certificates are stored as their `info` (thumbprints, names,
 validity); answers carry `info`, not the certificate text. A GET answer sent back
 unchanged (the SDKs' get-modify-put) keeps the stored certificate of each slot.
-`custom` allocation is refused (no webhooks); `geoLatency` behaves as `hashed`.
+`custom` allocation needs a `customAllocationDefinition` with an http(s) `webhookUrl` and
+an `apiVersion` (core/webhook.py); `geoLatency` behaves as `hashed`.
 """
 
 from __future__ import annotations
@@ -17,13 +18,14 @@ from device_sim.common import dps
 from device_sim.common.x509util import ca_problem, common_name
 
 from .. import errors
-from ..allocation import listed_hubs
+from ..allocation import CUSTOM, ENTRY_POLICIES, listed_hubs
 from ..cert_input import certificate_info, parse_certificate
-from ..config import ALLOCATION_POLICIES, StubConfig
+from ..config import StubConfig
 from ..device_api import validate_registration_id
 from ..enrollment_walk import GROUP, INDIVIDUAL, Entry
 from ..errors import DpsError
 from ..store import Store
+from ..webhook import definition_problem
 
 READ_ONLY = ("registrationState", "etag", "createdDateTimeUtc", "lastUpdatedDateTimeUtc")
 
@@ -166,12 +168,13 @@ def _validate_common(kind: str, doc: dict, config: StubConfig) -> None:
             raise DpsError(errors.BAD_REQUEST, "reprovisionPolicy must be {updateHubAssignment:"
                            " bool, migrateDeviceData: bool}")
     allocation = doc.get("allocationPolicy")
-    if allocation == "custom" or doc.get("customAllocationDefinition"):
-        raise DpsError(errors.BAD_REQUEST, "custom allocation (webhooks) is not supported by "
-                       "the emulator; use hashed or static")
-    if allocation is not None and allocation not in ALLOCATION_POLICIES:
+    if allocation is not None and allocation not in ENTRY_POLICIES:
         raise DpsError(errors.BAD_REQUEST,
-                       f"allocationPolicy must be one of {', '.join(ALLOCATION_POLICIES)}")
+                       f"allocationPolicy must be one of {', '.join(ENTRY_POLICIES)}")
+    if allocation == CUSTOM or doc.get("customAllocationDefinition") is not None:
+        problem = definition_problem(doc.get("customAllocationDefinition"))
+        if problem:
+            raise DpsError(errors.BAD_REQUEST, problem)
     _validate_hubs(doc, allocation or config.allocation_policy, config)
     for name in ("initialTwin", "capabilities", "optionalDeviceInformation"):
         if doc.get(name) is not None and not isinstance(doc[name], dict):
