@@ -10,9 +10,7 @@ are read (certificates), no PIN is asked for and `sign` is not available.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
-from urllib.parse import unquote, urlparse
 
 import pkcs11
 from cryptography import x509
@@ -25,7 +23,7 @@ from hsm_setup import devices, tokens
 from hsm_setup.context import Pkcs11Context
 from hsm_setup.failures import as_user_error, pkcs11_errors
 from hsm_setup.key_types import KeySpec, key_spec
-from hsm_setup.pins import read_pin_file, resolve_pin
+from hsm_setup.pins import pin_from_source, resolve_pin
 from hsm_setup.signing import sign_x509
 from hsm_setup.uri import Pkcs11Uri
 
@@ -110,7 +108,7 @@ def _pin(uri: Pkcs11Uri | None, pin_file: str | None) -> str:
     if uri and uri.pin_value:
         return uri.pin_value
     if uri and uri.pin_source:
-        return _pin_from_source(uri.pin_source)
+        return pin_from_source(uri.pin_source)
     return resolve_pin(pin_file)
 
 
@@ -160,11 +158,6 @@ def _token_label(lib, uri: Pkcs11Uri) -> str:
         raise UserError(f"no token matches {uri}")
     raise UserError("the PKCS#11 URI names no token: add token=LABEL (or slot-id= / serial=)")
 
-
-def _pin_from_source(source: str) -> str:
-    """RFC 7512 pin-source: a file path or a file: URI."""
-    path = unquote(urlparse(source).path) if source.startswith("file:") else source
-    return read_pin_file(os.path.expanduser(path), what="PIN")
 
 
 def _private_key(session, token_label, key_id, key_label):

@@ -10,6 +10,7 @@ import os
 import sys
 import warnings
 from pathlib import Path
+from urllib.parse import unquote, urlparse
 
 from device_sim.common.errors import Notice, UserError
 
@@ -91,3 +92,9 @@ class PinBook:
 
     def __repr__(self) -> str:  # never show PINs
         return "PinBook(...)"
+
+
+def pin_from_source(source: str) -> str:
+    """An RFC 7512 `pin-source`: a file path or a `file:` URI, read like a PIN file."""
+    path = unquote(urlparse(source).path) if source.startswith("file:") else source
+    return read_pin_file(os.path.expanduser(path), what="PIN")

@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import threading
 from pathlib import Path
-from urllib.parse import unquote, urlparse
 
 from asn1crypto import keys as asn1_keys
 from asn1crypto import x509 as asn1_x509
@@ -25,7 +24,7 @@ from device_sim.common.errors import UserError
 from hsm_setup import certificates, tokens
 from hsm_setup.key_types import key_spec
 from hsm_setup.context import Pkcs11Context
-from hsm_setup.pins import ENV_USER_PIN, read_pin_file
+from hsm_setup.pins import ENV_USER_PIN, pin_from_source
 from hsm_setup.signing import TokenSigner
 from hsm_setup.uri import Pkcs11Uri
 
@@ -93,9 +92,7 @@ def _pin(uri: Pkcs11Uri) -> str:
     if uri.pin_value:
         return uri.pin_value
     if uri.pin_source:
-        source = uri.pin_source
-        path = unquote(urlparse(source).path) if source.startswith("file:") else source
-        return read_pin_file(os.path.expanduser(path), what="PIN")
+        return pin_from_source(uri.pin_source)
     value = os.environ.get(ENV_USER_PIN)
     if not value:
         raise UserError("--issuing-ca-key pkcs11: no PIN: add ?pin-source=FILE to the URI or set "
