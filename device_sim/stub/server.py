@@ -271,7 +271,7 @@ class StubServer:
         # MQTT over WebSockets belongs to the device port (as on DPS), whether or not 8883 is served.
         app.websocket_subprotocols.register_subprotocol(
             websocket.MQTT, lambda stream: serve_mqtt(stream, app.device_api, app.limits, log=self.log))
-        upgrade = websocket.upgrade_handler(app.websocket_subprotocols, log=self.log)
+        upgrade = websocket.upgrade_handler(app.websocket_subprotocols, log=self.log, faults=app.device_api.faults)
         device = TlsListener(
             "device", "https", options.host, options.port, app.device_context(),
             lambda stream: http_server.serve_http(stream, on_device, app.limits, app.config.max_body, self.log,
