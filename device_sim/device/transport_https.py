@@ -285,6 +285,7 @@ class HttpsTransport(CrtTransport):
                          api_version=api_version)
         self.server_name = server_name or host
         self.connection: crt_http.HttpClientConnection | None = None
+        self._answered = 0  # answers on the current connection (0: it never carried one)
 
     # -- paths (docs/device.md, "Requests") -------------------------------------------
 
@@ -314,6 +315,7 @@ class HttpsTransport(CrtTransport):
             socket_options=socket_options, tls_connection_options=tls_options)
         try:
             self.connection = future.result(timeout)
+            self._answered = 0
         except concurrent.futures.TimeoutError:
             # A connection that completes after we gave up must not leak.
             future.add_done_callback(_close_late_connection)
@@ -337,6 +339,7 @@ class HttpsTransport(CrtTransport):
         if self.connection is not None:
             self.connection.close()
             self.connection = None
+        self._answered = 0
 
     # -- one round trip -----------------------------------------------------------------
 
@@ -344,8 +347,13 @@ class HttpsTransport(CrtTransport):
         # A kept-alive connection the server closed while the device waited (its idle
         # timeout can be shorter than Retry-After) is seen closed here, before anything is
         # sent: connect() opens a new one, which is keeping a connection, not a fault, and
-        # is not counted. Once the request is on its way, a close before any answer is a
-        # dropped connection the flow decides about (and counts).
+        # is not counted. A connection that closed before it carried any answer (right after
+        # its handshake) was no kept-alive one: that is reported. Once the request is on its
+        # way, a close before any answer is a dropped connection the flow decides about.
+        if self.connection is not None and not self._answered and not self.connection.is_open():
+            self.close()
+            raise ProtocolFailure("the server closed the connection after the TLS handshake, before "
+                                  f"{method} {path.split('?')[0]} was sent", reg.DROPPED)
         try:
             return self._round_trip(method, path, extra_headers, body, timeout)
         except _NoAnswer:
@@ -384,6 +392,7 @@ class HttpsTransport(CrtTransport):
             if answer["status"] is None and "CLOSED" in (name or ""):
                 raise _NoAnswer() from None
             raise classify(exc, f"waiting for the answer to {method} {path.split('?')[0]}") from None
+        self._answered += 1
         return Response(answer["status"], answer["headers"], bytes(chunks))
 
 
