@@ -33,9 +33,18 @@ PLAN = {"seed": 12, "rules": [
 ]}
 
 
-def cli(env, *args) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, "-m", *map(str, args)], cwd=ROOT, env=env,
-                            capture_output=True, text=True)
+def cli(env, *args, timeout: float | None = None, report: Path | None = None) -> subprocess.CompletedProcess:
+    try:
+        result = subprocess.run([sys.executable, "-m", *map(str, args)], cwd=ROOT, env=env,
+                                capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        # Seen once on this machine: `fleet run` wrote its report, then hung in exit()
+        # (awscrt's event loop unloading SoftHSM while the main thread ran the atexit
+        # handlers). The figures are in the report; the hang is said, not hidden.
+        if report is None or not report.exists():
+            sys.exit(f"{' '.join(map(str, args))} did not end within {timeout:.0f} s")
+        print(f"note: {args[1]} {args[2]} did not exit within {timeout:.0f} s after writing its report; killed")
+        return subprocess.CompletedProcess(args, 0, "", "")
     if result.returncode not in (0, 1):  # 1: some device not assigned, which the figures show
         sys.exit(f"{' '.join(map(str, args))} failed: {result.stderr}")
     return result
@@ -68,9 +77,11 @@ def one_run(env, home: Path, args, plan: dict | None) -> dict:
         stub(env, home, "faults", "set", plan_file)  # windows count from here
     report_file = home / "report.json"
     started = time.perf_counter()
+    report_file.unlink(missing_ok=True)
     cli(env, "device_sim.cli", "fleet", "run", "--emulator", "--no-progress", "--prefix", "bf-",
         "--transport", args.transport, "--concurrency", args.concurrency, "--rate", args.rate,
-        "--timeout", args.timeout, "--json", report_file)
+        "--timeout", args.timeout, "--json", report_file,
+        timeout=args.timeout + args.count / args.rate + 180, report=report_file)
     wall = time.perf_counter() - started
     plan_report = json.loads(stub(env, home, "faults", "show", "--json").stdout)
     stub(env, home, "faults", "clear")
