@@ -153,7 +153,9 @@ def _token_label(lib, uri: Pkcs11Uri) -> str:
     if uri.slot_id is not None or uri.serial:
         for slot in lib.get_slots(token_present=True):
             token = slot.get_token()
-            if slot.slot_id == uri.slot_id or (uri.serial and token.serial.strip() == uri.serial):
+            # python-pkcs11 gives the serial as the token's padded bytes; the URI's is text.
+            serial = token.serial.decode("ascii", "replace").strip()
+            if slot.slot_id == uri.slot_id or (uri.serial and serial == uri.serial):
                 return token.label
         raise UserError(f"no token matches {uri}")
     raise UserError("the PKCS#11 URI names no token: add token=LABEL (or slot-id= / serial=)")
