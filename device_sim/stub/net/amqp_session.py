@@ -30,6 +30,10 @@ version is the link attach property `com.microsoft:api-version`, else the defaul
 API version (older C SDKs send none). Replies carry the request's correlation-id (its
 message-id when it had none), the JSON body in a data section, `iotdps-status` and, on
 `202`, `retry-after` (seconds, as text).
+
+A fault plan (`core.faults`) is asked once per DPS request message, as `amqp` with the
+operation names of `FAULT_OPERATIONS`; its answer takes the core's place, and what needs
+I/O (`delay`, `dropped`) is left for the loop in `net/amqp.py` to carry out.
 """
 
 from __future__ import annotations
