@@ -110,19 +110,24 @@ def write_plot(path: Path, records: Iterable, title: str, summary: dict | None =
     `records` is consumed once; `summary` (FleetReport.summary()) becomes a table in .html."""
     fmt = check_format(path)
     columns = RunColumns.read(records)
-    heading = _heading(columns, title)
+    heading = heading_for(columns, title)
     if fmt == "html":
         write_atomic(path, render_html(columns, heading, summary))
     else:
-        figure = _new_figure((11, 14))
-        over_time, distribution = figure.subfigures(2, 1, height_ratios=(3, 1.1))
-        figure.suptitle(heading)
-        draw_over_time(over_time, columns)
-        draw_distribution(distribution, columns)
-        write_atomic(path, _save(figure, fmt))
+        write_atomic(path, _save(draw(columns, heading), fmt))
 
 
-def _heading(columns: RunColumns, title: str) -> str:
+def draw(columns: RunColumns, heading: str):
+    """The whole plot as one matplotlib Figure: the time panels above, the distribution below."""
+    figure = _new_figure((11, 14))
+    over_time, distribution = figure.subfigures(2, 1, height_ratios=(3, 1.1))
+    figure.suptitle(heading)
+    draw_over_time(over_time, columns)
+    draw_distribution(distribution, columns)
+    return figure
+
+
+def heading_for(columns: RunColumns, title: str) -> str:
     cancelled = columns.count(report.CANCELLED)
     assigned = columns.count(reg.ASSIGNED)
     line = f"{len(columns):,} devices: {assigned:,} assigned, {len(columns) - assigned - cancelled:,} not assigned"
