@@ -44,6 +44,7 @@ FALLBACK = ("#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5", "#c49c94", "#
 PHASE_COLOURS = {"tls_ms": "#1f77b4", "register_ms": "#ff7f0e", "wait_ms": "#9467bd", "total_ms": "#000000"}
 TIME_LABEL = "seconds since run start (devices counted at finish time)"
 BUCKETS = 60  # time buckets a run is cut into
+MAX_WORKER_LINES = 8  # workers drawn one line each in the throughput panel
 CDF_POINTS = 400  # points per outcome's distribution line, however many devices
 
 
@@ -59,17 +60,37 @@ def status_colour(status: str) -> str:
     return STATUS_COLOURS.get(status) or FALLBACK[zlib.crc32(status.encode()) % len(FALLBACK)]
 
 
+class Names:
+    """Strings stored as small integers, so a column spends 2 bytes per device on them."""
+
+    def __init__(self) -> None:
+        self.names: list[str] = []
+        self._index: dict[str, int] = {}
+
+    def add(self, name: str) -> int:
+        index = self._index.get(name)
+        if index is None:
+            index = self._index[name] = len(self.names)
+            self.names.append(name)
+        return index
+
+    def find(self, name: str) -> int:
+        """The name's index, -1 when it never occurred (matches no row)."""
+        return self._index.get(name, -1)
+
+
 class RunColumns:
     """Every device of a run as columns: times in float64, latencies in float32 (NaN when
-    absent), the status as an index into `statuses`. About 30 bytes per device."""
+    absent), status and worker as indexes into `statuses` / `workers`. About 32 bytes per device."""
 
     def __init__(self) -> None:
         self.started = array("d")  # NaN: the device never started (cancelled)
         self.finished = array("d")
         self.status = array("H")
+        self.worker = array("H")  # index into workers; "" for a local run's records
         self.phases = {phase: array("f") for phase in report.PHASES}
-        self.statuses: list[str] = []
-        self._index: dict[str, int] = {}
+        self.status_names = Names()
+        self.worker_names = Names()
 
     @classmethod
     def read(cls, records: Iterable) -> "RunColumns":
@@ -83,10 +104,8 @@ class RunColumns:
         (DeviceResult; read directly, as its to_dict() would copy every field)."""
         get = record.get if isinstance(record, dict) else (lambda name: getattr(record, name, None))
         status = str(get("status"))
-        if status not in self._index:
-            self._index[status] = len(self.statuses)
-            self.statuses.append(status)
-        self.status.append(self._index[status])
+        self.status.append(self.status_names.add(status))
+        self.worker.append(self.worker_names.add(str(get("worker") or "")))
         started = get("started_s")
         started = math.nan if started is None or status == report.CANCELLED else float(started)
         total = get("total_ms")
@@ -96,12 +115,19 @@ class RunColumns:
             value = get(phase)
             column.append(math.nan if value is None else value)
 
+    @property
+    def statuses(self) -> list[str]:
+        return self.status_names.names
+
+    @property
+    def workers(self) -> list[str]:
+        return [name for name in self.worker_names.names if name]
+
     def __len__(self) -> int:
         return len(self.status)
 
     def count(self, status: str) -> int:
-        index = self._index.get(status)
-        return 0 if index is None else self.status.count(index)
+        return self.status.count(self.status_names.find(status))
 
 
 def write_plot(path: Path, records: Iterable, title: str, summary: dict | None = None) -> None:
@@ -119,8 +145,8 @@ def write_plot(path: Path, records: Iterable, title: str, summary: dict | None =
 
 def draw(columns: RunColumns, heading: str):
     """The whole plot as one matplotlib Figure: the time panels above, the distribution below."""
-    figure = _new_figure((11, 14))
-    over_time, distribution = figure.subfigures(2, 1, height_ratios=(3, 1.1))
+    figure = _new_figure((11, 16))
+    over_time, distribution = figure.subfigures(2, 1, height_ratios=(3.6, 1.1))
     figure.suptitle(heading)
     draw_over_time(over_time, columns)
     draw_distribution(distribution, columns)
@@ -149,7 +175,7 @@ def _save(figure, fmt: str) -> bytes:
 
 
 def render_html(columns: RunColumns, heading: str, summary: dict | None) -> str:
-    over_time = _new_figure((11, 10.5))
+    over_time = _new_figure((11, 12.5))
     draw_over_time(over_time, columns)
     distribution = _new_figure((11, 4))
     draw_distribution(distribution, columns)
@@ -224,7 +250,7 @@ def nearest_rank_by_bucket(buckets, values, n_buckets: int, pct: float):
 
 
 def draw_over_time(figure, columns: RunColumns) -> None:
-    """Three panels on one time axis: throughput, latency percentiles, outcomes."""
+    """Four panels on one time axis: throughput, devices in flight, latency percentiles, outcomes."""
     import numpy as np
 
     started = np.frombuffer(columns.started, dtype=np.float64)
@@ -236,8 +262,9 @@ def draw_over_time(figure, columns: RunColumns) -> None:
     n_buckets = math.floor(span / width) + 1  # the last finisher falls inside the last bucket
     edges = np.arange(n_buckets + 1) * width
     bucket = np.minimum((np.where(ran, finished, 0) / width).astype(np.int64), n_buckets - 1)
-    throughput, latency, outcomes = figure.subplots(3, 1, sharex=True)
+    throughput, in_flight, latency, outcomes = figure.subplots(4, 1, sharex=True, height_ratios=(1, 0.6, 1, 1))
     _throughput(throughput, started, bucket, status, ran, columns, edges)
+    _in_flight(in_flight, started, finished, edges)
     _latency(latency, bucket, status, columns, edges)
     _outcomes(outcomes, bucket, status, ran, columns, edges)
     outcomes.set_xlabel(TIME_LABEL)
@@ -256,22 +283,50 @@ def _throughput(ax, started, bucket, status, ran, columns, edges) -> None:
     n, width = len(edges) - 1, edges[1] - edges[0]
     did_start = ~np.isnan(started)
     start_bucket = np.minimum((started[did_start] / width).astype(np.int64), n - 1)
-    assigned = status == _index(columns, reg.ASSIGNED)
-    cancelled = status == _index(columns, report.CANCELLED)
+    assigned = status == columns.status_names.find(reg.ASSIGNED)
+    cancelled = status == columns.status_names.find(report.CANCELLED)
     ax.stairs(_per_second(start_bucket, n, width), edges, label="started (at start time)", color="#1f77b4")
     ax.stairs(_per_second(bucket[ran & assigned], n, width), edges, label="assigned",
               color=status_colour(reg.ASSIGNED))
     ax.stairs(_per_second(bucket[ran & ~assigned & ~cancelled], n, width), edges, label="failed (not assigned)",
               color=status_colour(reg.FAILED))
+    _assigned_per_worker(ax, bucket[ran & assigned], np.frombuffer(columns.worker, dtype=np.uint16)[ran & assigned],
+                         columns, edges)
     ax.set_ylabel("devices per second")
     ax.set_title(f"Throughput ({width:g} s buckets)", loc="left")
     _legend_beside(ax)
 
 
+def _assigned_per_worker(ax, bucket, worker, columns, edges) -> None:
+    """A distributed run's records name their worker: a thin line per worker shows one that
+    lagged or was lost. Past MAX_WORKER_LINES the lines would be unreadable."""
+    workers = columns.workers
+    if not 2 <= len(workers) <= MAX_WORKER_LINES:
+        return
+    n, width = len(edges) - 1, edges[1] - edges[0]
+    for name in workers:
+        ax.stairs(_per_second(bucket[worker == columns.worker_names.find(name)], n, width), edges,
+                  label=f"assigned on {name}", linewidth=0.8, linestyle=":")
+
+
+def _in_flight(ax, started, finished, edges) -> None:
+    """Devices started and not yet finished at each bucket's end: flat at --concurrency means
+    the concurrency bound the run, not the service."""
+    import numpy as np
+
+    did_start = ~np.isnan(started)
+    begun = np.searchsorted(np.sort(started[did_start]), edges, side="right")
+    ended = np.searchsorted(np.sort(finished[did_start]), edges, side="right")
+    ax.plot(edges, begun - ended, color="#1f77b4", label="in flight")
+    ax.set_ylabel("devices")
+    ax.set_ylim(bottom=0)
+    ax.set_title("Devices in flight (started, not finished)", loc="left")
+
+
 def _latency(ax, bucket, status, columns, edges) -> None:
     import numpy as np
 
-    assigned = status == _index(columns, reg.ASSIGNED)
+    assigned = status == columns.status_names.find(reg.ASSIGNED)
     mids = (edges[:-1] + edges[1:]) / 2
     for phase in report.PHASES:
         values = np.frombuffer(columns.phases[phase], dtype=np.float32)[assigned].astype(np.float64)
@@ -316,10 +371,6 @@ def _present(columns: RunColumns, mask) -> list[int]:
     occurring = set(np.unique(np.frombuffer(columns.status, dtype=np.uint16)[mask]).tolist())
     order = {name: i for i, name in enumerate(report.STATUSES)}
     return sorted(occurring, key=lambda i: (order.get(columns.statuses[i], len(order)), columns.statuses[i]))
-
-
-def _index(columns: RunColumns, status: str) -> int:
-    return columns._index.get(status, -1)
 
 
 def draw_distribution(figure, columns: RunColumns) -> None:

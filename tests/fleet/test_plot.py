@@ -243,4 +243,21 @@ def test_a_hundred_thousand_devices_plot_fast_in_bounded_memory(tmp_path):
     elapsed = time.perf_counter() - started
     print(f"{n} records plotted to png in {elapsed:.1f} s (shared machine: noisy)")
     check_file(out, "png")
-    assert elapsed < 20  # a few seconds alone; generous for a machine shared with other runs
+    assert elapsed < 30  # about 2 s alone; generous: the machine is shared with other test runs
+
+
+def test_devices_in_flight_show_the_concurrency_bound():
+    # one device every 0.5 s, each 1 s long: two in flight once the run is under way
+    records = [record(i, started=i * 0.5, total=1000.0) for i in range(40)]
+    ax = panels(drawn(records))["Devices in flight"]
+    (line,) = ax.get_lines()
+    steady = [y for x, y in zip(line.get_xdata(), line.get_ydata()) if 2 <= x <= 18]
+    assert steady and set(steady) == {2}
+
+
+def test_a_distributed_run_gets_a_line_per_worker():
+    records = [record(i, worker=f"tcp://10.0.0.{i % 2 + 1}:4000") for i in range(100)]
+    names = legend_names(panels(drawn(records))["Throughput"])
+    assert [n for n in names if n.startswith("assigned on")] == [
+        "assigned on tcp://10.0.0.1:4000", "assigned on tcp://10.0.0.2:4000"]
+    assert not [n for n in legend_names(panels(drawn(sample_run()))["Throughput"]) if " on " in n]
