@@ -6,6 +6,8 @@ are read once into `RunColumns`: a few bytes per device in typed arrays, never a
 dicts, so a run of a million devices plots in bounded memory. Time is seconds since the run
 started; a device counts at its finish time (start + total latency), except in "started".
 Drawing uses matplotlib's `Figure` directly (its Agg/SVG/PDF writers): no pyplot, no display.
+numpy and matplotlib are imported inside the drawing functions: every `device-sim` command
+imports this module, and importing them would add over a second to each.
 """
 
 from __future__ import annotations
