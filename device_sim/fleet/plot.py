@@ -202,17 +202,32 @@ def _inline_svg(figure) -> str:
 
 
 def _summary_table(summary: dict) -> str:
+    return "<h2>Summary</h2>" + _rows_table(summary)
+
+
+def _rows_table(values: dict) -> str:
     rows = "".join(f"<tr><th>{html.escape(str(key))}</th><td>{_cell(value)}</td></tr>"
-                   for key, value in summary.items())
-    return f"<h2>Summary</h2><table>{rows}</table>"
+                   for key, value in values.items())
+    return f"<table>{rows}</table>"
 
 
 def _cell(value) -> str:
-    if isinstance(value, dict) and value and all(isinstance(v, dict) for v in value.values()):
+    """A summary value as HTML: tables for nested records, "key value" pairs for flat counts."""
+    if isinstance(value, dict) and value and all(_flat_record(v) for v in value.values()):
         return _nested_table(value)
+    if isinstance(value, list) and value and all(_flat_record(v) for v in value):
+        return _nested_table({str(n): row for n, row in enumerate(value, 1)})
+    if isinstance(value, dict) and any(isinstance(v, (dict, list)) for v in value.values()):
+        return _rows_table(value)
     if isinstance(value, dict):
         return html.escape(", ".join(f"{k} {v}" for k, v in value.items()) or "-")
+    if isinstance(value, list):
+        return html.escape(", ".join(map(str, value)) or "-")
     return html.escape("-" if value is None else str(value))
+
+
+def _flat_record(value) -> bool:
+    return isinstance(value, dict) and not any(isinstance(v, (dict, list)) for v in value.values())
 
 
 def _nested_table(rows: dict) -> str:

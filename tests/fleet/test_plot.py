@@ -106,6 +106,19 @@ def test_html_shows_the_summary_as_a_table(tmp_path):
     assert "<th>tls_ms</th><td>11.0</td><td>16.0</td>" in text and "assigned 200, timeout 5" in text
 
 
+def test_html_summary_tables_nested_records_and_lists(tmp_path):
+    out = tmp_path / "plot.html"
+    summary = {"first_failed": [{"registration_id": "dev-3", "status": "timeout", "error_message": "<late>"}],
+               "latency_ms_by_outcome": {"timeout": {"total_ms": {"p50": 5000.0, "count": 5}}},
+               "throughput": {"bound": "concurrency", "detail": {"in_flight": 63.8}}, "hubs": {}}
+    plot.write_plot(out, sample_run(), "run", summary)
+    text = out.read_text()
+    assert "<td>dev-3</td><td>timeout</td><td>&lt;late&gt;</td>" in text
+    assert "<th>timeout</th><td><table>" in text and "<td>5000.0</td><td>5</td>" in text
+    assert "<th>bound</th><td>concurrency</td>" in text and "in_flight 63.8" in text
+    assert "<th>hubs</th><td>-</td>" in text and "{" not in text.split("<body>")[1].split("<svg")[0]
+
+
 def test_outcome_legend_lists_exactly_the_statuses_present_by_name():
     records = sample_run() + [{"registration_id": "late", "status": CANCELLED, "started_s": 0.0}]
     figure = drawn(records)
@@ -261,3 +274,17 @@ def test_a_distributed_run_gets_a_line_per_worker():
     assert [n for n in names if n.startswith("assigned on")] == [
         "assigned on tcp://10.0.0.1:4000", "assigned on tcp://10.0.0.2:4000"]
     assert not [n for n in legend_names(panels(drawn(sample_run()))["Throughput"]) if " on " in n]
+
+
+def test_records_read_back_from_a_json_lines_file(tmp_path):
+    import json
+
+    lines = tmp_path / "records.jsonl"
+    lines.write_text("".join(json.dumps(r) + "\n" for r in sample_run()))
+    out = tmp_path / "plot.svg"
+    with lines.open() as handle:
+        plot.write_plot(out, (json.loads(line) for line in handle), "from file")
+    check_file(out, "svg")
+    with lines.open() as handle:
+        columns = plot.RunColumns.read(json.loads(line) for line in handle)
+    assert len(columns) == 220 and columns.count("assigned") == 200 and columns.count("throttled") == 5
