@@ -45,7 +45,9 @@ STATUS_COLOURS = {
 FALLBACK = ("#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5", "#c49c94", "#f7b6d2", "#dbdb8d")
 PHASE_COLOURS = {"tls_ms": "#1f77b4", "register_ms": "#ff7f0e", "wait_ms": "#9467bd", "total_ms": "#000000"}
 TIME_LABEL = "seconds since run start (devices counted at finish time)"
-BUCKETS = 60  # time buckets a run is cut into
+BUCKETS = 60  # time buckets a long run is cut into
+DEVICES_PER_BUCKET = 20  # a short run gets fewer buckets (at least MIN_BUCKETS), so each has a sample
+MIN_BUCKETS = 5
 MAX_WORKER_LINES = 8  # workers drawn one line each in the throughput panel
 CDF_POINTS = 400  # points per outcome's distribution line, however many devices
 
@@ -242,7 +244,7 @@ def _nested_table(rows: dict) -> str:
 
 
 def bucket_width(span_s: float, buckets: int = BUCKETS) -> float:
-    """A 1-2-5 step (…, 0.5, 1, 2, 5, 10, … s) cutting `span_s` into at most about `buckets`."""
+    """A 1-2-5 step (…, 0.5, 1, 2, 5, 10, … s) cutting `span_s` into at most `buckets`."""
     raw = max(span_s, 1e-3) / buckets
     step = 10 ** math.floor(math.log10(raw))
     return next(m * step for m in (1, 2, 5, 10) if raw <= m * step * (1 + 1e-9))
@@ -275,7 +277,8 @@ def draw_over_time(figure, columns: RunColumns) -> None:
     status = np.frombuffer(columns.status, dtype=np.uint16)
     ran = ~np.isnan(finished)
     span = float(np.max(finished[ran])) if ran.any() else 0.0
-    width = bucket_width(span) if span > 0 else 1.0
+    buckets = max(MIN_BUCKETS, min(BUCKETS, int(ran.sum()) // DEVICES_PER_BUCKET))
+    width = bucket_width(span, buckets) if span > 0 else 1.0
     n_buckets = math.floor(span / width) + 1  # the last finisher falls inside the last bucket
     edges = np.arange(n_buckets + 1) * width
     bucket = np.minimum((np.where(ran, finished, 0) / width).astype(np.int64), n_buckets - 1)
@@ -350,7 +353,8 @@ def _latency(ax, bucket, status, columns, edges) -> None:
         name = phase.removesuffix("_ms")
         for pct, style in ((50, "-"), (99, "--")):
             line = nearest_rank_by_bucket(bucket[assigned], values, len(mids), pct)
-            ax.plot(mids, line, style, color=PHASE_COLOURS[phase], label=f"{name} p{pct}")
+            ax.plot(mids, line, style, color=PHASE_COLOURS[phase], label=f"{name} p{pct}",
+                    marker=".", markersize=4)  # a bucket between two empty ones is a point, not a line
     ax.set_yscale("symlog", linthresh=1)  # ms to tens of seconds on one axis, and 0 still drawn
     ax.set_ylabel("latency (ms)")
     ax.set_ylim(bottom=0)
@@ -403,7 +407,9 @@ def draw_distribution(figure, columns: RunColumns) -> None:
         values = np.sort(total[has_total & (status == index)]).astype(np.float64)
         ranks = np.unique(np.linspace(0, len(values) - 1, min(CDF_POINTS, len(values))).round().astype(np.int64))
         name = columns.statuses[index]
-        ax.step(values[ranks], (ranks + 1) / len(values), where="post", color=status_colour(name),
+        # from 0 at the first value: a single device still draws its step
+        ax.step(np.concatenate((values[:1], values[ranks])), np.concatenate(([0.0], (ranks + 1) / len(values))),
+                where="post", color=status_colour(name),
                 label=f"{name} ({len(values):,})")
         positive = positive and values[0] > 0
     if has_total.any():

@@ -288,3 +288,14 @@ def test_records_read_back_from_a_json_lines_file(tmp_path):
     with lines.open() as handle:
         columns = plot.RunColumns.read(json.loads(line) for line in handle)
     assert len(columns) == 220 and columns.count("assigned") == 200 and columns.count("throttled") == 5
+
+
+def test_a_short_run_gets_few_buckets_each_with_samples():
+    records = [record(i, started=i / 10, total=50.0) for i in range(10)] + [record(10, "timeout", total=900.0)]
+    figure = drawn(records)
+    latency = panels(figure)["Latency per phase, assigned devices only"]
+    p50 = next(line for line in latency.get_lines() if line.get_label() == "total p50").get_ydata()
+    assert 5 <= len(p50) <= 6 and sum(not math.isnan(y) for y in p50) >= 4
+    cdf = panels(figure)["Total latency per outcome"]
+    lone = next(line for line in cdf.get_lines() if line.get_label().startswith("timeout"))
+    assert list(lone.get_ydata()) == [0.0, 1.0]  # one device still draws its rise
