@@ -46,8 +46,8 @@ FALLBACK = ("#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5", "#c49c94", "#
 PHASE_COLOURS = {"tls_ms": "#1f77b4", "register_ms": "#ff7f0e", "wait_ms": "#9467bd", "total_ms": "#000000"}
 TIME_LABEL = "seconds since run start (devices counted at finish time)"
 BUCKETS = 60  # time buckets a long run is cut into
-DEVICES_PER_BUCKET = 20  # a short run gets fewer buckets (at least MIN_BUCKETS), so each has a sample
-MIN_BUCKETS = 5
+DEVICES_PER_BUCKET = 20  # a short run gets fewer buckets, so each has samples
+MIN_BUCKETS = 5  # before rounding to a 1-2-5 step, which may halve it
 MAX_WORKER_LINES = 8  # workers drawn one line each in the throughput panel
 CDF_POINTS = 400  # points per outcome's distribution line, however many devices
 

@@ -295,7 +295,7 @@ def test_a_short_run_gets_few_buckets_each_with_samples():
     figure = drawn(records)
     latency = panels(figure)["Latency per phase, assigned devices only"]
     p50 = next(line for line in latency.get_lines() if line.get_label() == "total p50").get_ydata()
-    assert 5 <= len(p50) <= 6 and sum(not math.isnan(y) for y in p50) >= 4
+    assert 2 <= len(p50) <= 5 and sum(not math.isnan(y) for y in p50) >= 2  # not 60 buckets of 0 or 1
     cdf = panels(figure)["Total latency per outcome"]
     lone = next(line for line in cdf.get_lines() if line.get_label().startswith("timeout"))
     assert list(lone.get_ydata()) == [0.0, 1.0]  # one device still draws its rise
