@@ -244,7 +244,7 @@ def _nested_table(rows: dict) -> str:
 
 
 def bucket_width(span_s: float, buckets: int = BUCKETS) -> float:
-    """A 1-2-5 step (…, 0.5, 1, 2, 5, 10, … s) cutting `span_s` into at most `buckets`."""
+    """A 1-2-5 step (…, 0.5, 1, 2, 5, 10, … s) cutting `span_s` into at most `buckets` (plus the one the last finisher opens)."""
     raw = max(span_s, 1e-3) / buckets
     step = 10 ** math.floor(math.log10(raw))
     return next(m * step for m in (1, 2, 5, 10) if raw <= m * step * (1 + 1e-9))
