@@ -43,6 +43,7 @@ class Emulator:
         self.process = process
         self.server = server
         self.log = log
+        self.logged: list[str] = []  # in process: the emulator's log lines
         self._admin: EmulatorAdmin | None = None
 
     # -- starting
@@ -71,17 +72,34 @@ class Emulator:
         return cls(home, ready, process=process, log=log)
 
     @classmethod
-    def in_process(cls, home: str | Path, *, mqtt: bool = True, **options) -> "Emulator":
+    def in_process(cls, home: str | Path, *, mqtt: bool = True, amqp: bool = False, dashboard: bool = False,
+                   faults=None, **options) -> "Emulator":
         """The `stub serve` assembly in this process; `options` are
-        `device_sim.stub.server.ServeOptions` fields (retry_after defaults to 0 here)."""
+        `device_sim.stub.server.ServeOptions` fields (retry_after defaults to 0 here).
+
+        `mqtt`, `amqp`, `dashboard`: serve that front end too, on a free port (`mqtt_url`,
+        `amqp_url`, `dashboard_url`). `faults`: a fault plan (docs/emulator.md, 'Fault
+        plans') as a file path, JSON text or the parsed object. The emulator's log lines
+        are kept in `logged`."""
         from device_sim.stub import server
-        from device_sim.stub.net.mqtt import listener_factory
+        from device_sim.stub.core.faults import FaultPlan, parse_plan
+        from device_sim.stub.net import amqp as amqp_net
+        from device_sim.stub.net import dashboard as dashboard_net
+        from device_sim.stub.net import mqtt as mqtt_net
 
         options.setdefault("retry_after", 0)
-        serve = server.ServeOptions(home=Path(home), **options)
-        factories = [listener_factory(0)] if mqtt else []
-        stub = server.StubServer(serve, factories, log=lambda message: None)
-        return cls(Path(home), stub.start(), server=stub)
+        if isinstance(faults, Path):
+            faults = faults.read_bytes()
+        if faults is not None and not isinstance(faults, FaultPlan):
+            faults = parse_plan(faults)
+        serve = server.ServeOptions(home=Path(home), faults=faults, **options)
+        wanted = ((mqtt, lambda: mqtt_net.listener_factory(0)), (amqp, lambda: amqp_net.listener_factory(0)),
+                  (dashboard, lambda: dashboard_net.listener_factory(0)))
+        logged: list[str] = []
+        stub = server.StubServer(serve, [make() for on, make in wanted if on], log=logged.append)
+        emulator = cls(Path(home), stub.start(), server=stub)
+        emulator.logged = logged
+        return emulator
 
     # -- what the ready line says
 
@@ -96,6 +114,15 @@ class Emulator:
     @property
     def mqtt_url(self) -> str | None:
         return self.ready.get("mqtt_url")
+
+    @property
+    def amqp_url(self) -> str | None:
+        return self.ready.get("amqp_url")
+
+    @property
+    def dashboard_url(self) -> str | None:
+        """The dashboard page, with its access token (docs/emulator.md)."""
+        return self.ready.get("dashboard_url")
 
     @property
     def id_scope(self) -> str:
@@ -113,6 +140,10 @@ class Emulator:
     @property
     def mqtt_port(self) -> int:
         return _port(self.mqtt_url)
+
+    @property
+    def amqp_port(self) -> int:
+        return _port(self.amqp_url)
 
     @property
     def app(self):
