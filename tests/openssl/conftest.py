@@ -14,7 +14,7 @@ import pytest
 
 from hsm_setup.openssl_export import find_provider_module
 from device_sim.testing import Emulator
-from stub_server.emulator_proc import REPO, stub_admin
+from stub_server.emulator_proc import REPO
 
 
 def hsm_setup(*args, env, check=True) -> subprocess.CompletedProcess:
@@ -72,8 +72,8 @@ def exported(tmp_path_factory, token_pki, pin_file, provider_installed):
 
 
 def admit_pki(emulator: Emulator, token_pki) -> None:
-    stub_admin(emulator, "ca", "upload", "token-root", token_pki.root.pem_path, "--verified")
-    stub_admin(emulator, "group", "create", "token-devices", "--ca-ref", "token-root")
+    emulator.admin.upload_ca("token-root", token_pki.root.cert_pem, verified=True)
+    emulator.admin.create_group("token-devices", ca_ref="token-root")
 
 
 @pytest.fixture(scope="module")

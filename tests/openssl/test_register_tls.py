@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 import pytest
-from stub_server.emulator_proc import cli, stub_admin
+from stub_server.emulator_proc import cli
 
 from .conftest import HANDSHAKES, hsm_setup
 
@@ -72,8 +72,8 @@ def solo(tmp_path_factory, token_pki, emulator):
     hsm_setup("token", "init", "solo", env=env)
     hsm_setup("ca", "create", "solo-root", "--token", "solo", env=env)
     hsm_setup("device", "create", "solo-1", "--ca", "solo-root", "--token", "solo", env=env)
-    stub_admin(emulator, "ca", "upload", "solo-root", home / "pki" / "ca" / "solo-root" / "cert.pem", "--verified")
-    stub_admin(emulator, "group", "create", "solo-devices", "--ca-ref", "solo-root")
+    emulator.admin.upload_ca("solo-root", (home / "pki" / "ca" / "solo-root" / "cert.pem").read_bytes(), verified=True)
+    emulator.admin.create_group("solo-devices", ca_ref="solo-root")
     return home, env
 
 
