@@ -101,49 +101,22 @@ class Emulator:
         emulator.logged = logged
         return emulator
 
-    # -- what the ready line says
+    # -- what the ready line says (docs/emulator.md); a front end not served reads None
 
-    @property
-    def device_url(self) -> str:
-        return self.ready["device_url"]
-
-    @property
-    def service_url(self) -> str:
-        return self.ready["service_url"]
-
-    @property
-    def mqtt_url(self) -> str | None:
-        return self.ready.get("mqtt_url")
-
-    @property
-    def amqp_url(self) -> str | None:
-        return self.ready.get("amqp_url")
-
-    @property
-    def dashboard_url(self) -> str | None:
-        """The dashboard page, with its access token (docs/emulator.md)."""
-        return self.ready.get("dashboard_url")
-
-    @property
-    def id_scope(self) -> str:
-        return self.ready["id_scope"]
+    device_url = property(lambda self: self.ready["device_url"])
+    service_url = property(lambda self: self.ready["service_url"])
+    id_scope = property(lambda self: self.ready["id_scope"])
+    mqtt_url = property(lambda self: self.ready.get("mqtt_url"))
+    amqp_url = property(lambda self: self.ready.get("amqp_url"))
+    dashboard_url = property(lambda self: self.ready.get("dashboard_url"), doc="The dashboard page with its token.")
+    device_port = property(lambda self: _port(self.device_url))
+    mqtt_port = property(lambda self: _port(self.mqtt_url))
+    amqp_port = property(lambda self: _port(self.amqp_url))
 
     @property
     def ca_cert(self) -> Path:
         """The CA file a client trusts for this emulator's TLS ports."""
         return Path(self.ready["ca_cert"])
-
-    @property
-    def device_port(self) -> int:
-        return _port(self.device_url)
-
-    @property
-    def mqtt_port(self) -> int:
-        return _port(self.mqtt_url)
-
-    @property
-    def amqp_port(self) -> int:
-        return _port(self.amqp_url)
 
     @property
     def app(self):
