@@ -17,6 +17,7 @@ import sys
 import pytest
 
 from hsm_setup import tokens
+from stub_server.emulator_proc import cli
 
 from .conftest import HANDSHAKES, clean_env, hsm_setup, sourced
 
@@ -88,3 +89,9 @@ def test_register_tls_openssl_keeps_every_handshake_of_a_process_on_the_device_t
                             stdin=subprocess.DEVNULL, env=crowded.env())
     assert result.returncode == 0, result.stderr[-2000:]
     assert json.loads(result.stdout) == {"versions": ["TLSv1.3"], "failures": []}
+    ready = device_sim_emulator_session.ready
+    registered = cli("register", "crowded-1", "--tls", "openssl", "--json", "--endpoint", ready["device_url"],
+                     "--id-scope", ready["id_scope"], "--trust", ready["ca_cert"], "--timeout", "20",
+                     env=crowded.env(), check=False)
+    assert registered.returncode == 0, registered.stderr
+    assert json.loads(registered.stdout)["status"] == "assigned"
