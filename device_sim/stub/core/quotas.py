@@ -7,6 +7,13 @@ when a request may pass, else the whole seconds to send as Retry-After.
 
 Each limit is a sliding window of the times admitted requests arrived, so a burst is cut
 exactly at the limit and Retry-After is the time until the oldest one leaves the window.
+
+With `stub serve --workers N` each worker process keeps its own windows: the two
+per-minute budgets are divided between the workers (each admits ceil(limit / N)), so
+together they never admit more than the instance's limit (plus N - 1 at most, from the
+rounding); a burst that the kernel spreads unevenly is cut a little before the limit. The
+per-device poll window stays whole in each worker: a device keeps its connection, and
+so its worker, from register to the last poll (docs/scaling.md).
 """
 
 from __future__ import annotations
@@ -37,15 +44,20 @@ class SlidingWindow:
         return max(1, math.ceil(self.times[0] + self.seconds - now))
 
 
+def _share(limit: int, workers: int) -> int:
+    """One worker's part of a budget the workers split."""
+    return -(-limit // max(workers, 1))
+
+
 class Quotas:
     """The counters of one emulator; `units` 0 turns them off. Thread-safe."""
 
-    def __init__(self, units: int = 0, clock=time.monotonic):
+    def __init__(self, units: int = 0, clock=time.monotonic, workers: int = 1):
         self.units = units
         self.clock = clock
         self._lock = threading.Lock()
-        self._registrations = SlidingWindow(REGISTRATIONS_PER_MINUTE * max(units, 1), 60.0)
-        self._service = SlidingWindow(SERVICE_OPERATIONS_PER_MINUTE * max(units, 1), 60.0)
+        self._registrations = SlidingWindow(_share(REGISTRATIONS_PER_MINUTE * max(units, 1), workers), 60.0)
+        self._service = SlidingWindow(_share(SERVICE_OPERATIONS_PER_MINUTE * max(units, 1), workers), 60.0)
         self._polls: dict[str, SlidingWindow] = {}
 
     def admit_registration(self) -> int | None:
