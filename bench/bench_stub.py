@@ -7,7 +7,7 @@ Prints, from one run against one `device-sim stub serve` process:
   3. their ratio (how much of the handshake budget the HTTP layer and the core leave);
   4. what TCP_QUICKACK buys: sequential awscrt TLS 1.2 mTLS handshakes with it on and off;
   5. commits/s of the store alone (`Store.save_registration`, what one registration
-     writes), from one process and from two at once: the ceiling no number of
+     writes), from 1, 2 and 4 processes at once: the ceiling no number of
      `stub serve --workers` raises (SQLite has one writer; docs/scaling.md).
 
 With `--workers 1,2` phases 1-3 run once per worker count, each against its own
@@ -186,38 +186,40 @@ def bench_workers(workers: int, args, tmp_path: Path, root: TestCA, identities) 
     return handshakes, registrations
 
 
-def store_commits(path: Path, count: int, name: str = "s") -> float:
-    """Registrations saved per second by one Store (one commit each)."""
+def store_commits(path: Path, count: int, name: str = "s") -> tuple[float, float]:
+    """Save `count` registrations through one Store (one commit each); (start, end) wall time."""
     store = Store(path)
     try:
-        started = time.monotonic()
+        started = time.time()
         for i in range(count):
             rid = f"{name}-{i % 1000}"
             store.save_registration(
                 RegistrationRow(rid, None, {"registrationId": rid, "status": "assigned",
                                             "assignedHub": "stub-hub-1.azure-devices.net"}, {"leaf": "ab" * 32}),
                 OperationRow(f"op-{name}-{i}", rid, "ab" * 32, 0.0, {"status": "assigned"}))
-        return count / (time.monotonic() - started)
+        return started, time.time()
     finally:
         store.close()
 
 
-def store_ceiling(tmp_path: Path, count: int = 3000) -> tuple[float, float]:
-    """Commits/s of the store from one process, and summed over two processes at once."""
-    alone = store_commits(tmp_path / "alone.db", count)
-    shared = tmp_path / "shared.db"
-    Store(shared).close()
+def store_ceiling(tmp_path: Path, processes: int, count: int = 3000) -> float:
+    """Commits/s of one store file written by `processes` processes at once (from the
+    first commit to the last, interpreter start-up left out)."""
+    path = tmp_path / f"store-{processes}.db"
+    Store(path).close()
     code = ("import sys; from pathlib import Path; sys.path.insert(0, sys.argv[3]);"
             "from bench_stub import store_commits;"
-            "print(store_commits(Path(sys.argv[1]), int(sys.argv[2]), sys.argv[4]))")
+            "print(*store_commits(Path(sys.argv[1]), int(sys.argv[2]), sys.argv[4]))")
     here = str(Path(__file__).parent)
-    started = time.monotonic()
-    writers = [subprocess.Popen([sys.executable, "-c", code, str(shared), str(count), here, name],
-                                stdout=subprocess.PIPE, text=True) for name in ("a", "b")]
-    for writer in writers:
-        writer.communicate(timeout=300)
-    together = 2 * count / (time.monotonic() - started)
-    return alone, together
+    writers = [subprocess.Popen([sys.executable, "-c", code, str(path), str(count), here, f"w{index}"],
+                                stdout=subprocess.PIPE, text=True) for index in range(processes)]
+    spans = [tuple(map(float, writer.communicate(timeout=300)[0].split())) for writer in writers]
+    # Writers start at different moments: count only the span in which all of them ran.
+    overlap = min(end for _, end in spans) - max(start for start, _ in spans)
+    if overlap <= 0:
+        return processes * count / (max(end for _, end in spans) - min(start for start, _ in spans))
+    inside = sum(count * overlap / (end - start) for start, end in spans)
+    return inside / overlap
 
 
 def main() -> int:
@@ -254,9 +256,10 @@ def main() -> int:
         rates = quickack_effect(tmp_path / "qa-tls", chain, key)
         print(f"  awscrt sequential TLS 1.2 mTLS handshakes: {rates[True]:.1f} /s with TCP_QUICKACK, "
               f"{rates[False]:.1f} /s without (x{rates[True] / rates[False]:.1f})", flush=True)
-        alone, together = store_ceiling(tmp_path)
-        print(f"  store alone (SQLite WAL, synchronous=NORMAL): {alone:.0f} commits/s from one process, "
-              f"{together:.0f} commits/s from two at once (one registration = one commit)", flush=True)
+        ceilings = {processes: store_ceiling(tmp_path, processes) for processes in (1, 2, 4)}
+        print("  store alone (SQLite WAL, synchronous=NORMAL; one registration = one commit): "
+              + ", ".join(f"{rate:.0f} commits/s from {processes} process{'es' if processes > 1 else ''}"
+                          for processes, rate in ceilings.items()), flush=True)
     return 0
 
 
