@@ -252,3 +252,15 @@ def test_quota_budgets_are_split_between_workers():
     assert sum(quotas.admit_service_operation() is None for _ in range(1000)) == 500
     third = Quotas(1, clock=lambda: now[0], workers=3)
     assert sum(third.admit_registration() is None for _ in range(1000)) == 334
+
+
+def test_each_worker_admits_its_share_of_the_registration_budget(tmp_path):
+    """The wiring of server.py: a worker of two with one quota unit admits 500 per minute."""
+    emu = Emulator.in_process(tmp_path / "emu", mqtt=False, worker=0, workers=2, quota_units=1)
+    try:
+        quotas = emu.app.device_api.quotas
+        assert [quotas.admit_registration() is None for _ in range(501)].count(True) == 500
+        service = emu.app.service_api.quotas
+        assert [service.admit_service_operation() is None for _ in range(501)].count(True) == 500
+    finally:
+        emu.stop()
