@@ -108,6 +108,35 @@ def test_one_ready_line_names_the_supervisor_and_both_workers(emulator):
     assert "mqtt_url" in ready and "device_url" in ready and "service_url" in ready
 
 
+def listening_pids(port: int) -> set[int]:
+    """Processes holding a listening TCP socket on `port` (from /proc, IPv4 and IPv6)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "0A":
+                inodes.add(fields[9])
+    holders = set()
+    for fd_dir in Path("/proc").glob("[0-9]*/fd"):
+        try:
+            links = {os.readlink(fd) for fd in fd_dir.iterdir()}
+        except OSError:
+            continue
+        if any(f"socket:[{inode}]" in links for inode in inodes):
+            holders.add(int(fd_dir.parent.name))
+    return holders
+
+
+def test_every_listener_is_shared_by_both_workers_and_the_dashboard_by_one(tmp_path):
+    with Emulator.spawn(tmp_path / "emu", "--workers", "2", "--no-amqp") as emu:
+        pids = set(emu.ready["worker_pids"])
+        for key in ("device_url", "service_url", "mqtt_url"):
+            port = int(emu.ready[key].rsplit(":", 1)[1])
+            assert listening_pids(port) == pids, key
+        dashboard = int(emu.ready["dashboard_url"].split("//", 1)[1].split("/", 1)[0].rsplit(":", 1)[1])
+        assert listening_pids(dashboard) == {emu.ready["worker_pids"][0]}
+
+
 def test_registrations_spread_over_both_workers(emulator, pki):
     root, devices = pki
     emulator.admin.upload_ca("workers-root", root.cert_pem, verified=True)
