@@ -248,7 +248,8 @@ class StubServer:
         if options.service_connection_string:
             self.ready["service_connection_string"] = self._service_connection_string(app)
         if options.worker is not None:
-            app.service_api.quotas = type(device_api.quotas)(config.quota_units, workers=options.workers)
+            app.service_api.quotas = type(device_api.quotas)(config.quota_units, workers=options.workers,
+                                                             shared=store)
             self.ready["worker"] = options.worker
             return self.ready  # the supervisor writes the endpoint file, with every worker's pid
         # Private: the connection string carries the service key.
@@ -260,7 +261,7 @@ class StubServer:
         from device_sim.stub.core.shared_faults import SharedFaults
 
         if self.options.worker == 0:
-            store.forget_workers()
+            store.begin_run()
         device_api.faults = SharedFaults(store, self.options.worker, self.options.faults)
         device_api.quotas = Quotas(config.quota_units, workers=self.options.workers)
 

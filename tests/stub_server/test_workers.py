@@ -278,18 +278,37 @@ def test_quota_budgets_are_split_between_workers():
     quotas = Quotas(1, clock=lambda: now[0], workers=2)
     admitted = sum(quotas.admit_registration() is None for _ in range(1000))
     assert admitted == 500
-    assert sum(quotas.admit_service_operation() is None for _ in range(1000)) == 500
     third = Quotas(1, clock=lambda: now[0], workers=3)
     assert sum(third.admit_registration() is None for _ in range(1000)) == 334
 
 
+def test_the_service_budget_is_one_window_for_every_worker(tmp_path):
+    """Two processes' stores on one file: 1,000 service operations a minute between them."""
+    one, other = Store(tmp_path / "stub.db"), Store(tmp_path / "stub.db")
+    try:
+        now = [100.0]
+        first = Quotas(1, clock=lambda: now[0], workers=2, shared=one)
+        second = Quotas(1, clock=lambda: now[0], workers=2, shared=other)
+        admitted = [(first if i % 3 else second).admit_service_operation() is None for i in range(1200)]
+        assert admitted.count(True) == 1000
+        now[0] += 30
+        assert first.admit_service_operation() == 30  # Retry-After: until the oldest leaves
+        now[0] += 30.5
+        assert second.admit_service_operation() is None
+    finally:
+        one.close()
+        other.close()
+
+
 def test_each_worker_admits_its_share_of_the_registration_budget(tmp_path):
-    """The wiring of server.py: a worker of two with one quota unit admits 500 per minute."""
+    """The wiring of server.py: a worker of two with one quota unit admits 500
+    registrations per minute, and counts service operations in the shared window."""
     emu = Emulator.in_process(tmp_path / "emu", mqtt=False, worker=0, workers=2, quota_units=1)
     try:
         quotas = emu.app.device_api.quotas
         assert [quotas.admit_registration() is None for _ in range(501)].count(True) == 500
         service = emu.app.service_api.quotas
-        assert [service.admit_service_operation() is None for _ in range(501)].count(True) == 500
+        assert [service.admit_service_operation() is None for _ in range(1001)].count(True) == 1000
+        assert emu.app.store.admit_window("service", 1000, 60.0, time.monotonic()) is not None
     finally:
         emu.stop()

@@ -14,8 +14,9 @@ file. Writes start with BEGIN IMMEDIATE, so a writer waits for the write lock up
 (busy timeout 5 s) instead of failing a read-then-write upgrade with SQLITE_BUSY. Another
 process's commits are noticed via `PRAGMA data_version`; the walk view is rebuilt only
 when the `shared` row "walk" (bumped by every entry or CA change) moved. The `shared`
-table also carries what the workers must agree on (the live fault plan), and
-`worker_reports` what each worker publishes about itself (docs/scaling.md).
+table also carries what the workers must agree on (the live fault plan), `quota_events`
+the service-operation quota window they share, and `worker_reports` what each worker
+publishes about itself (docs/scaling.md).
 
 Write checks: a document is stored only if it could be read back and walked: it must
 serialise as plain JSON and nest at most MAX_STORED_DEPTH levels (the request bodies are
@@ -93,6 +94,11 @@ CREATE TABLE IF NOT EXISTS shared (
     version INTEGER NOT NULL,
     doc TEXT
 );
+CREATE TABLE IF NOT EXISTS quota_events (
+    kind TEXT NOT NULL,
+    at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS quota_events_kind ON quota_events (kind, at);
 CREATE TABLE IF NOT EXISTS worker_reports (
     idx INTEGER PRIMARY KEY,
     doc TEXT NOT NULL
@@ -329,10 +335,25 @@ class Store:
         return {index: json.loads(doc) for index, doc in
                 self._query("SELECT idx, doc FROM worker_reports ORDER BY idx")}
 
-    def forget_workers(self) -> None:
-        """A new run starts: the reports of an earlier one are not about it."""
+    def begin_run(self) -> None:
+        """A new `--workers` run starts: the reports and quota windows of an earlier one
+        are not about it."""
         with self.transaction() as db:
             db.execute("DELETE FROM worker_reports")
+            db.execute("DELETE FROM quota_events")
+
+    def admit_window(self, kind: str, limit: int, seconds: float, now: float) -> float | None:
+        """One sliding window every process shares (`core/quotas.py`): None when a request
+        at `now` (CLOCK_MONOTONIC, the same in every process) is admitted, else the time
+        the oldest admitted one arrived."""
+        with self.transaction() as db:
+            db.execute("DELETE FROM quota_events WHERE kind = ? AND at <= ?", (kind, now - seconds))
+            count, oldest = db.execute("SELECT count(*), min(at) FROM quota_events WHERE kind = ?",
+                                       (kind,)).fetchone()
+            if count < limit:
+                db.execute("INSERT INTO quota_events VALUES (?, ?)", (kind, now))
+                return None
+            return oldest
 
     def _build_view(self) -> WalkView:
         verified: dict[str, x509.Certificate] = {}
