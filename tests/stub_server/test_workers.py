@@ -312,3 +312,13 @@ def test_each_worker_admits_its_share_of_the_registration_budget(tmp_path):
         assert emu.app.store.admit_window("service", 1000, 60.0, time.monotonic()) is not None
     finally:
         emu.stop()
+
+
+def test_stub_status_lists_each_worker_on_its_own_line(emulator):
+    from .emulator_proc import stub_admin
+
+    text = stub_admin(emulator, "status").stdout
+    lines = [line for line in text.splitlines() if line.startswith("worker ")]
+    assert [line.split("\t")[:2] for line in lines] == [
+        [f"worker {index}", f"pid {pid}"] for index, pid in enumerate(emulator.ready["worker_pids"])]
+    assert "[{" not in text  # no Python list repr
