@@ -142,7 +142,7 @@ def list_devices(home: Path, *, token_label: str | None = None,
 
 
 def iter_devices(home: Path, *, token_label: str | None = None, prefix: str | None = None,
-                 limit: int | None = None, page: int = 500) -> Iterator[DeviceRecord]:
+                 limit: int | None = None, page: int = 100) -> Iterator[DeviceRecord]:
     """The same records as `list_devices`, read `page` rows at a time (keyset paging on the
     ID index: each page costs the same however far into the registry it is), at most `limit`."""
     where, params = _filters(token_label, prefix)
