@@ -1,4 +1,10 @@
-"""Run many device registrations at once: bounded concurrency, optional arrival rate.
+"""Run many device registrations at once: bounded concurrency, optional arrival rate
+(constant, or ramping linearly up to it: `arrival_s`).
+
+Memory is O(concurrency), not O(devices) (docs/fleet.md, "Memory"): devices are read
+from any iterable one at a time as slots free up, each finished device's record goes to
+a `records.RunLog` (a JSON Lines file and streaming statistics) and to `on_result`, and
+the runner itself keeps only what is in flight.
 
 Each device gets its own awscrt TLS context on its own token key (the key never leaves
 the token) and runs the same sans-IO flow as `device-sim register`. Workers are threads:
