@@ -188,7 +188,7 @@ def main() -> int:
     rate = summary["registrations_per_s"]
     total = summary["latency_ms"]["total_ms"]
     from hsm_setup import devices as registry  # after the run: the registry tells the real shard size
-    per_token = args.count / max(1, len(registry.count_by_token(home)))
+    per_token = args.count / max(1, len(registry.count_by_token(home, prefix="bench-", limit=args.count)))
     print(f"devices {args.count}, concurrency {args.concurrency}, {per_token:.0f} per shard token, "
           f"{os.cpu_count()} cores")
     print(f"fleet create: {create_s:.1f} s ({args.count / create_s:.1f} identities/s, {args.jobs} jobs)"
