@@ -20,7 +20,7 @@ from device_sim.device import chain_builder
 from device_sim.device import registration as reg
 from device_sim.fleet import identities, plot
 from device_sim.fleet.records import RunLog, read_records, write_json_report
-from device_sim.fleet.report import DeviceResult, render_text
+from device_sim.fleet.report import render_text
 from device_sim.fleet.runner import FleetSettings, run_fleet
 from hsm_setup import module, pins
 
@@ -74,7 +74,7 @@ def add_subparser(subparsers) -> None:
                           f"beside --json, else <home>/{RUNS_DIR}/<UTC time>.jsonl with {RUNS_DIR}/{LATEST} "
                           "naming the newest)")
     run.add_argument("--plot", metavar="FILE",
-                     help="render latency over time and the latency histogram (.html, or .png with matplotlib)")
+                     help="draw throughput, latency and outcomes over time (.png, .svg, .pdf or .html)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.set_defaults(func=cmd_run)
 
@@ -117,8 +117,7 @@ def cmd_run(args) -> int:
         write_json_report(Path(args.json), log, settings=report.settings, summary=summary)
     if args.plot:
         title = f"device-sim fleet: {len(selection)} devices, concurrency {args.concurrency}"
-        # ADAPTER until branch `plot` is merged (its write_plot(path, records, title, summary) takes the record dicts): then call plot.write_plot(Path(args.plot), read_records(records_path), title, summary)
-        plot.write_plot(Path(args.plot), [DeviceResult(**{k: v for k, v in r.items() if k != "worker"}) for r in read_records(records_path)], title)
+        plot.write_plot(Path(args.plot), read_records(records_path), title, summary)  # streamed from the file
     if report.interrupted:
         return EXIT_INTERRUPTED
     return EXIT_OK if summary["outcomes"].get(reg.ASSIGNED, 0) == len(selection) else EXIT_SOME_NOT_ASSIGNED

@@ -214,7 +214,7 @@ def test_ctrl_c_stops_cleanly_and_still_writes_the_report(world, tmp_path):
     (("--records", "/nonexistent-dir/r.jsonl"), "the folder does not exist"),
     (("--json", "same.json", "--records", "same.json"), "the same file as --json"),
     (("--prefix", "nobody-"), "no devices with prefix 'nobody-'"),
-    (("--plot", "x.pdf"), "name the file .html or .png"),
+    (("--plot", "x.bmp"), "name the file .html or .png"),
     (("--json", "/nonexistent-dir/r.json"), "the folder does not exist"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(world, tmp_path, args, message):
