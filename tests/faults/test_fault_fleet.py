@@ -27,7 +27,7 @@ PIN, SO_PIN = "1234", "87654321"
 PLAN = {"seed": 12, "rules": [
     {"match": {"operation": "register"}, "probability": 0.2, "action": {"status": 503, "retry_after": 1}},
     {"match": {"operation": ["register", "poll"]}, "probability": 0.1, "action": {"close": "after_request"}},
-    {"match": {}, "window": {"start_s": 1, "duration_s": 3}, "action": {"refuse_connections": True}},
+    {"match": {}, "window": {"start_s": 0, "duration_s": 3}, "action": {"refuse_connections": True}},
 ]}
 
 
@@ -84,14 +84,15 @@ def finish(fleet: subprocess.Popen) -> str:
 def test_nothing_is_lost_or_doubled_under_faults(world, tmp_path):
     home, env, emulator = world
     report_file = tmp_path / "report.json"
-    # The plan is set once the first device registered, so its outage window (1 s to 4 s
-    # from then) meets devices however long the fleet's start-up took on a loaded machine.
+    # The plan is set once the first device registered, so its outage (the 3 s from then)
+    # meets the devices still arriving however long the fleet's start-up took on a loaded
+    # machine (a window starting later found every device connected once, under load).
     fleet = start_fleet(env, report_file, concurrency=64, rate=60)
     wait_for_registers(emulator, fleet, 1)
     emulator.admin.client.faults_set(PLAN)
     started = time.monotonic()
     out = finish(fleet)
-    assert time.monotonic() - started > 4  # the run lasted past the outage window
+    assert time.monotonic() - started > 3  # the run lasted past the outage window
     report = json.loads(report_file.read_text())
     plan_report = json.loads(stub_admin(emulator, "faults", "show", "--json").stdout)
     stub_admin(emulator, "faults", "clear")
@@ -126,9 +127,11 @@ def test_a_plan_set_while_the_fleet_registers_applies_at_once(world, tmp_path):
     report_file, plan_file = tmp_path / "report.json", tmp_path / "plan.json"
     plan_file.write_text(json.dumps({"seed": 5, "rules": [
         {"match": {"operation": "register"}, "probability": 0.5, "action": {"status": 503, "retry_after": 1}}]}))
-    fleet = start_fleet(env, report_file, concurrency=16, rate=50, timeout=120)
-    wait_for_registers(emulator, fleet, sum(before.values()) + 50)  # some devices are through
-    stub_admin(emulator, "faults", "set", plan_file)  # the rest still to come
+    fleet = start_fleet(env, report_file, concurrency=16, rate=30, timeout=120)
+    wait_for_registers(emulator, fleet, sum(before.values()) + 30)  # some devices are through
+    # The service API straight: a `stub faults set` process costs seconds on a loaded machine,
+    # in which the rest of the fleet could be through (the CLI verb is tested in test_fault_cli).
+    emulator.admin.client.faults_set(json.loads(plan_file.read_text()))  # the rest still to come
     finish(fleet)
     assert fleet.returncode == 0
     plan_report = json.loads(stub_admin(emulator, "faults", "show", "--json").stdout)
@@ -144,4 +147,4 @@ def test_a_plan_set_while_the_fleet_registers_applies_at_once(world, tmp_path):
     assert figures["assigned"] == COUNT and figures["lost"] == [] and figures["doubled_beyond_faults"] == 0
     # The devices through before the change saw no fault.
     clean = [d for d in report["devices"] if not d["retries_by_cause"]]
-    assert len(clean) >= 50
+    assert len(clean) >= 30
