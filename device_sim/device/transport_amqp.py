@@ -29,6 +29,7 @@ by a message on the receiver carrying our correlation-id, the operation JSON and
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import socket
 import ssl
@@ -43,6 +44,7 @@ from wsproto.events import (AcceptConnection, BytesMessage, CloseConnection, Pin
                             Request, TextMessage)
 from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 
+from device_sim.amqp import engine
 from device_sim.common import dps
 from device_sim.common.dps import DEVICE_API_VERSION
 from device_sim.device import registration as reg
@@ -119,7 +121,7 @@ def reply_response(message: Message) -> Response:
     return Response(202 if in_progress else 200, headers, bytes(body))
 
 
-class AmqpClient:
+class AmqpClient(engine.EngineEndpoint):
     """The engine side of one device connection: `output()` to send, `receive(data)` what came.
 
     `ready` once both links are attached and the sender has credit; `request()` queues a
@@ -164,41 +166,7 @@ class AmqpClient:
         return (self.receiver.state & Endpoint.REMOTE_ACTIVE and self.sender.state & Endpoint.REMOTE_ACTIVE
                 and self.sender.credit > 0)
 
-    # -- bytes --------------------------------------------------------------------------
-
-    def output(self) -> bytes:
-        chunks = []
-        while (size := self.transport.pending()) > 0:
-            chunks.append(self.transport.peek(size))
-            self.transport.pop(size)
-        return b"".join(chunks)
-
-    def receive(self, data: bytes) -> None:
-        view = memoryview(data)
-        while view and self.failure is None:
-            capacity = self.transport.capacity()
-            if capacity <= 0:
-                self._process()
-                if self.transport.capacity() <= 0:
-                    break
-                continue
-            try:
-                self.transport.push(bytes(view[:capacity]))
-            except Exception:  # the engine records its framing error in its condition
-                pass
-            view = view[capacity:]
-            self._process()
-
-    def end_of_input(self) -> None:
-        if self.transport.capacity() >= 0:
-            self.transport.close_tail()
-        self._process()
-
-    def tick(self, now: float) -> float:
-        """Heartbeats the service asked for; the next time to call again, or 0."""
-        deadline = self.transport.tick(now)
-        self._process()
-        return deadline
+    # -- bytes in and out: receive, end_of_input, tick, output (engine.EngineEndpoint) ---
 
     # -- requests -----------------------------------------------------------------------
 
@@ -220,13 +188,6 @@ class AmqpClient:
         self._process()
 
     # -- engine events ------------------------------------------------------------------
-
-    def _process(self) -> None:
-        while (event := self.collector.peek()) is not None:
-            try:
-                self._dispatch(event)
-            finally:
-                self.collector.pop()
 
     def _dispatch(self, event: Event) -> None:
         kind = event.type
@@ -335,29 +296,46 @@ class WebSocketByteStream:
         self.tls.send(self.ws.send(Request(host=host, target=WEBSOCKET_PATH,
                                            subprotocols=[WEBSOCKET_SUBPROTOCOL])), _left(deadline))
         received = 0
-        while True:
-            for event in self.ws.events():
-                if isinstance(event, AcceptConnection):
-                    if event.subprotocol != WEBSOCKET_SUBPROTOCOL:
-                        raise ProtocolFailure(f"the server upgraded {WEBSOCKET_PATH} without the "
-                                              f"{WEBSOCKET_SUBPROTOCOL} subprotocol")
-                    return
-                if isinstance(event, RejectConnection):
-                    raise ProtocolFailure(f"the server refused the WebSocket upgrade of {WEBSOCKET_PATH} "
-                                          f"with HTTP {event.status_code} (does it serve AMQP over WebSockets?)")
+        while not self._upgraded():
+            if self._closed:
+                raise ProtocolFailure(f"the server closed the connection instead of answering the WebSocket "
+                                      f"upgrade of {WEBSOCKET_PATH}", reg.DROPPED)
             data = self.tls.recv(_left(deadline))
             received += len(data)
             if received > MAX_WEBSOCKET_HANDSHAKE:
                 raise ProtocolFailure(f"the answer to the WebSocket upgrade of {WEBSOCKET_PATH} is too large")
-            self._feed(data)
-            if not data:
-                raise ProtocolFailure(f"the server closed the connection instead of answering the WebSocket "
-                                      f"upgrade of {WEBSOCKET_PATH}", reg.DROPPED)
+            try:
+                self.ws.receive_data(data or None)
+            except RemoteProtocolError as exc:
+                raise ProtocolFailure(f"the answer to the WebSocket upgrade of {WEBSOCKET_PATH} is not "
+                                      f"HTTP: {exc}") from None
+            self._closed = not data
+
+    def _upgraded(self) -> bool:
+        try:
+            events = list(self.ws.events())
+        except RemoteProtocolError as exc:
+            raise ProtocolFailure(f"the answer to the WebSocket upgrade of {WEBSOCKET_PATH} is not "
+                                  f"HTTP: {exc}") from None
+        for event in events:
+            if isinstance(event, AcceptConnection):
+                if event.subprotocol != WEBSOCKET_SUBPROTOCOL:
+                    raise ProtocolFailure(f"the server upgraded {WEBSOCKET_PATH} without the "
+                                          f"{WEBSOCKET_SUBPROTOCOL} subprotocol")
+                return True
+            if isinstance(event, RejectConnection):
+                raise ProtocolFailure(f"the server refused the WebSocket upgrade of {WEBSOCKET_PATH} "
+                                      f"with HTTP {event.status_code} (does it serve AMQP over WebSockets?)")
+        return False
 
     def send(self, data: bytes, timeout: float) -> None:
-        if self._closed:
-            raise ProtocolFailure("the server closed the WebSocket", reg.DROPPED)
-        self.tls.send(self.ws.send(BytesMessage(data=data)), timeout)
+        try:
+            if self._closed:
+                raise LocalProtocolError("closed")
+            frame = self.ws.send(BytesMessage(data=data))
+        except LocalProtocolError:
+            raise ProtocolFailure("the server closed the WebSocket", reg.DROPPED) from None
+        self.tls.send(frame, timeout)
 
     def recv(self, timeout: float) -> bytes:
         while True:
@@ -401,6 +379,8 @@ class WebSocketByteStream:
                     raise ProtocolFailure("the server sent a WebSocket text message: AMQP is binary")
         except RemoteProtocolError as exc:
             raise ProtocolFailure(f"the server broke the WebSocket framing: {exc}") from None
+        except LocalProtocolError:
+            self._closed = True  # a pong or close echo after the WebSocket closed: nothing more comes
         return bytes(payload)
 
 
@@ -412,6 +392,7 @@ def _left(deadline: float) -> float:
     return left
 
 
+@dataclasses.dataclass(eq=False)
 class AmqpTransport:
     """One device's AMQP connection to DPS (real or emulated); implements `Transport`.
 
@@ -419,20 +400,21 @@ class AmqpTransport:
     (`transport_openssl.client_context`); `websocket` carries AMQP inside WebSockets.
     """
 
-    def __init__(self, host: str, port: int, id_scope: str, registration_id: str,
-                 tls_context: ssl.SSLContext, *, api_version: str = DEVICE_API_VERSION,
-                 websocket: bool = False, server_name: str | None = None):
-        self.host = host
-        self.port = port
-        self.id_scope = id_scope
-        self.registration_id = registration_id
-        self.tls_context = tls_context
-        self.api_version = api_version
-        self.websocket = websocket
-        self.server_name = server_name or host
-        self.stream: TlsByteStream | WebSocketByteStream | None = None
-        self.client: AmqpClient | None = None
-        self.connects = 0
+    host: str
+    port: int
+    id_scope: str
+    registration_id: str
+    tls_context: ssl.SSLContext
+    _: dataclasses.KW_ONLY
+    api_version: str = DEVICE_API_VERSION
+    websocket: bool = False
+    server_name: str | None = None
+    stream: TlsByteStream | WebSocketByteStream | None = dataclasses.field(default=None, init=False)
+    client: AmqpClient | None = dataclasses.field(default=None, init=False)
+    connects: int = dataclasses.field(default=0, init=False)
+
+    def __post_init__(self):
+        self.server_name = self.server_name or self.host
 
     # -- Transport ---------------------------------------------------------------------
 

@@ -101,6 +101,10 @@ class MqttTransport(CrtTransport):
             connection.disconnect()
             raise TransportTimeout(f"no CONNACK from the server while {what}", reg.CONNECT_TIMEOUT) from None
         except Exception as exc:
+            if getattr(exc, "name", None) == "AWS_ERROR_HTTP_WEBSOCKET_UPGRADE_FAILURE":
+                # an answer, not a network failure (`classify` would read SOCKET in the name)
+                raise ProtocolFailure(f"the server refused the WebSocket upgrade of {WEBSOCKET_PATH} while "
+                                      f"{what} (does it serve MQTT over WebSockets?)") from None
             if not _is_refusal(exc):
                 raise classify(exc, what, connecting=True) from None
             self._refused = True  # the channel is already shut down: nothing to disconnect
