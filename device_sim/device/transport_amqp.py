@@ -297,19 +297,18 @@ class WebSocketByteStream:
                                            subprotocols=[WEBSOCKET_SUBPROTOCOL])), _left(deadline))
         received = 0
         while not self._upgraded():
-            if self._closed:
+            data = self.tls.recv(_left(deadline))
+            if not data:
                 raise ProtocolFailure(f"the server closed the connection instead of answering the WebSocket "
                                       f"upgrade of {WEBSOCKET_PATH}", reg.DROPPED)
-            data = self.tls.recv(_left(deadline))
             received += len(data)
             if received > MAX_WEBSOCKET_HANDSHAKE:
                 raise ProtocolFailure(f"the answer to the WebSocket upgrade of {WEBSOCKET_PATH} is too large")
             try:
-                self.ws.receive_data(data or None)
+                self.ws.receive_data(data)
             except RemoteProtocolError as exc:
                 raise ProtocolFailure(f"the answer to the WebSocket upgrade of {WEBSOCKET_PATH} is not "
                                       f"HTTP: {exc}") from None
-            self._closed = not data
 
     def _upgraded(self) -> bool:
         try:
@@ -506,9 +505,10 @@ class AmqpTransport:
                 raise
             if not data:
                 client.end_of_input()
-                if client.failure is None:
-                    raise ProtocolFailure(f"the server closed the connection while {what}", reg.DROPPED)
-                continue
+                if isinstance(client.failure, Response):
+                    continue  # closed as unauthorized, then hung up: the 401 is the answer
+                # (the engine calls an end of input without a close frame a framing error)
+                raise ProtocolFailure(f"the server closed the connection while {what}", reg.DROPPED)
             client.receive(data)
 
     def _io(self, step, what: str, connecting: bool):

@@ -185,16 +185,16 @@ class OpensslHttpsTransport:
             self.connection = None
 
     def _request(self, method, path, headers, body, timeout) -> Response:
-        reused = self.connection is not None
-        try:
-            return self._round_trip(method, path, headers, body, timeout)
-        except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
-            self.close()
-            # A kept-alive connection the server closed while we waited: nothing was answered.
-            if not reused:
-                raise ProtocolFailure(f"the server closed the connection before answering {method} "
-                                      f"{path.split('?')[0]}", reg.DROPPED) from None
-            return self._round_trip(method, path, headers, body, timeout)
+        # A kept-alive connection the server closed while we waited: nothing was answered, so
+        # one fresh try; a second close (or one on a fresh connection) is the flow's to judge.
+        tries = 2 if self.connection is not None else 1
+        for _ in range(tries):
+            try:
+                return self._round_trip(method, path, headers, body, timeout)
+            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
+                self.close()
+        raise ProtocolFailure(f"the server closed the connection before answering {method} "
+                              f"{path.split('?')[0]}", reg.DROPPED)
 
     def _round_trip(self, method, path, headers, body, timeout) -> Response:
         self.connect(timeout)
