@@ -50,7 +50,7 @@ from device_sim.common.dps import DEVICE_API_VERSION
 from device_sim.device import registration as reg
 from device_sim.device.registration import Response, error_from_body
 from device_sim.device.transport import ProtocolFailure, TlsFailure, TransportError, TransportTimeout
-from device_sim.device.transport_https import USER_AGENT
+from device_sim.device.transport_https import MAX_BODY, USER_AGENT
 from device_sim.device.transport_openssl import tls_socket
 
 DEFAULT_PORT = 5671
@@ -104,7 +104,7 @@ def reply_response(message: Message) -> Response:
     if isinstance(body, str):
         body = body.encode()
     elif not isinstance(body, (bytes, bytearray, memoryview)):
-        body = b"" if body is None else json.dumps(body, default=str).encode()
+        body = b""  # a map or number is no operation JSON: the flow reports a protocol error
     properties = message.properties or {}
     status = properties.get("iotdps-status")
     try:
@@ -122,7 +122,8 @@ def reply_response(message: Message) -> Response:
 
 
 class AmqpClient(engine.EngineEndpoint):
-    """The engine side of one device connection: `output()` to send, `receive(data)` what came.
+    """The engine side of one device connection: `output()` to send, `receive(data)` what came
+    (`engine.EngineEndpoint`).
 
     `ready` once both links are attached and the sender has credit; `request()` queues a
     message and returns its correlation-id; `answers[correlation_id]` is then a `Response`.
@@ -153,6 +154,7 @@ class AmqpClient(engine.EngineEndpoint):
         self.receiver.source.address = self.address
         self.receiver.target.address = self.address
         self.receiver.properties = properties
+        self.receiver.max_message_size = MAX_BODY  # DPS replies are at most 96 KB
         self.receiver.open()
         self.receiver.flow(CREDIT)
         self.sender = session.sender(f"{self.address}-sender")
@@ -166,9 +168,7 @@ class AmqpClient(engine.EngineEndpoint):
         return (self.receiver.state & Endpoint.REMOTE_ACTIVE and self.sender.state & Endpoint.REMOTE_ACTIVE
                 and self.sender.credit > 0)
 
-    # -- bytes in and out: receive, end_of_input, tick, output (engine.EngineEndpoint) ---
-
-    # -- requests -----------------------------------------------------------------------
+    # -- requests (bytes in and out: receive, end_of_input, tick, output of EngineEndpoint) -----------------------------------------------------------------------
 
     def request(self, properties: dict, body: bytes) -> str:
         correlation_id = str(uuid.uuid4())
@@ -452,7 +452,9 @@ class AmqpTransport:
         if client is not None and stream is not None:
             client.close()
             try:
-                stream.send(client.output(), 1.0)  # our close frame, so the service logs no abort
+                output = client.output()
+                if output:
+                    stream.send(output, 1.0)  # our close frame, so the service logs no abort
             except (OSError, TransportError):
                 pass
         if stream is not None:
