@@ -282,3 +282,15 @@ def test_reply_is_202_while_assigning_and_200_when_done():
     assert reply_response(assigning)[:2] == (202, {"retry-after": "1"})
     assigned = Message(body=b'{"operationId":"op","status":"assigned"}', inferred=True)
     assert reply_response(assigned)[:2] == (200, {})
+
+
+def test_fleet_run_over_mqtt_ws(token_pki, emulator, tmp_path):
+    report = tmp_path / "report.json"
+    result = subprocess.run([DEVICE_SIM, "fleet", "run", "--prefix", "device-ec-", "--transport", "mqtt-ws",
+                             "--endpoint", emulator["device_url"], "--id-scope", emulator["id_scope"],
+                             "--trust", emulator["ca_cert"], "--no-progress", "--json", str(report),
+                             "--timeout", "30"], capture_output=True, text=True, timeout=120, env=token_pki.env())
+    assert result.returncode == 0, result.stdout + result.stderr
+    records = json.loads(report.read_text())["devices"]
+    assert sorted(r["registration_id"] for r in records) == ["device-ec-p256", "device-ec-p384"]
+    assert all(r["status"] == "assigned" for r in records)
