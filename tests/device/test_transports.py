@@ -171,7 +171,7 @@ def test_server_hanging_up_after_tls_is_retried_as_dropped(token_pki, fake_serve
     server = SpeaksFirstServer(pki.issue_server(), b"", hang_up=True)
     try:
         code, out, err = register(token_pki, "device-ec-p256", fake_ready(server.port), *extra, trust=trust,
-                                  timeout=2, transport=transport)  # register() also checks: no traceback
+                                  timeout=4, transport=transport)  # register() also checks: no traceback
     finally:
         server.close()
     if transport != "https":  # HTTPS first tries a fresh connection itself (a kept-alive one may have timed out)
