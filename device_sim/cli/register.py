@@ -49,13 +49,27 @@ def add_identity_arguments(parser: argparse.ArgumentParser) -> None:
                              "chain including the root) or 'leaf' (the leaf alone)")
 
 
-def add_target_arguments(parser: argparse.ArgumentParser) -> None:
-    """Where and how to register (shared by `register` and `fleet run`); see `resolve_target`."""
+TRANSPORT_HELP = {
+    targets.HTTPS: "https (port 443)",
+    targets.MQTT: "mqtt (MQTT 3.1.1 over TLS, port 8883)",
+    targets.MQTT_WS: "mqtt-ws (MQTT over WebSockets, port 443)",
+    targets.AMQP: "amqp (AMQP 1.0 over TLS, port 5671)",
+    targets.AMQP_WS: "amqp-ws (AMQP over WebSockets, port 443)",
+}
+
+
+def add_target_arguments(parser: argparse.ArgumentParser,
+                         transports: tuple[str, ...] = targets.AWSCRT_TRANSPORTS) -> None:
+    """Where and how to register (shared by `register` and `fleet run`); see `resolve_target`.
+
+    `transports`: the choices of --transport; `fleet run` takes the awscrt ones (its devices
+    share one awscrt runtime), `register` all of them."""
     parser.add_argument("--emulator", action="store_true",
                         help="use the local emulator of the state directory (endpoint, ID scope and "
                              "--trust from <home>/stub/endpoint.json)")
-    parser.add_argument("--transport", choices=targets.TRANSPORTS, default=targets.HTTPS,
-                        help="DPS device protocol: https (port 443) or mqtt (MQTT 3.1.1 over TLS, port 8883)")
+    parser.add_argument("--transport", choices=transports, default=targets.HTTPS,
+                        help="DPS device protocol: " + ", ".join(TRANSPORT_HELP[t] for t in transports)
+                             + "; with --emulator the port is the emulator's")
     parser.add_argument("--endpoint", metavar="HOST[:PORT]|URL",
                         help=f"DPS device endpoint (default {targets.GLOBAL_ENDPOINT})")
     parser.add_argument("--id-scope", metavar="SCOPE", help="the DPS instance's ID scope (0ne...)")
@@ -74,7 +88,7 @@ def add_subparser(subparsers) -> None:
                     "private key stays inside a PKCS#11 token.",
         epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_identity_arguments(parser)
-    add_target_arguments(parser)
+    add_target_arguments(parser, targets.TRANSPORTS)
     parser.add_argument("--registration-id", metavar="ID",
                         help="send this registration ID instead of the certificate's CN (only to see DPS "
                              "refuse a mismatch)")
@@ -87,9 +101,10 @@ def add_subparser(subparsers) -> None:
                              "token, its CSR sent (api-version " + ISSUANCE_API_VERSION + ") and the "
                              "issued chain stored beside it as <ID>.issued")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the summary")
-    parser.add_argument("--tls", choices=("awscrt", "openssl"), default="awscrt",
-                        help="TLS stack: awscrt (default, TLS 1.2) or OpenSSL through pkcs11-provider "
-                             "(TLS 1.2/1.3, HTTPS only; docs/openssl.md)")
+    parser.add_argument("--tls", choices=("awscrt", "openssl"),
+                        help="TLS stack: awscrt (TLS 1.2; the default for https, mqtt, mqtt-ws) or OpenSSL "
+                             "through pkcs11-provider (TLS 1.2/1.3; https, and always for amqp and amqp-ws; "
+                             "docs/openssl.md)")
     parser.set_defaults(func=cmd_register)
 
 
@@ -106,13 +121,16 @@ def resolve_target(args, home: Path) -> targets.Target:
 
 def _target_message(exc: targets.TargetError, args, home: Path) -> str:
     if exc.about == targets.ENDPOINT:
-        suffix = " with --transport mqtt" if args.transport == targets.MQTT and "expected" in str(exc) else ""
+        suffix = f" with --transport {args.transport}" if args.transport != targets.HTTPS and "expected" in str(exc) else ""
         return f"--endpoint {exc}{suffix}"
     if exc.about == targets.EMULATOR:
         return f"--emulator: {exc}; start it with 'device-sim stub serve --home {home}'"
     if exc.about == targets.EMULATOR_MQTT:
         return (f"--transport mqtt: {exc} (started with --no-mqtt?); "
                 "restart 'device-sim stub serve' without --no-mqtt")
+    if exc.about == targets.EMULATOR_AMQP:
+        return (f"--transport amqp: {exc} (started with --no-amqp?); "
+                "restart 'device-sim stub serve' without --no-amqp, or use --transport amqp-ws")
     if exc.about == targets.ID_SCOPE:
         return f"{exc}: pass --id-scope (shown on the DPS instance's overview page) or --emulator"
     if exc.about == targets.PAYLOAD:
@@ -143,15 +161,29 @@ def _keep_issued(identity, new_key, outcome) -> dict | None:
     return issued_json(x509.load_der_x509_certificate(chain[0]), uri, len(chain))
 
 
+def tls_stack(args) -> str:
+    """awscrt or openssl: the one --tls asked for, else the transport's own; a one-line
+    error for a pair that cannot work (checked before the token is opened)."""
+    if args.transport in targets.OPENSSL_TRANSPORTS:
+        if args.tls == "awscrt":
+            raise UserError(f"--transport {args.transport} runs over OpenSSL (awscrt offers no raw TLS "
+                            "stream for AMQP): drop --tls awscrt (docs/device.md)")
+        return "openssl"
+    if args.tls == "openssl" and args.transport != targets.HTTPS:
+        raise UserError(f"--tls openssl carries DPS over HTTPS and AMQP only: drop --transport {args.transport} "
+                        "or --tls openssl (docs/openssl.md)")
+    return args.tls or "awscrt"
+
+
 def _transport(args, target, identity, chain, registration_id: str):
-    """The device transport over the chosen TLS stack (awscrt by default)."""
-    if args.tls == "openssl":
+    """The device transport over its TLS stack (`tls_stack`)."""
+    if tls_stack(args) == "openssl":
         from device_sim.device import transport_openssl
 
-        if target.transport != "https":
-            raise UserError("--tls openssl carries DPS over HTTPS only: drop --transport mqtt (docs/openssl.md)")
         context = transport_openssl.client_context(identity.module_path, identity.uri, to_pem(chain),
                                                    identity.pin, target.trust_pem)
+        if target.transport in targets.OPENSSL_TRANSPORTS:
+            return target.new_transport(registration_id, context, None)
         return transport_openssl.OpensslHttpsTransport(target.host, target.port, target.id_scope,
                                                        registration_id, context, api_version=target.api_version)
     runtime = CrtRuntime()
@@ -169,6 +201,7 @@ def cmd_register(args) -> int:
     if args.issue_cert and args.api_version == DEVICE_API_VERSION:
         args.api_version = ISSUANCE_API_VERSION  # the version that knows csr
     target = resolve_target(args, home)
+    tls_stack(args)
     identity = load_identity(args.device, home=home, module=args.module, pin_file=args.pin_file,
                              cert_file=args.cert, check_validity=not args.allow_invalid_time)
     candidates = chain_builder.gather_candidates(home, files=args.chain_file, extra=identity.ca_certs)

@@ -22,16 +22,28 @@ GLOBAL_ENDPOINT = "global.azure-devices-provisioning.net"
 
 HTTPS = "https"
 MQTT = "mqtt"
-TRANSPORTS = (HTTPS, MQTT)
-_SCHEMES = {HTTPS: ("https", 443), MQTT: ("mqtts", 8883)}
-
-# The emulator's ready line, kept in its state directory while it runs. Until the emulator
-# publishes its state-directory names (stub/layout.py), the path is spelled here.
+MQTT_WS = "mqtt-ws"
+AMQP = "amqp"
+AMQP_WS = "amqp-ws"
+TRANSPORTS = (HTTPS, MQTT, MQTT_WS, AMQP, AMQP_WS)
+# awscrt carries these (its HTTP and MQTT clients take the PKCS#11 TLS context); the AMQP
+# ones run over CPython `ssl` with pkcs11-provider instead: awscrt's Python API has no raw
+# TLS stream to run AMQP over (docs/device.md, "Transports").
+AWSCRT_TRANSPORTS = (HTTPS, MQTT, MQTT_WS)
+OPENSSL_TRANSPORTS = (AMQP, AMQP_WS)
+# Accepted URL schemes and the default port of each transport. The WebSocket transports use
+# the device HTTPS port, so the emulator's `device_url` (https://) names them too.
+_SCHEMES = {HTTPS: (("https",), 443), MQTT: (("mqtts",), 8883), MQTT_WS: (("wss", "https"), 443),
+            AMQP: (("amqps",), 5671), AMQP_WS: (("wss", "https"), 443)}
+# Which URL of the emulator's ready line each transport dials.
+_READY_URL = {HTTPS: "device_url", MQTT: "mqtt_url", MQTT_WS: "device_url", AMQP: "amqp_url",
+              AMQP_WS: "device_url"}
 
 # What a TargetError is about, so a CLI can name its own option.
 ENDPOINT = "endpoint"
 EMULATOR = "emulator"
 EMULATOR_MQTT = "emulator_mqtt"
+EMULATOR_AMQP = "emulator_amqp"
 ID_SCOPE = "id_scope"
 PAYLOAD = "payload"
 
@@ -51,7 +63,7 @@ class Target:
     host: str
     port: int
     id_scope: str
-    transport: str  # HTTPS or MQTT
+    transport: str  # one of TRANSPORTS
     trust_file: str | None
     trust_pem: bytes | None  # None: the system trust store (real DPS)
     api_version: str = DEVICE_API_VERSION
@@ -62,22 +74,31 @@ class Target:
         return f"{self.host}:{self.port}"
 
     def new_transport(self, registration_id: str, tls_context, runtime):
-        """A transport for one device, on the caller's awscrt runtime."""
-        if self.transport == MQTT:
-            from device_sim.device.transport_mqtt import MqttTransport as transport_class
-        else:
-            from device_sim.device.transport_https import HttpsTransport as transport_class
-        return transport_class(self.host, self.port, self.id_scope, registration_id, tls_context,
-                               api_version=self.api_version, runtime=runtime)
+        """A transport for one device: on the caller's awscrt runtime with an awscrt
+        `ClientTlsContext`, or for the AMQP transports with an `ssl.SSLContext` (runtime unused)."""
+        where = (self.host, self.port, self.id_scope, registration_id, tls_context)
+        if self.transport in OPENSSL_TRANSPORTS:
+            from device_sim.device.transport_amqp import AmqpTransport
+
+            return AmqpTransport(*where, api_version=self.api_version, websocket=self.transport == AMQP_WS)
+        if self.transport in (MQTT, MQTT_WS):
+            from device_sim.device.transport_mqtt import MqttTransport
+
+            return MqttTransport(*where, api_version=self.api_version, runtime=runtime,
+                                 websocket=self.transport == MQTT_WS)
+        from device_sim.device.transport_https import HttpsTransport
+
+        return HttpsTransport(*where, api_version=self.api_version, runtime=runtime)
 
 
 def parse_endpoint(text: str, transport: str = HTTPS) -> tuple[str, int]:
-    """`host`, `host:port` or `scheme://host[:port]` -> (host, port); the scheme and the
-    default port are the transport's (https 443, mqtts 8883)."""
-    scheme, default_port = _SCHEMES[transport]
-    parsed = urlparse(text if "://" in text else f"{scheme}://{text}")
-    if parsed.scheme != scheme or not parsed.hostname:
-        raise TargetError(ENDPOINT, f"{text!r}: expected HOST[:PORT] or {scheme}://HOST[:PORT]")
+    """`host`, `host:port` or `scheme://host[:port]` -> (host, port); the schemes and the
+    default port are the transport's (https 443, mqtts 8883, amqps 5671, wss or https 443)."""
+    schemes, default_port = _SCHEMES[transport]
+    parsed = urlparse(text if "://" in text else f"{schemes[0]}://{text}")
+    if parsed.scheme not in schemes or not parsed.hostname:
+        urls = " or ".join(f"{scheme}://HOST[:PORT]" for scheme in schemes)
+        raise TargetError(ENDPOINT, f"{text!r}: expected HOST[:PORT] or {urls}")
     try:
         return parsed.hostname, parsed.port or default_port
     except ValueError:
@@ -98,11 +119,12 @@ def emulator_endpoint(home: Path) -> dict:
 
 
 def emulator_url(ready: dict, transport: str = HTTPS) -> str:
-    """The device URL of `transport` from the emulator's ready line."""
-    url = ready.get("mqtt_url") if transport == MQTT else ready.get("device_url")
+    """The device URL of `transport` from the emulator's ready line (the WebSocket
+    transports use its device HTTPS port, AMQP its `amqp_url`)."""
+    url = ready.get(_READY_URL[transport])
     if not url:
-        raise TargetError(EMULATOR_MQTT if transport == MQTT else EMULATOR,
-                          f"the running emulator serves no {transport.upper()}")
+        about = {MQTT: EMULATOR_MQTT, AMQP: EMULATOR_AMQP}.get(transport, EMULATOR)
+        raise TargetError(about, f"the running emulator serves no {transport.upper()}")
     return url
 
 

@@ -43,6 +43,7 @@ from device_sim.device.transport_https import USER_AGENT, CrtRuntime, CrtTranspo
 from device_sim.mqtt import topics
 
 DEFAULT_PORT = 8883
+WEBSOCKET_PATH = "/$iothub/websocket"  # the one path DPS (and the emulator) upgrade
 KEEP_ALIVE_SECONDS = 60
 PING_TIMEOUT_MS = 10_000
 
@@ -56,9 +57,11 @@ class MqttTransport(CrtTransport):
 
     def __init__(self, host: str, port: int, id_scope: str, registration_id: str,
                  tls_context: crt_io.ClientTlsContext, *, runtime: CrtRuntime,
-                 api_version: str = DEVICE_API_VERSION, client_version: str = USER_AGENT):
+                 api_version: str = DEVICE_API_VERSION, client_version: str = USER_AGENT,
+                 websocket: bool = False):
         super().__init__(host, port, id_scope, registration_id, tls_context, runtime=runtime,
                          api_version=api_version)
+        self.websocket = websocket
         self.username = topics.format_username(id_scope, registration_id, api_version, client_version)
         self.connection: crt_mqtt.Connection | None = None
         self._refused = False
@@ -88,6 +91,8 @@ class MqttTransport(CrtTransport):
             socket_options=socket_options,
             on_connection_interrupted=self._on_interrupted,
             disable_metrics=True,
+            use_websockets=self.websocket,
+            websocket_handshake_transform=_dps_websocket_path if self.websocket else None,
         )
         what = f"connecting to {self.host}:{self.port}"
         try:
@@ -96,6 +101,10 @@ class MqttTransport(CrtTransport):
             connection.disconnect()
             raise TransportTimeout(f"no CONNACK from the server while {what}", reg.CONNECT_TIMEOUT) from None
         except Exception as exc:
+            if getattr(exc, "name", None) == "AWS_ERROR_HTTP_WEBSOCKET_UPGRADE_FAILURE":
+                # an answer, not a network failure (`classify` would read SOCKET in the name)
+                raise ProtocolFailure(f"the server refused the WebSocket upgrade of {WEBSOCKET_PATH} while "
+                                      f"{what} (does it serve MQTT over WebSockets?)") from None
             if not _is_refusal(exc):
                 raise classify(exc, what, connecting=True) from None
             self._refused = True  # the channel is already shut down: nothing to disconnect
@@ -180,6 +189,11 @@ class MqttTransport(CrtTransport):
         for waiter in waiters:
             if not waiter.done():
                 waiter.set_exception(exc)
+
+
+def _dps_websocket_path(transform_args, **kwargs) -> None:
+    transform_args.http_request.path = WEBSOCKET_PATH
+    transform_args.set_done()
 
 
 def _is_refusal(exc: BaseException) -> bool:

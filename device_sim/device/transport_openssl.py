@@ -103,6 +103,37 @@ def client_context(module_path: str, key_uri: str, chain_pem: bytes, pin: str | 
     return context
 
 
+def tls_socket(host: str, port: int, context: ssl.SSLContext, server_name: str, timeout: float) -> ssl.SSLSocket:
+    """A TLS connection whose handshake holds SIGNING_LOCK (the client signature is made in
+    it); failures are `TransportError`s with the cause the flow decides on. The AMQP
+    transports carry their bytes over it too (`transport_amqp`)."""
+    what = f"connecting to {host}:{port}"
+    try:
+        sock = socket.create_connection((host, port), timeout)
+        try:
+            tls = context.wrap_socket(sock, server_hostname=server_name, do_handshake_on_connect=False)
+            with SIGNING_LOCK:
+                tls.do_handshake()
+        except BaseException:
+            sock.close()
+            raise
+    except ssl.SSLEOFError:
+        raise TlsFailure(f"the server closed the connection during the TLS handshake while {what}",
+                         reg.TLS_EOF) from None
+    except (ssl.SSLError, ssl.CertificateError) as exc:
+        reason = getattr(exc, "verify_message", None) or getattr(exc, "reason", None) or exc
+        raise TlsFailure(f"TLS handshake failed while {what}: {reason}") from None
+    except (socket.timeout, TimeoutError):
+        raise TransportTimeout(f"no TLS session with {host}:{port} within {timeout:.3g} s",
+                               reg.CONNECT_TIMEOUT) from None
+    except OSError as exc:
+        # The flow retries what may pass (docs/device.md): say which it was.
+        cause = {ConnectionRefusedError: reg.REFUSED, ConnectionResetError: reg.RESET}.get(type(exc), reg.NO_ROUTE)
+        raise Unreachable(f"{what} failed: {exc.strerror or exc} (check --endpoint and the network)",
+                          cause) from None
+    return tls
+
+
 class _Connection(http.client.HTTPSConnection):
     """HTTPS whose handshake holds SIGNING_LOCK (the client signature is made in it)."""
 
@@ -111,16 +142,7 @@ class _Connection(http.client.HTTPSConnection):
         self.server_name = server_name
 
     def connect(self):
-        sock = socket.create_connection((self.host, self.port), self.timeout)
-        try:
-            tls = self._context.wrap_socket(sock, server_hostname=self.server_name,
-                                            do_handshake_on_connect=False)
-            with SIGNING_LOCK:
-                tls.do_handshake()
-        except BaseException:
-            sock.close()
-            raise
-        self.sock = tls
+        self.sock = tls_socket(self.host, self.port, self._context, self.server_name, self.timeout)
 
 
 @dataclasses.dataclass(eq=False)
@@ -149,23 +171,7 @@ class OpensslHttpsTransport:
             return
         connection = _Connection(self.host, self.port, context=self.tls_context,
                                  server_name=self.server_name, timeout=timeout)
-        what = f"connecting to {self.host}:{self.port}"
-        try:
-            connection.connect()
-        except ssl.SSLEOFError:
-            raise TlsFailure(f"the server closed the connection during the TLS handshake while {what}",
-                             reg.TLS_EOF) from None
-        except (ssl.SSLError, ssl.CertificateError) as exc:
-            reason = getattr(exc, "verify_message", None) or getattr(exc, "reason", None) or exc
-            raise TlsFailure(f"TLS handshake failed while {what}: {reason}") from None
-        except (socket.timeout, TimeoutError):
-            raise TransportTimeout(f"no TLS session with {self.host}:{self.port} within {timeout:.3g} s",
-                                   reg.CONNECT_TIMEOUT) from None
-        except OSError as exc:
-            # The flow retries what may pass (docs/device.md): say which it was.
-            cause = {ConnectionRefusedError: reg.REFUSED, ConnectionResetError: reg.RESET}.get(type(exc), reg.NO_ROUTE)
-            raise Unreachable(f"{what} failed: {exc.strerror or exc} (check --endpoint and the network)",
-                              cause) from None
+        connection.connect()
         self.connection = connection
         self.connects += 1
 
@@ -182,16 +188,16 @@ class OpensslHttpsTransport:
             self.connection = None
 
     def _request(self, method, path, headers, body, timeout) -> Response:
-        reused = self.connection is not None
-        try:
-            return self._round_trip(method, path, headers, body, timeout)
-        except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
-            self.close()
-            # A kept-alive connection the server closed while we waited: nothing was answered.
-            if not reused:
-                raise ProtocolFailure(f"the server closed the connection before answering {method} "
-                                      f"{path.split('?')[0]}", reg.DROPPED) from None
-            return self._round_trip(method, path, headers, body, timeout)
+        # A kept-alive connection the server closed while we waited: nothing was answered, so
+        # one fresh try; a second close (or one on a fresh connection) is the flow's to judge.
+        tries = 2 if self.connection is not None else 1
+        for _ in range(tries):
+            try:
+                return self._round_trip(method, path, headers, body, timeout)
+            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
+                self.close()
+        raise ProtocolFailure(f"the server closed the connection before answering {method} "
+                              f"{path.split('?')[0]}", reg.DROPPED)
 
     def _round_trip(self, method, path, headers, body, timeout) -> Response:
         self.connect(timeout)

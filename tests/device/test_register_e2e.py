@@ -1,4 +1,10 @@
-"""`device-sim register` end to end: real CLI processes, SoftHSM keys, the emulator over real TLS."""
+"""`device-sim register` end to end: real CLI processes, SoftHSM keys, the emulator over real TLS.
+
+The scenarios about DPS decisions run over every transport (`TRANSPORTS`): the same
+outcome, JSON and exit code whatever carries the requests (docs/device.md, "Transports");
+throttling and failed assignment, which need emulators of their own, are in
+test_transports_outcomes.py (a file of their own, so `make test` runs them beside this one).
+"""
 
 import datetime
 import json
@@ -18,6 +24,11 @@ from .helpers import LoopbackTlsServer
 BIN = Path(sys.executable).parent
 DEVICE_SIM = str(BIN / "device-sim")
 
+TRANSPORTS = ["https", "mqtt", "mqtt-ws", "amqp", "amqp-ws"]
+# The ready-line URL each transport dials: the WebSocket ones share the device HTTPS port.
+READY_URL = {"https": "device_url", "mqtt": "mqtt_url", "mqtt-ws": "device_url", "amqp": "amqp_url",
+             "amqp-ws": "device_url"}
+
 
 def admin(emu_home, *argv):
     result = subprocess.run([DEVICE_SIM, "stub", *map(str, argv), "--home", str(emu_home)],
@@ -29,7 +40,7 @@ def admin(emu_home, *argv):
 @pytest.fixture(scope="module")
 def emulator(token_pki, tmp_path_factory):
     home = tmp_path_factory.mktemp("emulator")
-    proc = Emulator.spawn(home, "--no-mqtt", "--retry-after", "0")
+    proc = Emulator.spawn(home, "--retry-after", "0")  # every front end, each on a free port
     ready = proc.ready
     admin(home, "ca", "upload", "root", token_pki.root.pem_path, "--verified")
     admin(home, "group", "create", "everyone", "--ca-ref", "root")
@@ -38,11 +49,12 @@ def emulator(token_pki, tmp_path_factory):
     proc.stop()
 
 
-def register(pki, device, ready=None, *extra, endpoint=None, trust=None, timeout=20, env=None):
+def register(pki, device, ready=None, *extra, endpoint=None, trust=None, timeout=20, env=None,
+             transport="https"):
     """Run `device-sim register --json`; returns (exit code, JSON object or None, stderr)."""
-    argv = [DEVICE_SIM, "register", device, "--json", "--timeout", str(timeout)]
+    argv = [DEVICE_SIM, "register", device, "--json", "--timeout", str(timeout), "--transport", transport]
     if ready is not None:
-        argv += ["--endpoint", endpoint or ready["device_url"], "--id-scope", ready["id_scope"],
+        argv += ["--endpoint", endpoint or ready[READY_URL[transport]], "--id-scope", ready["id_scope"],
                  "--trust", trust or ready["ca_cert"]]
     argv += [str(a) for a in extra]
     result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout + 30, env=env or pki.env())
@@ -54,10 +66,13 @@ def register(pki, device, ready=None, *extra, endpoint=None, trust=None, timeout
 # -- outcomes against the emulator ------------------------------------------------------------
 
 
-def test_assigned_with_token_key_and_full_json(token_pki, emulator):
-    code, out, _ = register(token_pki, "device-ec-p256", emulator, "--payload", '{"model": "demo"}')
-    assert code == 0, out
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_assigned_with_token_key_and_full_json(token_pki, emulator, transport):
+    code, out, err = register(token_pki, "device-ec-p256", emulator, "--payload", '{"model": "demo"}',
+                              transport=transport)
+    assert code == 0, (out, err)
     assert out["status"] == "assigned" and out["registration_id"] == "device-ec-p256"
+    assert out["transport"] == transport
     assert out["device_id"] == "device-ec-p256" and out["assigned_hub"]
     assert out["substatus"] and out["operation_id"] and out["error"] is None
     assert set(out["timings_ms"]) == {"connect_tls", "register", "total"}
@@ -75,72 +90,43 @@ def test_other_key_types_named_by_uri_with_pin_source(token_pki, emulator, tmp_p
     assert (code, out["status"], out["device_id"]) == (0, "assigned", device), err
 
 
-def test_chain_missing_an_intermediate_is_refused_and_the_full_chain_accepted(token_pki, emulator):
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_chain_missing_an_intermediate_is_refused_and_the_full_chain_accepted(token_pki, emulator, transport):
     # root (verified) -> intermediate -> line -> device-line-1: leaf + line alone cannot reach the root
-    code, out, _ = register(token_pki, "device-line-1", emulator, "--chain-to", "line")
+    code, out, _ = register(token_pki, "device-line-1", emulator, "--chain-to", "line", transport=transport)
     assert (code, out["status"], out["error"]["code"]) == (4, "unauthorized", 401002)
-    code, out, _ = register(token_pki, "device-line-1", emulator)
+    code, out, _ = register(token_pki, "device-line-1", emulator, transport=transport)
     assert (code, out["status"], out["chain_length"]) == (0, "assigned", 4)
 
 
-def test_disabled_group_blocks_its_devices_only(token_pki, emulator):
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_disabled_group_blocks_its_devices_only(token_pki, emulator, transport):
     admin(emulator["home"], "group", "create", "line-off", "--cert", token_pki.line.pem_path, "--disabled")
     try:
-        code, out, _ = register(token_pki, "device-line-1", emulator)
+        code, out, _ = register(token_pki, "device-line-1", emulator, transport=transport)
         assert (code, out["status"]) == (3, "disabled")
-        code, out, _ = register(token_pki, "device-ec-p256", emulator)
+        code, out, _ = register(token_pki, "device-ec-p256", emulator, transport=transport)
         assert (code, out["status"]) == (0, "assigned")
     finally:
         admin(emulator["home"], "group", "delete", "line-off")
 
 
-def test_disabled_individual_enrollment_blocks_that_device(token_pki, emulator):
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_disabled_individual_enrollment_blocks_that_device(token_pki, emulator, transport):
     device = token_pki.devices["device-rsa-2048"]
     admin(emulator["home"], "enroll", "create", "device-rsa-2048", "--cert", device.cert_path, "--disabled")
     try:
-        code, out, _ = register(token_pki, "device-rsa-2048", emulator)
+        code, out, _ = register(token_pki, "device-rsa-2048", emulator, transport=transport)
         assert (code, out["status"]) == (3, "disabled")
     finally:
         admin(emulator["home"], "enroll", "delete", "device-rsa-2048")
 
 
-def test_wrong_registration_id_is_unauthorized(token_pki, emulator):
-    code, out, _ = register(token_pki, "device-ec-p256", emulator, "--registration-id", "someone-else")
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_wrong_registration_id_is_unauthorized(token_pki, emulator, transport):
+    code, out, _ = register(token_pki, "device-ec-p256", emulator, "--registration-id", "someone-else",
+                            transport=transport)
     assert (code, out["status"], out["http_status"]) == (4, "unauthorized", 401)
-
-
-def test_throttling_is_retried_after_retry_after(token_pki, tmp_path):
-    proc = Emulator.spawn(tmp_path / "throttled", "--no-mqtt", "--throttle", "2", "--retry-after", "0")
-    ready = proc.ready
-    try:
-        admin(tmp_path / "throttled", "ca", "upload", "root", token_pki.root.pem_path, "--verified")
-        admin(tmp_path / "throttled", "group", "create", "everyone", "--ca-ref", "root")
-        code, out, _ = register(token_pki, "device-ec-p256", ready)
-    finally:
-        proc.stop()
-    assert (code, out["status"]) == (0, "assigned")
-    assert out["retries"] == 2
-    assert out["timings_ms"]["register"] >= 2000  # two 429s with Retry-After: 1
-
-
-def test_failed_assignment(token_pki, tmp_path):
-    # An enrollment pinned to a hub that is no longer linked: DPS accepts the device, then the
-    # operation ends 'failed' with errorCode 400208 (no hub could be assigned).
-    home = tmp_path / "unlinked"
-    proc = Emulator.spawn(home, "--no-mqtt", "--hub", "old-hub.azure-devices.net")
-    try:
-        admin(home, "ca", "upload", "root", token_pki.root.pem_path, "--verified")
-        admin(home, "enroll", "create", "device-ec-p256", "--cert", token_pki.devices["device-ec-p256"].cert_path,
-              "--hub", "old-hub.azure-devices.net")
-    finally:
-        proc.stop()
-    proc = Emulator.spawn(home, "--no-mqtt", "--hub", "new-hub.azure-devices.net", "--retry-after", "0")
-    ready = proc.ready
-    try:
-        code, out, _ = register(token_pki, "device-ec-p256", ready)
-    finally:
-        proc.stop()
-    assert (code, out["status"], out["error"]["code"]) == (5, "failed", 400208)
 
 
 # -- endpoints that misbehave -----------------------------------------------------------------

@@ -46,6 +46,7 @@ from typing import Callable, Mapping, Sequence
 from cryptography import x509
 from proton import Collector, Condition, Connection, Delivery, Endpoint, Event, Message, SASL, Transport
 
+from device_sim.amqp import engine
 from device_sim.common import dps
 from device_sim.stub.core import errors
 from device_sim.stub.core.faults import fault_reply
@@ -189,7 +190,7 @@ def answer_for(reply, request: Message) -> Answer:
     return Answer(reply=message)
 
 
-class DpsAmqpSession:
+class DpsAmqpSession(engine.EngineEndpoint):
     """One device connection: `receive(data)`, then `output()`; `finished` when it is over.
 
     `note(reason)` hears why a connection ends badly (for the log, never sent as text the
@@ -225,44 +226,13 @@ class DpsAmqpSession:
         self._queued: list[tuple[tuple[str, str], Message]] = []
         self._tag = 0
 
-    # -- bytes in and out ---------------------------------------------------------------
+    # -- bytes in and out: receive, end_of_input, tick, output (engine.EngineEndpoint) ---
 
-    def receive(self, data: bytes) -> None:
-        view = memoryview(data)
-        while view and self.dropped is None:
-            capacity = self.transport.capacity()
-            if capacity < 0:
-                return  # the engine stopped reading (error or close): the rest is ignored
-            if capacity == 0:
-                self._process()
-                if self.transport.capacity() == 0:
-                    return
-                continue
-            chunk = bytes(view[:capacity])
-            view = view[capacity:]
-            try:
-                self.transport.push(chunk)
-            except Exception as exc:  # the engine's own framing errors land in its condition
-                self.note(f"amqp input refused: {exc}")
-            self._process()
+    def _input_refused(self, exc: Exception) -> None:
+        self.note(f"amqp input refused: {exc}")
 
-    def end_of_input(self) -> None:
-        if self.transport.capacity() >= 0:
-            self.transport.close_tail()
-        self._process()
-
-    def tick(self, now: float) -> float:
-        """Heartbeats the device asked for (its idle-timeout); the next deadline or 0."""
-        deadline = self.transport.tick(now)
-        self._process()
-        return deadline
-
-    def output(self) -> bytes:
-        chunks = []
-        while (size := self.transport.pending()) > 0:
-            chunks.append(self.transport.peek(size))
-            self.transport.pop(size)
-        return b"".join(chunks)
+    def _halted(self) -> bool:
+        return self.dropped is not None  # a fault plan drops the connection: nothing more is read
 
     @property
     def finished(self) -> bool:
@@ -281,13 +251,6 @@ class DpsAmqpSession:
         self._process()
 
     # -- protocol events ----------------------------------------------------------------
-
-    def _process(self) -> None:
-        while self.dropped is None and (event := self.collector.peek()) is not None:
-            try:
-                self._dispatch(event)
-            finally:
-                self.collector.pop()
 
     def _dispatch(self, event: Event) -> None:
         kind = event.type
