@@ -39,7 +39,7 @@ from device_sim.common.dps import DEVICE_API_VERSION
 from device_sim.device import registration as reg
 from device_sim.device.registration import Response
 from device_sim.device.transport import ProtocolFailure, TransportTimeout
-from device_sim.device.transport_https import USER_AGENT, CrtRuntime, CrtTransport, classify
+from device_sim.device.transport_https import USER_AGENT, CrtRuntime, CrtTransport, classify, handshake_failure
 from device_sim.mqtt import topics
 
 DEFAULT_PORT = 8883
@@ -106,7 +106,9 @@ class MqttTransport(CrtTransport):
                 raise ProtocolFailure(f"the server refused the WebSocket upgrade of {WEBSOCKET_PATH} while "
                                       f"{what} (does it serve MQTT over WebSockets?)") from None
             if not _is_refusal(exc):
-                raise classify(exc, what, connecting=True) from None
+                # s2n's ambiguous negotiation failure is settled as on HTTPS (docs/device.md)
+                raise handshake_failure(exc, classify(exc, what, connecting=True), self.host, self.port,
+                                        timeout) from None
             self._refused = True  # the channel is already shut down: nothing to disconnect
             return
         self.connection = connection

@@ -244,8 +244,10 @@ def test_resets_and_closes_around_the_handshake_are_retried_not_tls_errors(tmp_p
         emulator.stop()
     assert outcome.status == reg.ASSIGNED, outcome
     assert fired == 2
-    # Every spoiled connection is one retry of a retryable cause, none hidden, none final.
-    assert sum(timings.retries_by_cause.values()) == 2, timings.retries_by_cause
+    # Every spoiled connection is one retry of a retryable cause, none hidden, none final;
+    # except that when s2n reports a reset as its ambiguous negotiation failure (about 1 in
+    # 20), the transport's probe ClientHello is itself one of the plan's two spoiled connections.
+    assert sum(timings.retries_by_cause.values()) in (1, 2), timings.retries_by_cause
     assert set(timings.retries_by_cause) <= {reg.RESET, reg.TLS_EOF, reg.DROPPED}, timings.retries_by_cause
 
 
