@@ -67,10 +67,16 @@ def add_subparser(subparsers) -> None:
     run.add_argument("--plot", metavar="FILE",
                      help="render latency over time and the latency histogram (.html, or .png with matplotlib)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.add_argument("--scheduler", metavar="tcp://HOST:PORT",
+                     help="run on every worker of this Dask scheduler, each over the devices of its own "
+                          "state directory, and merge the reports (docs/fleet.md, 'Across machines')")
     run.set_defaults(func=cmd_run)
 
 
 def cmd_run(args) -> int:
+    if args.scheduler:
+        from device_sim.cli.fleet_scheduler import cmd_run_distributed
+        return cmd_run_distributed(args)
     _check_numbers(args)
     threads = {} if args.event_loop_threads is None else {"event_loop_threads": args.event_loop_threads}
     settings = FleetSettings(concurrency=args.concurrency, timeout=args.timeout, rate=args.rate,
