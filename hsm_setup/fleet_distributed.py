@@ -144,7 +144,7 @@ def _converse(shares, signer: "_Certifier", on_created) -> DistributedFleet:
                 tail = message.get("stderr") or ["no reason given"]
                 errors.append(f"worker {name}: its fleet process failed (code {message['code']}): {tail[-1]}")
             elif kind == dask_shares.LOST:
-                errors.append(f"worker {name} left the cluster")
+                errors.append(f"worker {name}: {message['reason']}")
     except KeyboardInterrupt:
         shares.send_all({"kind": "stop"})
         raise UserError(_partial("interrupted", tally), exit_code=130) from None

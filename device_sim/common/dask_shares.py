@@ -35,7 +35,7 @@ from device_sim.common.errors import UserError
 FORWARD_SECONDS = 0.2
 LIVENESS_SECONDS = 1.0
 POLL_SECONDS = 0.05
-CONNECT_TIMEOUT = 10.0
+CONNECT_TIMEOUT = 5.0
 
 # What the coordinator's `events` yields besides a child's messages.
 EXITED = "exited"  # the share's child ended; value {"code": int, "stderr": last lines}
@@ -148,8 +148,11 @@ class Shares:
         for index in gone:
             if index in self.open:
                 self.open.discard(index)
-                self.client.cancel(self._futures[index])  # never rerun elsewhere or later
-                yield index, LOST, {"kind": LOST, "worker": self.workers[index].address}
+                future = self._futures[index]
+                reason = (f"its task failed: {future.exception()!r}" if future.status == "error"
+                          else "it left the cluster")
+                self.client.cancel(future)  # never rerun elsewhere or later
+                yield index, LOST, {"kind": LOST, "worker": self.workers[index].address, "reason": reason}
 
     def close(self) -> None:
         for future in self._futures:

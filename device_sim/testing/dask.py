@@ -8,6 +8,11 @@ configuration, as a machine of its own would have). See docs/fleet.md, "Across m
         subprocess.run(["device-sim", "fleet", "run", "--scheduler", cluster.address, ...])
         cluster.kill_worker("w2")   # SIGKILL: the worker is gone as a crashed machine is
 
+With `transcript=PATH` the scheduler loads this module as a preload (`dask_setup`) and
+appends every item put on a Dask queue to PATH as a JSON line: what crossed between the
+coordinator and the workers, for a test to inspect (the fleet's messages all go that way,
+device_sim/common/dask_shares.py).
+
 Workers run without a nanny (`--no-nanny`), so a killed worker stays gone instead of being
 restarted, and with one process and one thread each.
 """
@@ -23,6 +28,7 @@ import time
 from pathlib import Path
 
 START_TIMEOUT = 60.0
+ENV_TRANSCRIPT = "DEVICE_SIM_DASK_TRANSCRIPT"
 
 
 def _dask_command() -> list[str]:
@@ -31,17 +37,20 @@ def _dask_command() -> list[str]:
 
 
 class DaskCluster:
-    def __init__(self, workdir: str | Path, *, scheduler_args: tuple[str, ...] = ()):
+    def __init__(self, workdir: str | Path, *, transcript: str | Path | None = None):
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.workers: dict[str, subprocess.Popen] = {}
         info = self.workdir / "scheduler.json"
         info.unlink(missing_ok=True)
         self._log = open(self.workdir / "scheduler.log", "wb")
+        preload, env = [], dict(os.environ)
+        if transcript is not None:
+            preload, env[ENV_TRANSCRIPT] = ["--preload", __name__], str(transcript)
         self.scheduler = subprocess.Popen(
             [*_dask_command(), "scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
-             "--scheduler-file", str(info), *scheduler_args],
-            stdout=self._log, stderr=subprocess.STDOUT, cwd=self.workdir)
+             "--scheduler-file", str(info), *preload],
+            stdout=self._log, stderr=subprocess.STDOUT, cwd=self.workdir, env=env)
         deadline = time.monotonic() + START_TIMEOUT
         while not info.exists() or not info.read_text().strip():
             if self.scheduler.poll() is not None or time.monotonic() > deadline:
@@ -99,3 +108,16 @@ class DaskCluster:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def dask_setup(scheduler) -> None:
+    """The scheduler preload of `DaskCluster(transcript=...)`: log every queue item."""
+    path = os.environ[ENV_TRANSCRIPT]
+    original = scheduler.handlers["queue_put"]
+
+    async def put(*args, **kwargs):
+        with open(path, "a", encoding="utf-8") as out:
+            out.write(json.dumps(kwargs.get("data"), default=repr) + "\n")
+        return await original(*args, **kwargs)
+
+    scheduler.handlers["queue_put"] = put
