@@ -83,11 +83,7 @@ def cmd_run(args) -> int:
                              **threads)  # checks its numbers
     home = ensure_home(args.home)
     target = register_cli.resolve_target(args, home)
-    for option, path in (("--json", args.json), ("--plot", args.plot)):
-        if path and not Path(path).resolve().parent.is_dir():
-            raise UserError(f"{option} {path}: the folder does not exist")
-    if args.plot:
-        plot.check_format(Path(args.plot))
+    check_outputs(args)
     records = identities.select_records(home, prefix=args.prefix, list_file=args.devices, limit=args.limit)
     module_path = module.resolve_module(args.module, home)
     pin = pins.resolve_pin(args.pin_file)
@@ -112,6 +108,15 @@ def cmd_run(args) -> int:
     if report.interrupted:
         return EXIT_INTERRUPTED
     return EXIT_OK if summary["outcomes"].get(reg.ASSIGNED, 0) == len(devices) else EXIT_SOME_NOT_ASSIGNED
+
+
+def check_outputs(args) -> None:
+    """--json and --plot can be written (checked before any device starts)."""
+    for option, path in (("--json", args.json), ("--plot", args.plot)):
+        if path and not Path(path).resolve().parent.is_dir():
+            raise UserError(f"{option} {path}: the folder does not exist")
+    if args.plot:
+        plot.check_format(Path(args.plot))
 
 
 def _check_numbers(args) -> None:

@@ -23,7 +23,7 @@ _WORKER_SIDE = ("each worker uses its own state directory ($DEVICE_SIM_HOME), mo
 
 
 def cmd_run_distributed(args) -> int:
-    from device_sim.cli.fleet import _write_json
+    from device_sim.cli.fleet import _write_json, check_outputs
     from device_sim.fleet import distributed
     from device_sim.fleet.runner import FleetSettings
 
@@ -32,11 +32,7 @@ def cmd_run_distributed(args) -> int:
     FleetSettings(concurrency=args.concurrency, timeout=args.timeout, rate=args.rate, **threads)  # checks
     home = ensure_home(args.home)
     target = register_cli.resolve_target(args, home)
-    for option, path in (("--json", args.json), ("--plot", args.plot)):
-        if path and not Path(path).resolve().parent.is_dir():
-            raise UserError(f"{option} {path}: the folder does not exist")
-    if args.plot:
-        plot.check_format(Path(args.plot))
+    check_outputs(args)
     job = distributed.child_job(prefix=args.prefix, chain_to=args.chain_to, target=target,
                                 settings={"concurrency": args.concurrency, "timeout": args.timeout, **threads})
     bar = tqdm(unit="dev", file=sys.stderr, disable=args.no_progress, dynamic_ncols=True)
@@ -59,6 +55,9 @@ def cmd_run_distributed(args) -> int:
     for name, tally in run.workers.items():
         outcomes = ", ".join(f"{k} {v}" for k, v in tally.outcomes.most_common()) or "-"
         print(f"worker {name}: {tally.devices} devices: {outcomes}" + (" (lost)" if tally.lost else ""))
+    for name in run.unplanned():
+        print(f"device-sim: warning: worker {name} left before it said which devices it has: "
+              "they are in no record of this report", file=sys.stderr)
     if args.json:
         _write_json(Path(args.json), {"settings": run.report.settings, "summary": summary,
                                       "workers": {n: t.as_dict() for n, t in run.workers.items()},

@@ -21,7 +21,6 @@ The order of a run:
 from __future__ import annotations
 
 import dataclasses
-import json
 import sqlite3
 import sys
 import tempfile
@@ -46,6 +45,7 @@ IDS_PER_MESSAGE = 1000
 class WorkerTally:
     address: str
     devices: int = 0
+    planned: bool = False  # said which devices it will run
     outcomes: Counter = dataclasses.field(default_factory=Counter)
     lost: bool = False
 
@@ -63,7 +63,14 @@ class DistributedRun:
 
     @property
     def all_assigned(self) -> bool:
-        return self.report.summary()["outcomes"].get(reg.ASSIGNED, 0) == len(self.records)
+        """Every device assigned, and no worker lost (one lost before it said which devices
+        it has leaves devices that are in no record)."""
+        return not any(t.lost for t in self.workers.values()) and \
+            self.report.summary()["outcomes"].get(reg.ASSIGNED, 0) == len(self.records)
+
+    def unplanned(self) -> list[str]:
+        """Workers lost before they said which devices they would run."""
+        return [name for name, t in self.workers.items() if t.lost and not t.planned]
 
 
 def child_job(*, prefix: str | None, settings: dict, target: Target, chain_to: str) -> dict:
@@ -113,6 +120,7 @@ def _collect_plans(shares, plan: "_Plan", tallies: dict[str, WorkerTally]) -> tu
                 plan.add(index, message["ids"])
             elif kind == "ready":
                 ready.add(index)
+                tallies[name].planned = True
             elif kind == "error":
                 raise UserError(f"worker {name}: {message['message']}")
             elif kind == dask_shares.EXITED:
