@@ -218,3 +218,22 @@ def test_a_killed_worker_has_its_unfinished_devices_reported_lost(world, created
             assert _assigned_at_emulator(emulator, device["registration_id"])
     assert data["summary"]["outcomes"]["lost"] == len(lost)
     assert "(lost)" in out
+
+
+def test_shares_are_contiguous_and_differ_by_one_at_most():
+    from device_sim.common.dask_shares import split
+
+    assert split(20, 2) == [(0, 10), (10, 20)]
+    assert split(5, 3) == [(0, 2), (2, 4), (4, 5)]
+    assert split(1, 3) == [(0, 1), (1, 1), (1, 1)]
+
+
+def test_an_id_planned_on_two_workers_stops_the_run(tmp_path):
+    from device_sim.fleet.distributed import _Plan
+
+    plan = _Plan(tmp_path / "plan.sqlite", ["w1", "w2"])
+    plan.add(0, ["dk-0001", "dk-0002"])
+    with pytest.raises(UserError, match="'DK-0002' is in the state directories of workers w1 and w2"):
+        plan.add(1, ["dk-0003", "DK-0002"])
+    plan.done("dk-0001")
+    assert plan.undone(0) == ["dk-0002"]
