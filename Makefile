@@ -44,7 +44,7 @@ sysdeps:
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test,distributed]'
 	touch $(STAMP)
 
 # The official azure-iot-device SDK pins paho-mqtt < 2, which the test extras cannot share:
@@ -59,8 +59,11 @@ $(SDK_STAMP):
 
 venv: sysdeps $(STAMP) $(SDK_STAMP)
 
+# Test files run in parallel, one whole file per worker (`--dist loadfile`: a file's module
+# fixtures - emulators, token PKIs - are built once); TEST_JOBS=0 runs them in this process.
+TEST_JOBS ?= auto
 test: venv
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q -n $(TEST_JOBS) --dist loadfile
 
 demo: venv
 	PATH="$(abspath $(VENV))/bin:$$PATH" bash docs/demo.sh $(HOME_DIR)

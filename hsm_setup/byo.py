@@ -240,12 +240,7 @@ def adopt(lib, home: Path, uri_text: str, *, chain_file: str | None, pin: str) -
 
 
 def _one_private_key(session, uri: Pkcs11Uri):
-    attrs = {Attribute.CLASS: ObjectClass.PRIVATE_KEY}
-    if uri.id:
-        attrs[Attribute.ID] = uri.id
-    if uri.object:
-        attrs[Attribute.LABEL] = uri.object
-    found = list(session.get_objects(attrs))
+    found = keys.private_keys(session, key_id=uri.id, label=uri.object)
     if len(found) != 1:
         what = "no private key" if not found else f"{len(found)} private keys"
         raise UserError(f"{what} on token {uri.token!r} match{'es' if not found else ''} "

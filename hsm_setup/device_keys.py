@@ -19,7 +19,7 @@ from pkcs11 import Attribute, ObjectClass
 
 from device_sim.common import x509util
 from device_sim.common.errors import UserError
-from hsm_setup import devices, tokens
+from hsm_setup import devices, keys, tokens
 from hsm_setup.context import Pkcs11Context
 from hsm_setup.failures import as_user_error, pkcs11_errors
 from hsm_setup.key_types import KeySpec, key_spec
@@ -153,7 +153,9 @@ def _token_label(lib, uri: Pkcs11Uri) -> str:
     if uri.slot_id is not None or uri.serial:
         for slot in lib.get_slots(token_present=True):
             token = slot.get_token()
-            if slot.slot_id == uri.slot_id or (uri.serial and token.serial.strip() == uri.serial):
+            # python-pkcs11 gives the serial as the token's padded bytes; the URI's is text.
+            serial = token.serial.decode("ascii", "replace").strip()
+            if slot.slot_id == uri.slot_id or (uri.serial and serial == uri.serial):
                 return token.label
         raise UserError(f"no token matches {uri}")
     raise UserError("the PKCS#11 URI names no token: add token=LABEL (or slot-id= / serial=)")
@@ -169,16 +171,13 @@ def _private_key(session, token_label, key_id, key_label):
     what = " and ".join(filter(None, [f"id={key_id.hex()}" if key_id else None,
                                       f"object={key_label}" if key_label else None])) or "any attributes"
     if not key_label:
-        attrs = {Attribute.CLASS: ObjectClass.PRIVATE_KEY}
-        if key_id:
-            attrs[Attribute.ID] = key_id
-        found = list(session.get_objects(attrs))
+        found = keys.private_keys(session, key_id=key_id)
         if len(found) != 1:
             return _key_search_failed(found, what, token_label)
         key_label = found[0][Attribute.LABEL] or ""
         if not key_label:
             raise UserError(f"the device key on token {token_label!r} has no label: awscrt finds the TLS key by label")
-    same_label = list(session.get_objects({Attribute.CLASS: ObjectClass.PRIVATE_KEY, Attribute.LABEL: key_label}))
+    same_label = keys.private_keys(session, label=key_label)
     found = [k for k in same_label if not key_id or k[Attribute.ID] == key_id]
     if len(found) != 1:
         return _key_search_failed(found, what, token_label)

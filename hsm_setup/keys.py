@@ -159,12 +159,20 @@ def public_key_info(public_key, spec: KeySpec) -> asn1_keys.PublicKeyInfo:
     })
 
 
-def find_private_key(session, key_id: bytes, label: str | None = None):
-    """The private key object with CKA_ID `key_id` (one attribute search)."""
-    attrs = {Attribute.CLASS: ObjectClass.PRIVATE_KEY, Attribute.ID: key_id}
+def private_keys(session, *, key_id: bytes | None = None, label: str | None = None) -> list:
+    """The private key objects with CKA_ID `key_id` and/or CKA_LABEL `label` (one attribute
+    search; each caller says in its own words what a count other than one means)."""
+    attrs = {Attribute.CLASS: ObjectClass.PRIVATE_KEY}
+    if key_id:
+        attrs[Attribute.ID] = key_id
     if label is not None:
         attrs[Attribute.LABEL] = label
-    found = list(session.get_objects(attrs))
+    return list(session.get_objects(attrs))
+
+
+def find_private_key(session, key_id: bytes, label: str | None = None):
+    """The private key object with CKA_ID `key_id` (one attribute search)."""
+    found = private_keys(session, key_id=key_id, label=label)
     if len(found) != 1:
         raise UserError(f"expected one private key with id {key_id.hex()} on token "
                         f"{session.token.label!r}, found {len(found)}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import signal
 import threading
@@ -30,9 +31,10 @@ def add_serve(verbs) -> None:
     parser.add_argument("--service-on-device-port", action="store_true",
                         help="serve the service API on the device port too (for service SDKs that "
                              "only dial 443); service_connection_string then names that port")
-    parser.add_argument("--service-connection-string", action="store_true",
-                        help="add service_connection_string (HostName=...;SharedAccessKey=..., what the "
-                             "service SDKs take) to the ready line; it carries the service key")
+    parser.add_argument("--service-connection-string", action=argparse.BooleanOptionalAction, default=True,
+                        help="service_connection_string (HostName=...;SharedAccessKey=..., what the service "
+                             "SDKs take) in the ready line (default: yes; it carries the emulator's own "
+                             "service key: --no-service-connection-string keeps it out of logs you share)")
     parser.add_argument("--id-scope", help="ID scope (default: the one chosen on first start)")
     parser.add_argument("--hub", action="append", metavar="NAME[=WEIGHT]",
                         help="linked IoT hub host name, repeatable (default: the ones chosen before, "

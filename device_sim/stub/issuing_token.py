@@ -18,10 +18,9 @@ from asn1crypto import x509 as asn1_x509
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from pkcs11 import Attribute, ObjectClass
 
 from device_sim.common.errors import UserError
-from hsm_setup import certificates, tokens
+from hsm_setup import certificates, keys, tokens
 from hsm_setup.key_types import key_spec
 from hsm_setup.context import Pkcs11Context
 from hsm_setup.pins import ENV_USER_PIN, pin_from_source
@@ -46,12 +45,7 @@ class TokenIssuer:
         # The emulator's own run: one context for its lifetime, kept by the issuer.
         context = Pkcs11Context(home)
         session = tokens.session(context.library(uri.module_path), uri.token, _pin(uri))
-        attrs = {Attribute.CLASS: ObjectClass.PRIVATE_KEY}
-        if uri.object:
-            attrs[Attribute.LABEL] = uri.object
-        if uri.id:
-            attrs[Attribute.ID] = uri.id
-        found = list(session.get_objects(attrs))
+        found = keys.private_keys(session, key_id=uri.id, label=uri.object)
         if len(found) != 1:
             raise UserError(f"--issuing-ca-key: expected one private key for {uri} on token "
                             f"{uri.token!r}, found {len(found)}")

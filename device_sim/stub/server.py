@@ -68,7 +68,7 @@ class ServeOptions:
     tls_chain: Path | None = None
     service_on_device_port: bool = False  # the device port answers service API paths too
     # The ready line carries the service key only when asked: by default no secret is printed.
-    service_connection_string: bool = False
+    service_connection_string: bool = True  # the ready line carries it (docs/emulator.md)
     id_scope: str | None = None  # None = the one from settings.json, else a new one
     hubs: Sequence[Hub] | None = None  # None = from settings.json, else one default hub
     assignment_delay: float = 0.0

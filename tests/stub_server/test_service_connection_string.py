@@ -47,14 +47,19 @@ def ask(port: int, ca_cert: str, method: str, target: str, body: bytes = b"", he
     return status, json.loads(raw) if raw else None
 
 
-def test_no_secret_in_the_ready_line_unless_asked(started, tmp_path):
+def test_the_ready_line_carries_the_connection_string_by_default(started):
     _, ready = started()
+    assert "SharedAccessKey=" in ready["service_connection_string"]
+
+
+def test_no_secret_in_the_ready_line_when_told_not_to(started, tmp_path):
+    _, ready = started(service_connection_string=False)
     assert "service_connection_string" not in ready
     assert (tmp_path / "stub" / "service.key").read_text().strip() not in json.dumps(ready)
 
 
 def test_ready_line_has_a_service_connection_string_for_the_service_port(started, tmp_path):
-    _, ready = started(service_connection_string=True)
+    _, ready = started()
     fields = parse_connection_string(ready["service_connection_string"])
     assert fields["HostName"] == f"localhost:{port_of(ready['service_url'])}"
     assert fields["SharedAccessKeyName"] == "provisioningserviceowner"
@@ -66,7 +71,7 @@ def test_ready_line_has_a_service_connection_string_for_the_service_port(started
 
 
 def test_the_key_of_the_connection_string_signs_service_requests(started):
-    stub, ready = started(service_connection_string=True)
+    stub, ready = started()
     key = base64.b64decode(parse_connection_string(ready["service_connection_string"])["SharedAccessKey"])
     token = sas.make_token(ready["service_host"], key)
     status, body = ask(port_of(ready["service_url"]), ready["ca_cert"], "GET",
@@ -75,7 +80,7 @@ def test_the_key_of_the_connection_string_signs_service_requests(started):
 
 
 def test_service_api_on_the_device_port_beside_the_device_api(started):
-    stub, ready = started(service_on_device_port=True, service_connection_string=True)
+    stub, ready = started(service_on_device_port=True)
     device_port = port_of(ready["device_url"])
     fields = parse_connection_string(ready["service_connection_string"])
     assert fields["HostName"] == f"localhost:{device_port}"
@@ -111,7 +116,7 @@ def test_without_the_option_the_device_port_has_no_service_routes(started):
 def test_serve_option_names_the_device_port_in_the_connection_string(tmp_path):
     from device_sim.testing import Emulator
 
-    emulator = Emulator.spawn(tmp_path, "--service-on-device-port", "--service-connection-string")
+    emulator = Emulator.spawn(tmp_path, "--service-on-device-port")
     try:
         fields = parse_connection_string(emulator.ready["service_connection_string"])
         assert fields["HostName"] == f"localhost:{port_of(emulator.device_url)}"
@@ -123,7 +128,7 @@ def test_serve_option_names_the_device_port_in_the_connection_string(tmp_path):
 def test_a_sas_signed_for_the_connection_strings_host_and_port_is_accepted(started):
     """Service SDKs sign `sr` = the HostName they dialled (`localhost%3APORT` from make_token,
     as the Python service SDK sends it; the raw form is covered in tests/stub_core)."""
-    stub, ready = started(service_connection_string=True)
+    stub, ready = started()
     fields = parse_connection_string(ready["service_connection_string"])
     token = sas.make_token(fields["HostName"], base64.b64decode(fields["SharedAccessKey"]))
     status, body = ask(port_of(ready["service_url"]), ready["ca_cert"], "GET",

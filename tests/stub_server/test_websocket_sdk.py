@@ -58,7 +58,7 @@ def fixed(tmp_path_factory):
     with MQTT on 8883."""
     with fixed_ports():
         on_443 = Emulator.spawn(tmp_path_factory.mktemp("ws-sdk-443"), "--port", "443", "--no-mqtt",
-                          "--service-on-device-port", "--service-connection-string")
+                          "--service-on-device-port")
         on_8883 = None
         try:
             on_8883 = Emulator.spawn(tmp_path_factory.mktemp("ws-sdk-8883"), "--mqtt-port", "8883")
