@@ -274,11 +274,18 @@ def _run_share(parent: dask_shares.Parent) -> int:
     settings = FleetSettings(**job["settings"], rate=go.get("rate"))
     stop = threading.Event()
     threading.Thread(target=lambda: (parent.receive(), stop.set()), daemon=True).start()
-    report = run_fleet(devices, target, settings, stop=stop,
-                       on_result=lambda result, counts: parent.send("record", record=result.to_dict()))
-    for result in report.devices:
-        if result.status == CANCELLED:  # never started: the runner reports these only at the end
-            parent.send("record", record=result.to_dict())
+    sent = 0
+
+    def on_result(result, counts) -> None:
+        nonlocal sent
+        sent += 1
+        parent.send("record", record=result.to_dict())
+
+    report = run_fleet(devices, target, settings, stop=stop, on_result=on_result)
+    if sent < len(devices):  # a runner that lists the never-started devices only in its report
+        for result in getattr(report, "devices", ()):
+            if result.status == CANCELLED:
+                parent.send("record", record=result.to_dict())
     parent.send("done", wall_s=report.wall_s, interrupted=report.interrupted)
     return 0
 
