@@ -332,10 +332,10 @@ def _make_share(parent: dask_shares.Parent) -> int:
                              filled=devices.count_by_token(home))
     with Pkcs11Context(home) as ctx:
         library = ctx.library(None)
-        pin = pins.resolve_pin(None) if plan else ""
+        pin = dask_shares.worker_secret(pins.ENV_USER_PIN, "user PIN") if plan else ""
         missing = [label for label, _ in plan if tokens.find_token(library, label, required=False) is None]
         if missing:
-            so_pin = pins.resolve_pin(None, env=pins.ENV_SO_PIN, what="SO PIN")
+            so_pin = dask_shares.worker_secret(pins.ENV_SO_PIN, "SO PIN")
             for label in missing:
                 tokens.init_token(library, label, so_pin=so_pin, user_pin=pin, reload=False)
             library.reload()  # lasting slot IDs for the new tokens (see tokens.init_token)

@@ -248,6 +248,14 @@ def _keep_tail(stream, tail: list[str]) -> None:
 
 # --- the child's side ---------------------------------------------------------------------
 
+def worker_secret(env: str, what: str) -> str:
+    """A PIN from the worker's environment: no prompt there, and never over the network."""
+    value = os.environ.get(env)
+    if not value:
+        raise UserError(f"no {what} on this worker: set ${env} in the environment of its 'dask worker'")
+    return value
+
+
 class Parent:
     """What a share's child uses: its job, messages to the coordinator, messages from it.
 

@@ -259,9 +259,9 @@ def _run_share(parent: dask_shares.Parent) -> int:
     devices = []
     if records:
         module_path = module.resolve_module(None, home)
-        devices = identities.fleet_devices(records, home=home, module_path=module_path,
-                                           pin=pins.resolve_pin(None), slots={},
-                                           chain_to=job["chain_to"])
+        pin = dask_shares.worker_secret(pins.ENV_USER_PIN, "user PIN")
+        devices = identities.fleet_devices(records, home=home, module_path=module_path, pin=pin,
+                                           slots={}, chain_to=job["chain_to"])
     del records
     parent.send("plan", count=len(devices))
     for start in range(0, len(devices), IDS_PER_MESSAGE):

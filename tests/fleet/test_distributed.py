@@ -220,6 +220,23 @@ def test_a_killed_worker_has_its_unfinished_devices_reported_lost(world, created
     assert "(lost)" in out
 
 
+
+def test_a_worker_without_a_pin_is_named_in_one_line(world, created, tmp_path):
+    """Last of the cluster tests: w1 and w2 get identities of another prefix."""
+    cluster = world["cluster"]
+    env = {k: v for k, v in environment(tmp_path / "w3").items() if k != "PKCS11_PIN"}
+    cluster.add_worker("w3", env=env)
+    try:
+        result = run(world["coordinator"], "device_sim.cli.hsm_setup", "fleet", "create", "--scheduler",
+                     cluster.address, "--count", 3, "--prefix", "np-", "--ca", "root", "--no-progress",
+                     check=False)
+    finally:
+        cluster.kill_worker("w3")
+    assert result.returncode == 2, result.stderr
+    assert "worker w3: no user PIN on this worker: set $PKCS11_PIN in the environment of its 'dask worker'" \
+        in result.stderr and "2 identities were created" in result.stderr
+    assert "Traceback" not in result.stderr
+
 def test_shares_are_contiguous_and_differ_by_one_at_most():
     from device_sim.common.dask_shares import split
 
