@@ -100,6 +100,7 @@ class Shares:
         self._up = distributed.Queue(f"{self.run}-up", client=client)
         self._down = [distributed.Queue(f"{self.run}-down-{n}", client=client) for n in range(len(worker_list))]
         self._futures: list = []
+        self._absent: dict[int, int] = {}  # share -> liveness checks in a row without its worker
         self.open: set[int] = set()
 
     def start(self, module: str, jobs: list[dict]) -> None:
@@ -137,8 +138,9 @@ class Shares:
 
     def _lost_shares(self) -> Iterator[tuple[int, str, object]]:
         present = {w.address for w in workers_or_none(self.client)}
-        gone = [n for n in sorted(self.open)
-                if self.workers[n].address not in present or self._futures[n].status == "error"]
+        for n in sorted(self.open):  # absent twice in a row: a glitch of one answer is no loss
+            self._absent[n] = self._absent.get(n, 0) + 1 if self.workers[n].address not in present else 0
+        gone = [n for n in sorted(self.open) if self._absent[n] >= 2 or self._futures[n].status == "error"]
         if not gone:
             return
         for index, message in self._receive(timeout=0.1):  # what they said before they went

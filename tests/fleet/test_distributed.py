@@ -39,7 +39,7 @@ def run(env, program, *args, check=True, timeout=120):
     result = subprocess.run([sys.executable, "-m", program, *map(str, args)], capture_output=True,
                             text=True, cwd=REPO, env=env, timeout=timeout)
     if check and result.returncode != 0:
-        raise AssertionError(f"{program} {' '.join(map(str, args))}: {result.stderr}")
+        raise AssertionError(f"{program} {' '.join(map(str, args))}: exit {result.returncode}\n{result.stdout}\n{result.stderr}")
     return result
 
 
