@@ -274,20 +274,39 @@ def _run_share(parent: dask_shares.Parent) -> int:
     settings = FleetSettings(**job["settings"], rate=go.get("rate"))
     stop = threading.Event()
     threading.Thread(target=lambda: (parent.receive(), stop.set()), daemon=True).start()
-    sent = 0
+    received: set[str] = set()
+    arrived = threading.Condition()
 
     def on_result(result, counts) -> None:
-        nonlocal sent
-        sent += 1
+        with arrived:
+            received.add(result.registration_id)
+            arrived.notify_all()
         parent.send("record", record=result.to_dict())
 
     report = run_fleet(devices, target, settings, stop=stop, on_result=on_result)
-    if sent < len(devices):  # a runner that lists the never-started devices only in its report
-        for result in getattr(report, "devices", ()):
-            if result.status == CANCELLED:
-                parent.send("record", record=result.to_dict())
+    _send_never_started(parent, report, received, arrived, grace=1.0 if stop.is_set() else settings.timeout)
     parent.send("done", wall_s=report.wall_s, interrupted=report.interrupted)
     return 0
+
+
+def _send_never_started(parent, report, received: set[str], arrived: threading.Condition, *,
+                        grace: float) -> None:
+    """The records of devices the report calls cancelled that never came to on_result.
+
+    The runner frees a device's slot just before it hands over the record, so the last
+    device to finish may still be on its way when the run returns: it is waited for (a
+    run that was not stopped has no device that never started). A runner that passes every
+    record, cancelled ones included, to on_result leaves nothing to do here.
+    """
+    cancelled = [r for r in getattr(report, "devices", ()) if r.status == CANCELLED]
+    deadline = time.monotonic() + grace
+    with arrived:
+        for result in cancelled:
+            while result.registration_id not in received and (left := deadline - time.monotonic()) > 0:
+                arrived.wait(left)
+    for result in cancelled:
+        if result.registration_id not in received:
+            parent.send("record", record=result.to_dict())
 
 
 def _target(spec: dict, home: Path) -> Target:
