@@ -8,7 +8,9 @@
   It holds no secret: the key never leaves the token.
 - `cert.pem`: the leaf and the CA certificates the device presents (up to the root).
 - `openssl.cnf`: loads the default and the pkcs11 providers, with the device's PKCS#11
-  module; for SoftHSM the quirks it needs; the PIN as `file:PATH` when a PIN file is given.
+  module initialised as the provider loads (`pkcs11-module-load-behavior = early`: only
+  then does a process with several tokens keep its handshakes off tokens other than the
+  device's); for SoftHSM the quirks it needs; the PIN as `file:PATH` when a PIN file is given.
 - `env`: `export OPENSSL_CONF=...` (and `SOFTHSM2_CONF`), plus where the PIN comes from;
   the PIN itself only when asked (`include_pin`), the file then being owner-only.
 
@@ -39,6 +41,7 @@ ENV_PIN = "PKCS11_PIN"
 # save a digest's state, which OpenSSL asks for when it duplicates the TLS 1.2
 # handshake hash (no-operation-state).
 SOFTHSM_QUIRKS = "no-deinit no-operation-state"
+LOAD_BEHAVIOR = "early"
 PROVIDER_CANDIDATES = (
     "/usr/lib/x86_64-linux-gnu/ossl-modules/pkcs11.so",
     "/usr/lib/aarch64-linux-gnu/ossl-modules/pkcs11.so",
@@ -112,6 +115,12 @@ def openssl_cnf(provider_module: str, pkcs11_module: str, *, softhsm: bool,
         f"pkcs11-module-path = {pkcs11_module}",
         # Only key operations belong in the token: OpenSSL would otherwise also hash there.
         "pkcs11-module-block-operations = digest",
+        # Initialise the module when the provider loads. Loaded lazily, the provider offers
+        # OpenSSL signature verification it only sets up later, and from the second
+        # handshake of a process on OpenSSL checks the server's signature in the token:
+        # it imports the server's key into the FIRST slot and logs in there (with this
+        # file's PIN, or fails), whichever token that is (docs/token-quirks.md).
+        f"pkcs11-module-load-behavior = {LOAD_BEHAVIOR}",
     ]
     if softhsm:
         lines.append(f"pkcs11-module-quirks = {SOFTHSM_QUIRKS}")

@@ -62,3 +62,40 @@ def test_an_emulator_that_cannot_start_says_why(tmp_path):
         busy.listen(1)
         with pytest.raises(EmulatorFailed, match="before it was ready"):
             Emulator.spawn(tmp_path / "emu", "--port", str(busy.getsockname()[1]), "--no-mqtt")
+
+
+REFUSE_REGISTER = {"seed": 1, "rules": [{"match": {"operation": "register"}, "action": {"status": 503,
+                                                                                        "retry_after": 1}}]}
+
+
+@pytest.mark.parametrize("given", ["object", "path"])
+def test_in_process_emulator_with_dashboard_amqp_and_a_fault_plan(tmp_path, given):
+    import json
+
+    import requests
+
+    root = TestCA("root")
+    chain, key = root.issue_leaf("dev-1").write(tmp_path, "dev-1")
+    plan = REFUSE_REGISTER
+    if given == "path":
+        plan = tmp_path / "faults.json"
+        plan.write_text(json.dumps(REFUSE_REGISTER))
+    with Emulator.in_process(tmp_path / "emu", mqtt=False, amqp=True, dashboard=True, faults=plan) as emu:
+        assert emu.ready["faults"] == {"seed": 1, "rules": 1}
+        assert emu.amqp_port > 0 and emu.mqtt_url is None
+        page = requests.get(emu.dashboard_url, timeout=10)
+        assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+        emu.admin.upload_ca("root", root.cert_pem, verified=True)
+        emu.admin.create_group("all", ca_ref="root")
+        answer = requests.put(f"{emu.device_url}/{emu.id_scope}/registrations/dev-1/register?api-version=2021-06-01",
+                              json={"registrationId": "dev-1"}, cert=(str(chain), str(key)), verify=str(emu.ca_cert),
+                              timeout=10)
+        assert answer.status_code == 503 and answer.headers["retry-after"] == "1"
+    assert emu.server is None  # stopped: every listener closed
+
+
+def test_in_process_emulator_refuses_a_bad_fault_plan_before_starting(tmp_path):
+    from device_sim.stub.core.faults import FaultPlanError
+
+    with pytest.raises(FaultPlanError):
+        Emulator.in_process(tmp_path / "emu", faults={"seed": 1, "rules": [{"action": {"status": "soon"}}]})

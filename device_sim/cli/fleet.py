@@ -65,7 +65,7 @@ def add_subparser(subparsers) -> None:
                      help="awscrt event-loop threads doing TLS and I/O (default: one per core)")
     run.add_argument("--json", metavar="FILE", help="write the full report (summary + one record per device) here")
     run.add_argument("--plot", metavar="FILE",
-                     help="render latency over time and the latency histogram (.html, or .png with matplotlib)")
+                     help="draw throughput, latency and outcomes over time (.png, .svg, .pdf or .html)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.add_argument("--scheduler", metavar="tcp://HOST:PORT",
                      help="run on every worker of this Dask scheduler, each over the devices of its own "

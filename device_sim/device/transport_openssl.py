@@ -15,6 +15,9 @@ relies on (OpenSSL 3.0 and pkcs11-provider 1.0 on Debian 12, SoftHSM 2.6; docs/o
 - python-pkcs11 may have initialised and logged into the same module first (the identity
   checks do): the provider's own C_Initialize and C_Login then find both done, so the
   token sees a single login.
+- That configuration initialises the module as the provider loads
+  (`pkcs11-module-load-behavior = early`): loaded lazily, the provider would verify the
+  server's signature in whichever token is the first slot from the second handshake on.
 - Both TLS 1.2 and TLS 1.3 work (the emulator's device port speaks both).
 - Handshakes are serialised per process (`SIGNING_LOCK`): concurrent signing through
   pkcs11-provider 1.0 on SoftHSM 2.6.1 produced bad signatures (measured, docs/openssl.md).

@@ -43,6 +43,7 @@ class Emulator:
         self.process = process
         self.server = server
         self.log = log
+        self.logged: list[str] = []  # in process: the emulator's log lines
         self._admin: EmulatorAdmin | None = None
 
     # -- starting
@@ -71,48 +72,51 @@ class Emulator:
         return cls(home, ready, process=process, log=log)
 
     @classmethod
-    def in_process(cls, home: str | Path, *, mqtt: bool = True, **options) -> "Emulator":
+    def in_process(cls, home: str | Path, *, mqtt: bool = True, amqp: bool = False, dashboard: bool = False,
+                   faults=None, **options) -> "Emulator":
         """The `stub serve` assembly in this process; `options` are
-        `device_sim.stub.server.ServeOptions` fields (retry_after defaults to 0 here)."""
+        `device_sim.stub.server.ServeOptions` fields (retry_after defaults to 0 here).
+
+        `mqtt`, `amqp`, `dashboard`: serve that front end too, on a free port (`mqtt_url`,
+        `amqp_url`, `dashboard_url`). `faults`: a fault plan (docs/emulator.md, 'Fault
+        plans') as a file path, JSON text or the parsed object. The emulator's log lines
+        are kept in `logged`."""
         from device_sim.stub import server
-        from device_sim.stub.net.mqtt import listener_factory
+        from device_sim.stub.core.faults import FaultPlan, parse_plan
+        from device_sim.stub.net import amqp as amqp_net
+        from device_sim.stub.net import dashboard as dashboard_net
+        from device_sim.stub.net import mqtt as mqtt_net
 
         options.setdefault("retry_after", 0)
-        serve = server.ServeOptions(home=Path(home), **options)
-        factories = [listener_factory(0)] if mqtt else []
-        stub = server.StubServer(serve, factories, log=lambda message: None)
-        return cls(Path(home), stub.start(), server=stub)
+        if isinstance(faults, Path):
+            faults = faults.read_bytes()
+        if faults is not None and not isinstance(faults, FaultPlan):
+            faults = parse_plan(faults)
+        serve = server.ServeOptions(home=Path(home), faults=faults, **options)
+        wanted = ((mqtt, lambda: mqtt_net.listener_factory(0)), (amqp, lambda: amqp_net.listener_factory(0)),
+                  (dashboard, lambda: dashboard_net.listener_factory(0)))
+        logged: list[str] = []
+        stub = server.StubServer(serve, [make() for on, make in wanted if on], log=logged.append)
+        emulator = cls(Path(home), stub.start(), server=stub)
+        emulator.logged = logged
+        return emulator
 
-    # -- what the ready line says
+    # -- what the ready line says (docs/emulator.md); a front end not served reads None
 
-    @property
-    def device_url(self) -> str:
-        return self.ready["device_url"]
-
-    @property
-    def service_url(self) -> str:
-        return self.ready["service_url"]
-
-    @property
-    def mqtt_url(self) -> str | None:
-        return self.ready.get("mqtt_url")
-
-    @property
-    def id_scope(self) -> str:
-        return self.ready["id_scope"]
+    device_url = property(lambda self: self.ready["device_url"])
+    service_url = property(lambda self: self.ready["service_url"])
+    id_scope = property(lambda self: self.ready["id_scope"])
+    mqtt_url = property(lambda self: self.ready.get("mqtt_url"))
+    amqp_url = property(lambda self: self.ready.get("amqp_url"))
+    dashboard_url = property(lambda self: self.ready.get("dashboard_url"), doc="The dashboard page with its token.")
+    device_port = property(lambda self: _port(self.device_url))
+    mqtt_port = property(lambda self: _port(self.mqtt_url))
+    amqp_port = property(lambda self: _port(self.amqp_url))
 
     @property
     def ca_cert(self) -> Path:
         """The CA file a client trusts for this emulator's TLS ports."""
         return Path(self.ready["ca_cert"])
-
-    @property
-    def device_port(self) -> int:
-        return _port(self.device_url)
-
-    @property
-    def mqtt_port(self) -> int:
-        return _port(self.mqtt_url)
 
     @property
     def app(self):

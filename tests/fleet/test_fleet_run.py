@@ -135,7 +135,7 @@ def test_ctrl_c_stops_cleanly_and_still_writes_the_report(world, tmp_path):
     (("--concurrency", 0), "--concurrency must be at least 1"),
     (("--rate", -1), "--rate must be a positive"),
     (("--prefix", "nobody-"), "no devices with prefix 'nobody-'"),
-    (("--plot", "x.pdf"), "name the file .html or .png"),
+    (("--plot", "x.bmp"), "name the file .html or .png"),
     (("--json", "/nonexistent-dir/r.json"), "the folder does not exist"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(world, tmp_path, args, message):

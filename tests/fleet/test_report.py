@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from device_sim.fleet.plot import histogram, write_plot
+from device_sim.fleet.plot import write_plot
 from device_sim.fleet.report import DeviceResult, FleetReport, percentile, render_text
 from device_sim.common.errors import UserError
 
@@ -50,23 +50,9 @@ def test_report_json_has_one_record_per_device():
     assert data["settings"]["concurrency"] == 2
 
 
-def test_histogram_puts_every_value_in_a_bin():
-    counts, width, top = histogram([0.0, 1.0, 5.0, 10.0], bins=10)
-    assert sum(counts) == 4 and top == 10.0 and width == 1.0
-    assert counts[-1] == 1  # the maximum lands in the last bin, not past it
-
-
-def test_html_plot_is_written_whole(tmp_path):
-    out = tmp_path / "plot.html"
-    write_plot(out, [make(i, "assigned" if i % 3 else "failed") for i in range(50)], "run")
-    text = out.read_text()
-    assert text.count("<svg") == 2 and "<circle" in text and "<rect" in text
-    assert not list(tmp_path.glob("*.tmp"))
-
-
 def test_unknown_plot_format_is_refused(tmp_path):
     with pytest.raises(UserError, match=r"\.html or \.png"):
-        write_plot(tmp_path / "plot.pdf", [make(1)], "run")
+        write_plot(tmp_path / "plot.bmp", [make(1)], "run")
     assert not list(tmp_path.iterdir())
 
 

@@ -56,7 +56,6 @@ def calls(log: Path, name: str) -> int:
 @needs_spy
 def test_fleet_run_with_a_wrong_pin_logs_in_once_and_registers_nothing(tmp_path):
     from device_sim.testing import Emulator
-    from stub_server.emulator_proc import stub_admin
 
     home = tmp_path / "home"
     env = env_for(home)
@@ -66,8 +65,8 @@ def test_fleet_run_with_a_wrong_pin_logs_in_once_and_registers_nothing(tmp_path)
         "--no-progress")
     emulator = Emulator.spawn(home, "--assignment-delay", "0")
     try:
-        stub_admin(emulator, "ca", "upload", "root", home / "pki" / "ca" / "root" / "cert.pem", "--verified")
-        stub_admin(emulator, "group", "create", "all", "--ca-ref", "root")
+        emulator.admin.upload_ca("root", (home / "pki" / "ca" / "root" / "cert.pem").read_bytes(), verified=True)
+        emulator.admin.create_group("all", ca_ref="root")
         log = tmp_path / "spy.log"
         softhsm = module.resolve_module(None)
         done = run(spy_env(home, log, softhsm, PKCS11_PIN="wrong-pin-0"), "device_sim.cli", "fleet", "run",
@@ -78,7 +77,8 @@ def test_fleet_run_with_a_wrong_pin_logs_in_once_and_registers_nothing(tmp_path)
         assert "Traceback" not in done.stderr
         assert calls(log, "C_Login") == 1
         for rid in ("pin-0001", "pin-0010", "pin-0020"):
-            assert stub_admin(emulator, "registration", "get", rid, check=False).returncode != 0
+            with pytest.raises(UserError, match=f"no registration record for '{rid}'"):
+                emulator.admin.get_registration(rid)
     finally:
         emulator.stop()
 

@@ -14,7 +14,7 @@ import pytest
 
 from hsm_setup.openssl_export import find_provider_module
 from device_sim.testing import Emulator
-from stub_server.emulator_proc import REPO, stub_admin
+from stub_server.emulator_proc import REPO
 
 
 def hsm_setup(*args, env, check=True) -> subprocess.CompletedProcess:
@@ -72,8 +72,8 @@ def exported(tmp_path_factory, token_pki, pin_file, provider_installed):
 
 
 def admit_pki(emulator: Emulator, token_pki) -> None:
-    stub_admin(emulator, "ca", "upload", "token-root", token_pki.root.pem_path, "--verified")
-    stub_admin(emulator, "group", "create", "token-devices", "--ca-ref", "token-root")
+    emulator.admin.upload_ca("token-root", token_pki.root.cert_pem, verified=True)
+    emulator.admin.create_group("token-devices", ca_ref="token-root")
 
 
 @pytest.fixture(scope="module")
@@ -99,3 +99,41 @@ def port_of(url: str) -> int:
 
 def ready_json(emulator: Emulator) -> str:
     return json.dumps(emulator.ready)
+
+
+# One process, `threads` threads x `each` registrations through transport_openssl (as
+# `device-sim register --tls openssl` makes them): argv ready-JSON HOME THREADS EACH RID;
+# prints {"versions": [...], "failures": [...]}.
+HANDSHAKES = r"""
+import json, os, sys, threading
+from pathlib import Path
+from device_sim.device import chain_builder, transport_openssl as t
+from device_sim.device.identity import load_identity
+ready, home, threads, each = json.loads(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+identity = load_identity(sys.argv[5], home=home)
+context = t.client_context(identity.module_path, identity.uri,
+                           chain_builder.to_pem([identity.leaf, *identity.ca_certs]), identity.pin,
+                           Path(ready["ca_cert"]).read_bytes())
+port = int(ready["device_url"].rsplit(":", 1)[1])
+versions, failures, lock = set(), [], threading.Lock()
+
+def work(maximum):
+    for _ in range(each):
+        transport = t.OpensslHttpsTransport("localhost", port, ready["id_scope"], sys.argv[5], context)
+        try:
+            answer = transport.send_register(json.dumps({"registrationId": sys.argv[5]}).encode(), 20)
+            with lock:
+                versions.add(transport.connection.sock.version() if transport.connection else "closed")
+                if answer.status != 202:
+                    failures.append(answer.status)
+        except Exception as exc:
+            with lock:
+                failures.append(str(exc))
+        finally:
+            transport.close()
+
+workers = [threading.Thread(target=work, args=(i,)) for i in range(threads)]
+[w.start() for w in workers]
+[w.join() for w in workers]
+print(json.dumps({"versions": sorted(versions), "failures": failures}))
+"""

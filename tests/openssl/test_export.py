@@ -25,6 +25,7 @@ def test_export_writes_the_four_files_and_openssl_loads_the_token_key(exported, 
     out = exported("device-ec-p256")
     cnf = (out / "openssl.cnf").read_text()
     assert "pkcs11-module-quirks = no-deinit" in cnf and f"pkcs11-module-token-pin = file:{pin_file}" in cnf
+    assert "pkcs11-module-load-behavior = early" in cnf  # tests/openssl/test_several_tokens.py says why
     env_text = (out / "env").read_text()
     assert "export OPENSSL_CONF=" in env_text and "export SOFTHSM2_CONF=" in env_text
     for name in ("key.pem", "cert.pem", "openssl.cnf", "env"):

@@ -10,9 +10,9 @@ import subprocess
 import sys
 
 import pytest
-from stub_server.emulator_proc import cli, stub_admin
+from stub_server.emulator_proc import cli
 
-from .conftest import hsm_setup
+from .conftest import HANDSHAKES, hsm_setup
 
 
 def register(token_pki, emulator, device, tls, *extra):
@@ -61,56 +61,19 @@ def test_mqtt_with_openssl_is_a_usage_error(token_pki, emulator):
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "--tls openssl" in result.stderr
 
 
-HANDSHAKES = r"""
-import json, os, sys, threading
-from pathlib import Path
-from device_sim.device import chain_builder, transport_openssl as t
-from device_sim.device.identity import load_identity
-ready, home, threads, each = json.loads(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-identity = load_identity(sys.argv[5], home=home)
-context = t.client_context(identity.module_path, identity.uri,
-                           chain_builder.to_pem([identity.leaf, *identity.ca_certs]), identity.pin,
-                           Path(ready["ca_cert"]).read_bytes())
-port = int(ready["device_url"].rsplit(":", 1)[1])
-versions, failures, lock = set(), [], threading.Lock()
-
-def work(maximum):
-    for _ in range(each):
-        transport = t.OpensslHttpsTransport("localhost", port, ready["id_scope"], sys.argv[5], context)
-        try:
-            answer = transport.send_register(json.dumps({"registrationId": sys.argv[5]}).encode(), 20)
-            with lock:
-                versions.add(transport.connection.sock.version() if transport.connection else "closed")
-                if answer.status != 202:
-                    failures.append(answer.status)
-        except Exception as exc:
-            with lock:
-                failures.append(str(exc))
-        finally:
-            transport.close()
-
-workers = [threading.Thread(target=work, args=(i,)) for i in range(threads)]
-[w.start() for w in workers]
-[w.join() for w in workers]
-print(json.dumps({"versions": sorted(versions), "failures": failures}))
-"""
 
 
 @pytest.fixture(scope="module")
 def solo(tmp_path_factory, token_pki, emulator):
-    """A state directory whose only token holds both the CA and the device key.
-
-    pkcs11-provider 1.0 checks the server's signature inside the token too (it imports the
-    server's public key); when the first slot is a token it is not logged into, every
-    handshake after the first one in a process fails ("certificate signature failure",
-    docs/openssl.md). With one token that cannot happen, so the lock is what is measured."""
+    """A state directory whose only token holds both the CA and the device key, so that
+    the lock is all that is measured (several tokens: test_several_tokens.py)."""
     home = tmp_path_factory.mktemp("openssl-solo")
     env = {**token_pki.env(), "DEVICE_SIM_HOME": str(home), "SOFTHSM2_CONF": str(home / "softhsm2.conf")}
     hsm_setup("token", "init", "solo", env=env)
     hsm_setup("ca", "create", "solo-root", "--token", "solo", env=env)
     hsm_setup("device", "create", "solo-1", "--ca", "solo-root", "--token", "solo", env=env)
-    stub_admin(emulator, "ca", "upload", "solo-root", home / "pki" / "ca" / "solo-root" / "cert.pem", "--verified")
-    stub_admin(emulator, "group", "create", "solo-devices", "--ca-ref", "solo-root")
+    emulator.admin.upload_ca("solo-root", (home / "pki" / "ca" / "solo-root" / "cert.pem").read_bytes(), verified=True)
+    emulator.admin.create_group("solo-devices", ca_ref="solo-root")
     return home, env
 
 

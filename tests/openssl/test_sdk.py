@@ -9,7 +9,6 @@ import subprocess
 
 import pytest
 from device_sim.testing import Emulator
-from stub_server.emulator_proc import stub_admin
 
 from .conftest import admit_pki, clean_env, sdk_python, sourced
 
@@ -45,5 +44,4 @@ def test_official_sdk_registers_over_mqtt_with_the_token_key(exported, token_pki
     assert answer.returncode == 0, answer.stderr[-3000:]
     outcome = json.loads(answer.stdout.splitlines()[-1])
     assert outcome["status"] == "assigned" and outcome["device_id"] == device
-    record = json.loads(stub_admin(emulator_on_8883, "registration", "get", device, "--json").stdout)
-    assert record["status"] == "assigned"
+    assert emulator_on_8883.admin.get_registration(device)["status"] == "assigned"

@@ -64,3 +64,98 @@ def test_python_requests_registers(exported, token_pki, emulator):
     answer = subprocess.run([sys.executable, "-c", PYTHON_CLIENT, json.dumps(emulator.ready), out, "device-ec-p256"],
                             capture_output=True, text=True, timeout=60, env=sourced(out / "env", clean_env(token_pki)))
     assert answer.stdout.split() == ["202", "assigning"], answer.stderr[-2000:]
+
+
+# paho-mqtt as a user would drive it: the key file is the export's key.pem, nothing else
+# knows of the token. DPS over MQTT by its documented topics (not device_sim.mqtt), polled
+# until the operation leaves "assigning".
+PAHO_CLIENT = r"""
+import json, queue, ssl, sys, time
+import paho.mqtt.client as mqtt
+ready, out, rid = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3]
+answers, connack = queue.Queue(), queue.Queue()
+client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=rid, protocol=mqtt.MQTTv311)
+client.tls_set(ca_certs=ready["ca_cert"], certfile=f"{out}/cert.pem", keyfile=f"{out}/key.pem",
+               tls_version=ssl.PROTOCOL_TLS_CLIENT)
+client.username_pw_set(f"{ready['id_scope']}/registrations/{rid}/api-version=2019-03-31")
+client.on_connect = lambda c, userdata, flags, reason, props: connack.put(str(reason))
+client.on_message = lambda c, userdata, message: answers.put(message)
+host, port = ready["mqtt_url"].split("://", 1)[1].rsplit(":", 1)
+client.connect(host, int(port), keepalive=30)
+client.loop_start()
+assert connack.get(timeout=20) == "Success"
+client.subscribe("$dps/registrations/res/#", qos=1)
+
+def ask(topic, payload):
+    client.publish(topic, payload, qos=1).wait_for_publish(timeout=20)
+    message = answers.get(timeout=20)
+    status, query = message.topic[len("$dps/registrations/res/"):].split("/?", 1)
+    fields = dict(part.split("=", 1) for part in query.split("&"))
+    return int(status), fields, json.loads(message.payload)
+
+status, fields, document = ask("$dps/registrations/PUT/iotdps-register/?$rid=1",
+                               json.dumps({"registrationId": rid}))
+steps = [status]
+for n in range(2, 30):
+    if document.get("status") != "assigning":
+        break
+    time.sleep(int(fields.get("retry-after", "1")))
+    status, fields, document = ask(f"$dps/registrations/GET/iotdps-get-operationstatus/?$rid={n}"
+                                   f"&operationId={document['operationId']}", b"")
+    steps.append(status)
+client.disconnect()
+client.loop_stop()
+print(json.dumps({"steps": steps, "status": document.get("status"),
+                  "device_id": document.get("registrationState", {}).get("deviceId")}))
+"""
+
+
+@pytest.mark.parametrize("device", ["device-ec-p256", "device-rsa-2048"])
+def test_paho_mqtt_registers_with_the_exported_key_file(exported, token_pki, emulator, device):
+    out = exported(device)
+    answer = subprocess.run([sys.executable, "-c", PAHO_CLIENT, json.dumps(emulator.ready), out, device],
+                            capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
+                            env=sourced(out / "env", clean_env(token_pki)))
+    assert answer.returncode == 0, answer.stderr[-2000:]
+    outcome = json.loads(answer.stdout)
+    assert outcome["status"] == "assigned" and outcome["device_id"] == device
+    assert outcome["steps"][0] == 202 and outcome["steps"][-1] == 200
+
+
+# Python's ssl reads the key file through OpenSSL's decoders, which find the provider's
+# only if OpenSSL loaded $OPENSSL_CONF: it does so once, when `ssl` is first imported.
+LOAD_KEY = r"""
+import os, sys
+out, when = sys.argv[1], sys.argv[2]
+if when == "before":
+    os.environ["OPENSSL_CONF"] = sys.argv[3]
+import ssl
+if when == "after":
+    os.environ["OPENSSL_CONF"] = sys.argv[3]
+try:
+    ssl.create_default_context().load_cert_chain(f"{out}/cert.pem", f"{out}/key.pem")
+    print("loaded")
+except ssl.SSLError as exc:
+    print(exc)
+"""
+
+
+def test_python_ssl_loads_the_key_only_when_openssl_conf_is_set_before_ssl_is_imported(exported, token_pki):
+    out = exported("device-ec-p256")
+    env = sourced(out / "env", clean_env(token_pki))
+    conf = env.pop("OPENSSL_CONF")
+    seen = {}
+    for when in ("before", "after"):
+        answer = subprocess.run([sys.executable, "-c", LOAD_KEY, out, when, conf], capture_output=True, text=True,
+                                timeout=60, stdin=subprocess.DEVNULL, env=env)
+        seen[when] = answer.stdout.strip()
+    assert seen["before"] == "loaded", seen
+    assert "PEM lib" in seen["after"], seen
+
+
+def test_paho_mqtt_without_the_export_env_cannot_read_the_key_file(exported, token_pki, emulator):
+    out = exported("device-ec-p256")
+    answer = subprocess.run([sys.executable, "-c", PAHO_CLIENT, json.dumps(emulator.ready), out, "device-ec-p256"],
+                            capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
+                            env=clean_env(token_pki))
+    assert answer.returncode != 0 and "PEM lib" in answer.stderr, answer.stderr[-2000:]

@@ -17,63 +17,36 @@ import time
 import uuid
 
 import pytest
-from cryptography.hazmat.primitives import serialization
 from proton import Delivery, Message, SSLDomain, symbol
 from proton.reactor import LinkOption
 from proton.utils import BlockingConnection, LinkDetached
 
-from device_sim.stub import server
-from device_sim.stub.core import sas
-from device_sim.stub.net import amqp
 from device_sim.stub.net.amqp_session import link_api_version, parse_address
 from device_sim.stub.net.listener import Limits
 
-from device_sim.testing import TestCA
+from device_sim.testing import Emulator, TestCA
 
 API_VERSION = "2021-06-01"
 
 
-def _pem(cert) -> str:
-    return cert.public_bytes(serialization.Encoding.PEM).decode()
+def start(home, **options) -> Emulator:
+    """The `stub serve` assembly in process with the AMQP front end (device_sim.testing)."""
+    return Emulator.in_process(home, mqtt=False, amqp=True, **options)
 
 
-class Emulator:
-    def __init__(self, home, limits: Limits | None = None, **options):
-        self.logged: list[str] = []
-        serve = server.ServeOptions(home=home, port=0, service_port=0, retry_after=0,
-                                    limits=limits or Limits(), **options)
-        self.server = server.StubServer(serve, [amqp.listener_factory(0)], log=self.logged.append)
-        self.ready = self.server.start()
-        self.port = int(self.ready["amqp_url"].rsplit(":", 1)[1])
-
-    def service(self, method: str, path: str, doc: dict) -> None:
-        app = self.server.app
-        token = sas.make_token(app.config.service_host, app.service_api.service_key)
-        reply = app.service_api.handle(method, path, {"api-version": "2021-10-01"},
-                                       {"Authorization": token, "Content-Type": "application/json"},
-                                       json.dumps(doc).encode())
-        assert reply.status < 300, reply
-
-    def group(self, group_id: str, cert, enabled: bool = True) -> None:
-        self.service("PUT", f"/enrollmentGroups/{group_id}", {
-            "enrollmentGroupId": group_id,
-            "attestation": {"type": "x509", "x509": {"signingCertificates": {"primary": {"certificate": _pem(cert)}}}},
-            "provisioningStatus": "enabled" if enabled else "disabled"})
-
-    def address(self, registration_id: str) -> str:
-        return f"{self.ready['id_scope']}/registrations/{registration_id}"
+def link_address(emulator, registration_id: str) -> str:
+    return f"{emulator.id_scope}/registrations/{registration_id}"
 
 
 @pytest.fixture(scope="module")
 def emulator(tmp_path_factory, file_cas):
-    emulator = Emulator(tmp_path_factory.mktemp("amqp-home"), assignment_delay=0.3)
-    emulator.service("PUT", "/certificates/root", {"properties": {"certificate": _pem(file_cas.root.cert),
-                                                                  "isVerified": True}})
-    emulator.group("all-devices", file_cas.root.cert)
+    emulator = start(tmp_path_factory.mktemp("amqp-home"), assignment_delay=0.3)
+    emulator.admin.upload_ca("root", file_cas.root.cert_pem, verified=True)
+    emulator.admin.create_group("all-devices", cert_pem=file_cas.root.cert_pem)
     emulator.line_2 = file_cas.root.issue_intermediate("amqp-line-2-ca")
-    emulator.group("line-2", emulator.line_2.cert, enabled=False)  # met before the root's group
+    emulator.admin.create_group("line-2", cert_pem=emulator.line_2.cert_pem, enabled=False)  # met before the root's group
     yield emulator
-    emulator.server.close()
+    emulator.stop()
     assert not [line for line in emulator.logged if "Traceback" in line or "failed" in line], emulator.logged
 
 
@@ -138,7 +111,7 @@ def test_register_and_poll_until_assigned(emulator, tmp_path, file_cas, sasl):
     leaf = file_cas.inter2.issue_leaf(registration_id)
     connection = device(emulator, tmp_path, leaf, file_cas.inter2, file_cas.inter1, file_cas.root, sasl=sasl)
     try:
-        replies, body = provision(connection, emulator.address(registration_id), registration_id)
+        replies, body = provision(connection, link_address(emulator, registration_id), registration_id)
     finally:
         connection.close()
     first = replies[0]
@@ -154,7 +127,7 @@ def test_c_sdk_address_form_with_host(emulator, tmp_path, file_cas):
     leaf = file_cas.root.issue_leaf(registration_id)
     connection = device(emulator, tmp_path, leaf, file_cas.root)
     try:
-        address = f"amqps://localhost/{emulator.address(registration_id)}"
+        address = f"amqps://localhost/{link_address(emulator, registration_id)}"
         _replies, body = provision(connection, address, registration_id)
     finally:
         connection.close()
@@ -167,7 +140,7 @@ def test_disabled_enrollment_answers_disabled(emulator, tmp_path, file_cas):
     leaf = emulator.line_2.issue_leaf(registration_id)
     connection = device(emulator, tmp_path, leaf, emulator.line_2, file_cas.root)
     try:
-        _replies, body = provision(connection, emulator.address(registration_id), registration_id)
+        _replies, body = provision(connection, link_address(emulator, registration_id), registration_id)
     finally:
         connection.close()
     assert body["status"] == "disabled"
@@ -179,7 +152,7 @@ def test_unknown_certificate_is_rejected_with_the_401_error_json(emulator, tmp_p
     leaf = stranger_root.issue_leaf("amqp-stranger")
     connection = device(emulator, tmp_path, leaf, stranger_root)
     try:
-        address = emulator.address("amqp-stranger")
+        address = link_address(emulator, "amqp-stranger")
         connection.create_receiver(address)
         sender = connection.create_sender(address)
         delivery = sender.send(register_message("amqp-stranger", "c-1"), error_states=[])
@@ -197,7 +170,7 @@ def test_registration_id_other_than_the_certificate_cn_is_rejected(emulator, tmp
     leaf = file_cas.root.issue_leaf("amqp-honest")
     connection = device(emulator, tmp_path, leaf, file_cas.root)
     try:
-        address = emulator.address("amqp-someone-else")
+        address = link_address(emulator, "amqp-someone-else")
         connection.create_receiver(address)
         delivery = connection.create_sender(address).send(register_message("amqp-someone-else", "c-2"),
                                                            error_states=[])
@@ -211,7 +184,7 @@ def test_unknown_operation_type_is_rejected_as_a_bad_request(emulator, tmp_path,
     leaf = file_cas.root.issue_leaf("amqp-odd-op")
     connection = device(emulator, tmp_path, leaf, file_cas.root)
     try:
-        address = emulator.address("amqp-odd-op")
+        address = link_address(emulator, "amqp-odd-op")
         connection.create_receiver(address)
         message = Message(body=b"{}", inferred=True, properties={"iotdps-operation-type": "iotdps-dance"})
         sender = connection.create_sender(address)
@@ -233,7 +206,7 @@ def test_wrong_link_address_is_refused(emulator, tmp_path, file_cas):
             connection.create_sender("$cbs")
         assert refused.value.link.remote_condition.name == "amqp:not-found"
         # The connection stays usable: the right address still works.
-        _replies, body = provision(connection, emulator.address("amqp-lost"), "amqp-lost")
+        _replies, body = provision(connection, link_address(emulator, "amqp-lost"), "amqp-lost")
     finally:
         connection.close()
     assert body["status"] == "assigned"
@@ -264,7 +237,7 @@ def _read_to_end(sock, limit: float = 10.0) -> bytes:
     b"AMQP\x00\x01\x00\x00" + b"\x7f\xff\xff\xff\x02\x00\x00\x00",  # a 2 GB frame announced
 ])
 def test_malformed_amqp_is_closed_cleanly(emulator, garbage):
-    with _tls(emulator.port, emulator.ready["ca_cert"]) as sock:
+    with _tls(emulator.amqp_port, emulator.ready["ca_cert"]) as sock:
         sock.sendall(garbage)
         answer = _read_to_end(sock)
     assert answer.startswith(b"AMQP"), answer[:40]  # our protocol header, then the close
@@ -272,13 +245,13 @@ def test_malformed_amqp_is_closed_cleanly(emulator, garbage):
 
 
 def test_silent_and_trickling_clients_are_cut_off(tmp_path):
-    emulator = Emulator(tmp_path, limits=Limits(request_timeout=1.0, idle_timeout=2.0))
+    emulator = start(tmp_path, limits=Limits(request_timeout=1.0, idle_timeout=2.0))
     try:
-        with _tls(emulator.port, emulator.ready["ca_cert"]) as silent:
+        with _tls(emulator.amqp_port, emulator.ready["ca_cert"]) as silent:
             started = time.monotonic()
             assert _read_to_end(silent) == b""  # never spoke: closed without a word
             assert time.monotonic() - started < 5
-        with _tls(emulator.port, emulator.ready["ca_cert"]) as trickle:
+        with _tls(emulator.amqp_port, emulator.ready["ca_cert"]) as trickle:
             started = time.monotonic()
             try:
                 for byte in b"AMQP\x00\x01\x00":  # never a whole header: 2.8 s of trickle
@@ -290,14 +263,14 @@ def test_silent_and_trickling_clients_are_cut_off(tmp_path):
             _read_to_end(trickle)
             assert cut_off and time.monotonic() - started < 2.5, "a byte now and then renews no deadline"
     finally:
-        emulator.server.close()
+        emulator.stop()
 
 
 def test_oversized_message_detaches_the_link(emulator, tmp_path, file_cas):
     leaf = file_cas.root.issue_leaf("amqp-big")
     connection = device(emulator, tmp_path, leaf, file_cas.root)
     try:
-        address = emulator.address("amqp-big")
+        address = link_address(emulator, "amqp-big")
         connection.create_receiver(address)
         sender = connection.create_sender(address)
         huge = Message(body=b"x" * (300 * 1024), inferred=True, properties={"iotdps-operation-type": "iotdps-register"})
@@ -312,7 +285,7 @@ def test_body_over_the_core_limit_is_rejected_413(emulator, tmp_path, file_cas):
     leaf = file_cas.root.issue_leaf("amqp-fat")
     connection = device(emulator, tmp_path, leaf, file_cas.root)
     try:
-        address = emulator.address("amqp-fat")
+        address = link_address(emulator, "amqp-fat")
         connection.create_receiver(address)
         body = json.dumps({"payload": {"x": "y" * (100 * 1024)}}).encode()
         message = Message(body=body, inferred=True, properties={"iotdps-operation-type": "iotdps-register"})
@@ -345,15 +318,14 @@ def test_api_version_from_link_properties_or_the_default():
 
 
 def test_throttled_register_is_rejected_with_retry_after_in_the_info(tmp_path, file_cas):
-    emulator = Emulator(tmp_path / "home", throttle=1)
+    emulator = start(tmp_path / "home", throttle=1)
     try:
-        emulator.service("PUT", "/certificates/root", {"properties": {"certificate": _pem(file_cas.root.cert),
-                                                                      "isVerified": True}})
-        emulator.group("all", file_cas.root.cert)
+        emulator.admin.upload_ca("root", file_cas.root.cert_pem, verified=True)
+        emulator.admin.create_group("all", cert_pem=file_cas.root.cert_pem)
         leaf = file_cas.root.issue_leaf("amqp-throttled")
         connection = device(emulator, tmp_path, leaf, file_cas.root)
         try:
-            address = emulator.address("amqp-throttled")
+            address = link_address(emulator, "amqp-throttled")
             receiver = connection.create_receiver(address)
             sender = connection.create_sender(address)
             throttled = sender.send(register_message("amqp-throttled", "t-1"), error_states=[])
@@ -361,7 +333,7 @@ def test_throttled_register_is_rejected_with_retry_after_in_the_info(tmp_path, f
         finally:
             connection.close()
     finally:
-        emulator.server.close()
+        emulator.stop()
     condition = throttled.remote.condition
     assert throttled.remote_state == Delivery.REJECTED
     assert condition.name == "com.microsoft:device-container-throttled"
@@ -490,7 +462,7 @@ def test_amqp_over_websockets_on_the_device_port(emulator, tmp_path, file_cas):
         assert relay.accepted.subprotocol == "AMQPWSB10"
         connection = BlockingConnection(f"amqp://127.0.0.1:{relay.port}", sasl_enabled=False, timeout=10)
         try:
-            replies, body = provision(connection, emulator.address(registration_id), registration_id)
+            replies, body = provision(connection, link_address(emulator, registration_id), registration_id)
         finally:
             connection.close()
     finally:
@@ -516,13 +488,13 @@ def test_a_device_insisting_on_sasl_external_gets_a_clean_refusal(emulator, tmp_
 def test_an_idle_connection_is_closed_with_an_amqp_error(tmp_path, file_cas):
     from proton.utils import ConnectionClosed
 
-    emulator = Emulator(tmp_path / "home", limits=Limits(request_timeout=1.0, idle_timeout=1.0))
+    emulator = start(tmp_path / "home", limits=Limits(request_timeout=1.0, idle_timeout=1.0))
     try:
         leaf = file_cas.root.issue_leaf("amqp-idle")
         connection = device(emulator, tmp_path, leaf, file_cas.root)
         time.sleep(2.5)
         with pytest.raises(ConnectionClosed) as closed:
-            connection.create_sender(emulator.address("amqp-idle"))
+            connection.create_sender(link_address(emulator, "amqp-idle"))
         assert closed.value.connection.remote_condition.name == "amqp:resource-limit-exceeded"
     finally:
-        emulator.server.close()
+        emulator.stop()

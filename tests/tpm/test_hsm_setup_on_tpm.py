@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
 from pkcs11.util.ec import encode_named_curve_parameters
 
+from device_sim.testing import Emulator
 from hsm_setup import keys, tokens
 from device_sim.common.errors import UserError
 from hsm_setup.key_types import KEY_TYPES, KeySpec, key_spec
@@ -148,14 +149,7 @@ def test_registration_through_the_emulator_with_tpm_keys(tpm_home, tmp_path):
         assert not check or done.returncode == 0, done.stderr
         return done
 
-    log = open(tmp_path / "stub.log", "wb")
-    server = subprocess.Popen([str(BIN / "device-sim"), "stub", "serve", "--home", str(h.home),
-                               "--port", "0", "--no-mqtt", "--no-amqp"],
-                              env=env, stdout=subprocess.PIPE, stderr=log, text=True)
-    try:
-        ready = server.stdout.readline()
-        assert ready, (tmp_path / "stub.log").read_text()
-        json.loads(ready)
+    with Emulator.spawn(h.home, "--no-mqtt", "--no-amqp", env=env):
         root_pem = h.home / "pki/ca/tpm-demo-root/cert.pem"
         device_sim("stub", "ca", "upload", "tpm-demo-root", root_pem)
         code = device_sim("stub", "ca", "code", "tpm-demo-root").stdout.strip()
@@ -171,12 +165,3 @@ def test_registration_through_the_emulator_with_tpm_keys(tpm_home, tmp_path):
                                 check=False)
         assert registered.returncode == 0, registered.stderr
         assert json.loads(registered.stdout)["status"] == "assigned"
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
-        server.stdout.close()
-        log.close()

@@ -15,6 +15,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
 from device_sim.common.x509util import load_certificate_file
+from device_sim.testing import Emulator
 
 BIN = Path(sys.executable).parent
 READ_BACK = """
@@ -49,12 +50,7 @@ def test_issue_cert_to_a_tpm_device(tpm_home, tmp_path):
         assert not check or done.returncode == 0, done.stderr
         return done
 
-    log = open(tmp_path / "stub.log", "wb")
-    server = subprocess.Popen([str(BIN / "device-sim"), "stub", "serve", "--home", str(h.home),
-                               "--port", "0", "--no-mqtt", "--no-amqp", "--retry-after", "0"],
-                              env=env, stdout=subprocess.PIPE, stderr=log, text=True)
-    try:
-        assert server.stdout.readline(), (tmp_path / "stub.log").read_text()
+    with Emulator.spawn(h.home, "--no-mqtt", "--no-amqp", "--retry-after", "0", env=env):
         device_sim("stub", "ca", "upload", "--verified", "tpm-iss-root", h.home / "pki/ca/tpm-iss-root/cert.pem")
         device_sim("stub", "group", "create", "tpm-iss", "--ca-ref", "tpm-iss-root", "--credential-policy", "default")
         done = device_sim("register", "tpm-iss-dev", "--emulator", "--issue-cert", "--json", "--timeout", "90",
@@ -62,11 +58,6 @@ def test_issue_cert_to_a_tpm_device(tpm_home, tmp_path):
         assert done.returncode == 0, done.stderr
         issued = json.loads(done.stdout)["issued_certificate"]
         assert issued["subject"] == "CN=tpm-iss-dev" and issued["chain_length"] == 3
-    finally:
-        server.terminate()
-        server.wait(timeout=15)
-        server.stdout.close()
-        log.close()
 
     # tpm2-pkcs11 reads a token's objects once per C_Initialize: objects the register process
     # made are read back by a process of their own.
