@@ -63,8 +63,9 @@ def cmd_run_distributed(args) -> int:
                                       "workers": {n: t.as_dict() for n, t in run.workers.items()},
                                       "devices": run.records})
     if args.plot:
-        plot.write_plot(Path(args.plot), run.report.devices,
-                        f"device-sim fleet: {len(run.records)} devices on {len(run.workers)} workers")
+        plot.write_plot(Path(args.plot), run.records,  # the records name their worker
+                        f"device-sim fleet: {len(run.records)} devices on {len(run.workers)} workers",
+                        summary)
     if run.interrupted:
         return EXIT_INTERRUPTED
     return EXIT_OK if run.all_assigned else EXIT_SOME_NOT_ASSIGNED

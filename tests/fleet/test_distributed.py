@@ -159,7 +159,7 @@ def test_run_merges_the_records_of_both_workers(world, created, tmp_path):
     assert data["summary"]["outcomes"] == {"assigned": 20}
     assert {n: w["outcomes"] for n, w in data["workers"].items()} == \
         {"w1": {"assigned": 10}, "w2": {"assigned": 10}}
-    assert plot.read_text().count("<svg") == 2
+    assert "w1" in plot.read_text() and "w2" in plot.read_text()
 
 
 def test_options_of_the_coordinators_machine_are_refused(world):
