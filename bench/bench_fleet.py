@@ -11,6 +11,11 @@ Retry-After 0), prints:
 
     .venv/bin/python bench/bench_fleet.py [--count 1000] [--concurrency 64] [--per-token 25]
     .venv/bin/python bench/bench_fleet.py --count 10000            # the 10,000-device run
+
+The fleet process's peak RSS is its own VmHWM (sampled from /proc while it runs); the
+figure with its children adds the short-lived child that looks up slot ids. `--keep DIR`
+keeps the state directory: a second run with the same DIR registers the same devices
+again (the `fleet create` figure is the one saved by the run that made them).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -66,17 +72,42 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def fleet_run(env, concurrency: int, report: Path) -> tuple[dict, float, float, float]:
-    """(report, wall seconds, peak RSS MiB, CPU seconds of the fleet process)."""
+def fleet_run(env, concurrency: int, count: int, report: Path) -> tuple[dict, float, float, float, float]:
+    """(report, wall seconds, peak RSS MiB of the fleet process alone, peak RSS MiB of it and
+    its children (the token-slot child), CPU seconds of the fleet process)."""
     started = time.perf_counter()
     process = subprocess.Popen(
         [sys.executable, "-m", "device_sim.cli", "fleet", "run", "--emulator", "--concurrency", str(concurrency),
-         "--no-progress", "--json", str(report)], cwd=ROOT, env=env, stdout=subprocess.DEVNULL)
+         "--prefix", "bench-", "--limit", str(count), "--no-progress", "--json", str(report)],
+        cwd=ROOT, env=env, stdout=subprocess.DEVNULL)
+    own_peak = [float("nan")]
+    watcher = threading.Thread(target=_watch_peak, args=(process.pid, own_peak), daemon=True)
+    watcher.start()
     _, status, usage = os.wait4(process.pid, 0)
     wall = time.perf_counter() - started
+    watcher.join()
     if os.waitstatus_to_exitcode(status) not in (0, 1):
         sys.exit(f"fleet run failed with exit {os.waitstatus_to_exitcode(status)}")
-    return json.loads(report.read_text()), wall, usage.ru_maxrss / 1024, usage.ru_utime + usage.ru_stime
+    return (json.loads(report.read_text()), wall, own_peak[0], usage.ru_maxrss / 1024,
+            usage.ru_utime + usage.ru_stime)
+
+
+def _watch_peak(pid: int, peak: list) -> None:
+    """VmHWM of the process itself (wait4's ru_maxrss also covers its children), read until it ends."""
+    while True:
+        try:
+            value = peak_rss_mib(pid)
+        except (OSError, ValueError):
+            return
+        if value == value:  # a process that ended (a zombie) has no VmHWM: keep the last figure
+            peak[0] = value
+        time.sleep(0.1)
+
+
+def created_before(home: Path) -> dict | None:
+    """The `fleet create` figures of a kept state directory, when they were saved."""
+    path = home / "create.json"
+    return json.loads(path.read_text()) if path.exists() else None
 
 
 def raw_handshake_rate(ready: dict, work: Path, clients: int, seconds: float) -> float:
@@ -131,9 +162,11 @@ def main() -> int:
 
     total_started = time.perf_counter()
     if (home / "pki" / "devices.sqlite").exists():  # --keep DIR of an earlier run: register again
-        create_s = float("nan")
+        before = created_before(home)
+        create_s = before["seconds"] if before and before["count"] == args.count else float("nan")
     else:
         create_s = create_fleet(env, args.count, args.per_token, args.jobs)
+        (home / "create.json").write_text(json.dumps({"count": args.count, "seconds": create_s, "jobs": args.jobs}))
     running = Emulator.spawn(home, "--retry-after", "0", "--assignment-delay", "0", "--no-mqtt",
                              "--max-connections", "1024", env=env)
     emulator, ready = running.process, running.ready
@@ -141,7 +174,8 @@ def main() -> int:
         cli(env, "device_sim.cli", "stub", "ca", "upload", "root", home / "pki" / "ca" / "root" / "cert.pem", "--verified")
         cli(env, "device_sim.cli", "stub", "group", "create", "bench", "--ca-ref", "root")
         emulator_cpu = cpu_seconds(emulator.pid)
-        report, run_wall, fleet_rss, fleet_cpu = fleet_run(env, args.concurrency, work / "report.json")
+        report, run_wall, fleet_rss, with_children_rss, fleet_cpu = fleet_run(
+            env, args.concurrency, args.count, work / "report.json")
         emulator_cpu = cpu_seconds(emulator.pid) - emulator_cpu
         total_s = time.perf_counter() - total_started
         emulator_rss = peak_rss_mib(emulator.pid)
@@ -154,10 +188,11 @@ def main() -> int:
     rate = summary["registrations_per_s"]
     total = summary["latency_ms"]["total_ms"]
     from hsm_setup import devices as registry  # after the run: the registry tells the real shard size
-    per_token = args.count / max(1, len(registry.count_by_token(home)))
+    per_token = args.count / max(1, len(registry.count_by_token(home, prefix="bench-", limit=args.count)))
     print(f"devices {args.count}, concurrency {args.concurrency}, {per_token:.0f} per shard token, "
           f"{os.cpu_count()} cores")
-    print(f"fleet create: {create_s:.1f} s ({args.count / create_s:.1f} identities/s, {args.jobs} jobs)")
+    print(f"fleet create: {create_s:.1f} s ({args.count / create_s:.1f} identities/s, {args.jobs} jobs)"
+          + (" (made by an earlier run of this --keep DIR)" if args.keep else ""))
     print(f"fleet run:    {rate} registrations/s over {summary['wall_s']} s "
           f"(process wall {run_wall:.1f} s incl. start-up)")
     print("  latency ms  " + "  ".join(f"{k:>7}" for k in ("p50", "p90", "p99", "max")))
@@ -171,7 +206,9 @@ def main() -> int:
     print(f"  SoftHSM ECDSA P-256 signs/s (handle known): {signs:.0f} -> fleet/raw = {rate / signs:.3f}")
     print(f"CPU per registration: fleet process {fleet_cpu / args.count * 1000:.2f} ms "
           f"(incl. start-up), emulator {emulator_cpu / args.count * 1000:.2f} ms")
-    print(f"peak RSS: fleet process {fleet_rss:.0f} MiB, emulator {emulator_rss:.0f} MiB")
+    print(f"peak RSS: fleet process {fleet_rss:.0f} MiB ({with_children_rss:.0f} MiB with its token-slot child), "
+          f"emulator {emulator_rss:.0f} MiB")
+    print(f"throughput: {summary['throughput']['explanation']}")
     print(f"end to end (create + serve + register): {total_s:.1f} s")
     print(f"targets: >= 300 registrations/s: {'met' if rate >= 300 else 'NOT met'}; "
           f"p99 total <= 1000 ms: {'met' if total['p99'] <= 1000 else 'NOT met'}; "

@@ -5,12 +5,18 @@ Prints, from one run against one `device-sim stub serve` process:
   2. full X.509 registrations/s (mTLS handshake + PUT register + GET poll until assigned,
      through an enrollment group on a verified root) with the same C clients;
   3. their ratio (how much of the handshake budget the HTTP layer and the core leave);
-  4. what TCP_QUICKACK buys: sequential awscrt TLS 1.2 mTLS handshakes with it on and off.
+  4. what TCP_QUICKACK buys: sequential awscrt TLS 1.2 mTLS handshakes with it on and off;
+  5. commits/s of the store alone (`Store.save_registration`, what one registration
+     writes), from 1, 2 and 4 processes at once: the ceiling no number of
+     `stub serve --workers` raises (SQLite has one writer; docs/scaling.md).
+
+With `--workers 1,2` phases 1-3 run once per worker count, each against its own
+`stub serve --workers N`, so the comparison and its raw limits come from the same run.
 
 Clients are Python threads with `ssl` + `http.client` and file keys (TLS 1.2, as DPS).
 Both ends share this machine's cores, so the figures are a floor, not a server ceiling.
 
-    .venv/bin/python bench/bench_stub.py [--clients 64] [--seconds 8]
+    .venv/bin/python bench/bench_stub.py [--clients 64] [--seconds 8] [--workers 1,2]
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import http.client
 import json
 import os
 import socket
+import subprocess
 import ssl
 import sys
 import tempfile
@@ -27,6 +34,7 @@ import threading
 import time
 from pathlib import Path
 
+from device_sim.stub.core.store import OperationRow, RegistrationRow, Store
 from device_sim.testing import Emulator, TestCA
 from device_sim.stub.net.listener import TlsListener
 from device_sim.stub.net.server_pki import ensure_server_identity
@@ -138,11 +146,95 @@ def quickack_effect(ca_dir: Path, chain: Path, key: Path, rounds: int = 30) -> d
     return rates
 
 
+def emulator_cpu(emulator: Emulator) -> float:
+    """CPU seconds of the emulator: the `stub serve` process and its workers."""
+    pids = [emulator.process.pid, *emulator.ready.get("worker_pids", [])]
+    return sum(cpu_seconds(pid) for pid in pids)
+
+
+def bench_workers(workers: int, args, tmp_path: Path, root: TestCA, identities) -> tuple[float, float]:
+    """Phases 1-3 against `stub serve --workers N`: (handshakes/s, registrations/s)."""
+    emulator = Emulator.spawn(tmp_path / f"home-{workers}", "--retry-after", "0", "--assignment-delay", "0",
+                              "--no-mqtt", "--no-dashboard", "--workers", str(workers))
+    ready = emulator.ready
+    try:
+        port = emulator.device_port
+        emulator.admin.upload_ca("bench-root", root.cert_pem, verified=True)
+        emulator.admin.create_group("bench-group", ca_ref="bench-root")
+        contexts = [client_context(ready["ca_cert"], chain, key) for chain, key in identities]
+        register_once(port, contexts[0], ready["id_scope"], "bench-dev-0")  # warm-up + sanity check
+        print(f"stub serve --workers {workers}:", flush=True)
+        cpu, mine = emulator_cpu(emulator), cpu_seconds(os.getpid())
+        ok, failed, elapsed = run_clients(args.clients, args.seconds, lambda i: handshake_once(port, contexts[i]))
+        handshakes = ok / elapsed
+        used, cpu = emulator_cpu(emulator) - cpu, emulator_cpu(emulator)
+        client, mine = cpu_seconds(os.getpid()) - mine, cpu_seconds(os.getpid())
+        print(f"  raw mTLS handshakes:   {handshakes:8.1f} /s  ({ok} ok, {failed} failed; server CPU "
+              f"{1000 * used / max(ok, 1):.2f} ms each, bench clients {1000 * client / max(ok, 1):.2f} ms)",
+              flush=True)
+        ok, failed, elapsed = run_clients(
+            args.clients, args.seconds,
+            lambda i: register_once(port, contexts[i], ready["id_scope"], f"bench-dev-{i}"))
+        registrations = ok / elapsed
+        used, client = emulator_cpu(emulator) - cpu, cpu_seconds(os.getpid()) - mine
+        print(f"  X.509 registrations:   {registrations:8.1f} /s  ({ok} ok, {failed} failed; server CPU "
+              f"{1000 * used / max(ok, 1):.2f} ms each, bench clients {1000 * client / max(ok, 1):.2f} ms)",
+              flush=True)
+        print(f"  ratio registrations/handshakes: {registrations / handshakes:.2f}", flush=True)
+    finally:
+        emulator.stop()
+    return handshakes, registrations
+
+
+def store_commits(path: Path, count: int, name: str = "s") -> tuple[float, float]:
+    """Save `count` registrations through one Store (one commit each); (start, end) wall time."""
+    store = Store(path)
+    try:
+        started = time.time()
+        for i in range(count):
+            rid = f"{name}-{i % 1000}"
+            store.save_registration(
+                RegistrationRow(rid, None, {"registrationId": rid, "status": "assigned",
+                                            "assignedHub": "stub-hub-1.azure-devices.net"}, {"leaf": "ab" * 32}),
+                OperationRow(f"op-{name}-{i}", rid, "ab" * 32, 0.0, {"status": "assigned"}))
+        return started, time.time()
+    finally:
+        store.close()
+
+
+def store_ceiling(tmp_path: Path, processes: int, count: int = 3000) -> float:
+    """Commits/s of one store file written by `processes` processes at once (from the
+    first commit to the last, interpreter start-up left out)."""
+    path = tmp_path / f"store-{processes}.db"
+    Store(path).close()
+    code = ("import sys; from pathlib import Path; sys.path.insert(0, sys.argv[3]);"
+            "from bench_stub import store_commits;"
+            "print(*store_commits(Path(sys.argv[1]), int(sys.argv[2]), sys.argv[4]))")
+    here = str(Path(__file__).parent)
+    writers = [subprocess.Popen([sys.executable, "-c", code, str(path), str(count), here, f"w{index}"],
+                                stdout=subprocess.PIPE, text=True) for index in range(processes)]
+    spans = [tuple(map(float, writer.communicate(timeout=300)[0].split())) for writer in writers]
+    # Writers start at different moments: count only the span in which all of them ran.
+    overlap = min(end for _, end in spans) - max(start for start, _ in spans)
+    if overlap <= 0:
+        return processes * count / (max(end for _, end in spans) - min(start for start, _ in spans))
+    inside = sum(count * overlap / (end - start) for start, end in spans)
+    return inside / overlap
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, default=64)
     parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--workers", default="1", metavar="N[,N...]",
+                        help="stub serve --workers counts to measure, e.g. 1,2 (default 1)")
     args = parser.parse_args()
+    try:
+        counts = [int(n) for n in args.workers.split(",")]
+    except ValueError:
+        parser.error(f"--workers {args.workers}: give whole numbers separated by commas, e.g. 1,2")
+    if any(n < 1 for n in counts):
+        parser.error("--workers: every count must be at least 1")
 
     with tempfile.TemporaryDirectory(prefix="bench-stub-") as tmp:
         tmp_path = Path(tmp)
@@ -150,38 +242,24 @@ def main() -> int:
         line = root.issue_intermediate("bench-inter1").issue_intermediate("bench-inter2")
         identities = [line.issue_leaf(f"bench-dev-{i}").write(tmp_path / "devices", f"bench-dev-{i}")
                       for i in range(args.clients)]
-        emulator = Emulator.spawn(tmp_path / "home", "--retry-after", "0", "--assignment-delay", "0", "--no-mqtt")
-        process, ready = emulator.process, emulator.ready
-        try:
-            port = emulator.device_port
-            emulator.admin.upload_ca("bench-root", root.cert_pem, verified=True)
-            emulator.admin.create_group("bench-group", ca_ref="bench-root")
-            contexts = [client_context(ready["ca_cert"], chain, key) for chain, key in identities]
-
-            register_once(port, contexts[0], ready["id_scope"], "bench-dev-0")  # warm-up + sanity check
-            print(f"stub bench: {args.clients} concurrent mTLS clients, {args.seconds:.0f} s per phase, "
-                  "TLS 1.2, EC P-256 file keys, client and server on this machine", flush=True)
-            cpu = cpu_seconds(process.pid)
-            ok, failed, elapsed = run_clients(args.clients, args.seconds,
-                                              lambda i: handshake_once(port, contexts[i]))
-            handshakes = ok / elapsed
-            cpu, used = cpu_seconds(process.pid), cpu_seconds(process.pid) - cpu
-            print(f"  raw mTLS handshakes:   {handshakes:8.1f} /s  ({ok} ok, {failed} failed; "
-                  f"server CPU {1000 * used / max(ok, 1):.2f} ms each)", flush=True)
-            ok, failed, elapsed = run_clients(
-                args.clients, args.seconds,
-                lambda i: register_once(port, contexts[i], ready["id_scope"], f"bench-dev-{i}"))
-            registrations = ok / elapsed
-            used = cpu_seconds(process.pid) - cpu
-            print(f"  X.509 registrations:   {registrations:8.1f} /s  ({ok} ok, {failed} failed; "
-                  f"server CPU {1000 * used / max(ok, 1):.2f} ms each)", flush=True)
-            print(f"  ratio registrations/handshakes: {registrations / handshakes:.2f}", flush=True)
-        finally:
-            emulator.stop()
+        print(f"stub bench: {args.clients} concurrent mTLS clients, {args.seconds:.0f} s per phase, "
+              f"TLS 1.2, EC P-256 file keys, client and server on this machine ({os.cpu_count()} cores)",
+              flush=True)
+        results = {workers: bench_workers(workers, args, tmp_path, root, identities) for workers in counts}
+        if len(results) > 1:
+            base_handshakes, base_registrations = results[counts[0]]
+            for workers, (handshakes, registrations) in results.items():
+                print(f"  --workers {workers}: handshakes x{handshakes / base_handshakes:.2f}, "
+                      f"registrations x{registrations / base_registrations:.2f} "
+                      f"(against --workers {counts[0]})", flush=True)
         chain, key = identities[0]
         rates = quickack_effect(tmp_path / "qa-tls", chain, key)
         print(f"  awscrt sequential TLS 1.2 mTLS handshakes: {rates[True]:.1f} /s with TCP_QUICKACK, "
               f"{rates[False]:.1f} /s without (x{rates[True] / rates[False]:.1f})", flush=True)
+        ceilings = {processes: store_ceiling(tmp_path, processes) for processes in (1, 2, 4)}
+        print("  store alone (SQLite WAL, synchronous=NORMAL; one registration = one commit): "
+              + ", ".join(f"{rate:.0f} commits/s from {processes} process{'es' if processes > 1 else ''}"
+                          for processes, rate in ceilings.items()), flush=True)
     return 0
 
 

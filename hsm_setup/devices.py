@@ -4,7 +4,8 @@
 case-insensitively); <home>/pki/devices/<id>.pem is the leaf certificate and
 <id>.chain.pem the leaf followed by its CA chain up to the root. Readers (device
 side, fleet runs) get the key's CKA_ID and certificates without any label search
-on a token; `list_devices` reads 10,000 rows in well under a second.
+on a token; `list_devices` reads 10,000 rows in well under a second, and `iter_devices`
+and `tokens_of` let a fleet run read any number of them in constant memory.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import sqlite3
 from pathlib import Path
+from typing import Iterator
 
 from cryptography import x509
 
@@ -136,10 +138,53 @@ def lookup_device(home: Path, registration_id: str) -> DeviceRecord:
 def list_devices(home: Path, *, token_label: str | None = None,
                  prefix: str | None = None) -> list[DeviceRecord]:
     """All registered devices (optionally of one token / with an ID prefix), by ID."""
-    conn = connect(home)
-    if conn is None:
-        return []
-    query = f"SELECT {', '.join(_COLUMNS)} FROM devices"
+    return list(iter_devices(home, token_label=token_label, prefix=prefix))
+
+
+def iter_devices(home: Path, *, token_label: str | None = None, prefix: str | None = None,
+                 limit: int | None = None, page: int = 100) -> Iterator[DeviceRecord]:
+    """The same records as `list_devices`, read `page` rows at a time (keyset paging on the
+    ID index: each page costs the same however far into the registry it is), at most `limit`."""
+    where, params = _filters(token_label, prefix)
+    chains: dict[str, tuple[bytes, ...]] = {}
+    last, left = None, limit
+    while left is None or left > 0:
+        size = page if left is None else min(page, left)
+        clauses = where + (["registration_id > ?"] if last is not None else [])
+        query = f"SELECT {', '.join(_COLUMNS)} FROM devices"
+        if clauses:
+            query += " WHERE " + " AND ".join(clauses)
+        rows = _read(home, query + " ORDER BY registration_id LIMIT ?",
+                     [*params, *([last] if last is not None else []), size])
+        for row in rows:
+            yield _record(home, row, chains)
+        if len(rows) < size:
+            return
+        last = rows[-1][0]
+        left = None if left is None else left - len(rows)
+
+
+def count_by_token(home: Path, *, prefix: str | None = None, limit: int | None = None) -> dict[str, int]:
+    """Devices per token label (of the first `limit` by ID with `prefix`, when given)."""
+    return {label: count for label, (count, _) in tokens_of(home, prefix=prefix, limit=limit).items()}
+
+
+def tokens_of(home: Path, *, prefix: str | None = None, limit: int | None = None) -> dict[str, tuple[int, str]]:
+    """Token label -> (devices, first registration ID) over the devices `iter_devices`
+    would give for `prefix` and `limit`: one count query, no rows read into memory."""
+    where, params = _filters(None, prefix)
+    inner = "SELECT token_label, registration_id FROM devices"
+    if where:
+        inner += " WHERE " + " AND ".join(where)
+    if limit is not None:
+        inner += " ORDER BY registration_id LIMIT ?"
+        params = [*params, limit]
+    rows = _read(home, f"SELECT token_label, COUNT(*), MIN(registration_id) FROM ({inner}) "
+                       "GROUP BY token_label ORDER BY MIN(registration_id)", params)
+    return {label: (count, first) for label, count, first in rows}
+
+
+def _filters(token_label: str | None, prefix: str | None) -> tuple[list[str], list]:
     where, params = [], []
     if token_label is not None:
         where.append("token_label = ?")
@@ -147,23 +192,18 @@ def list_devices(home: Path, *, token_label: str | None = None,
     if prefix:
         where.append("registration_id LIKE ? ESCAPE '\\'")
         params.append(prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%")
-    if where:
-        query += " WHERE " + " AND ".join(where)
-    with conn:
-        rows = conn.execute(query + " ORDER BY registration_id", params).fetchall()
-    conn.close()
-    chains: dict[str, tuple[bytes, ...]] = {}
-    return [_record(home, row, chains) for row in rows]
+    return where, params
 
 
-def count_by_token(home: Path) -> dict[str, int]:
+def _read(home: Path, query: str, params) -> list:
     conn = connect(home)
     if conn is None:
-        return {}
-    with conn:
-        rows = conn.execute("SELECT token_label, COUNT(*) FROM devices GROUP BY token_label").fetchall()
-    conn.close()
-    return dict(rows)
+        return []
+    try:
+        with conn:
+            return conn.execute(query, params).fetchall()
+    finally:
+        conn.close()
 
 
 def existing(home: Path, registration_ids: list[str]) -> dict[str, tuple[str, str, str]]:

@@ -77,13 +77,13 @@ def plan_shards(ids: list[str], *, per_token: int, token_prefix: str,
     """Assign IDs to shard tokens (pure): fill existing shards, then new ones, in order."""
     if per_token < 1:
         raise UserError("--per-token must be at least 1")
-    plan, rest, n = [], list(ids), 1
-    while rest:
+    plan, taken, n = [], 0, 1
+    while taken < len(ids):  # an index, not a shrinking copy: O(1) per identity at any count
         label = shard_label(token_prefix, n)
         room = per_token - filled.get(label, 0)
         if room > 0:
-            plan.append((label, rest[:room]))
-            rest = rest[room:]
+            plan.append((label, ids[taken:taken + room]))
+            taken += room
         n += 1
     return plan
 

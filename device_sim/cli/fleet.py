@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import threading
+from datetime import datetime, timezone
 from pathlib import Path
 
 from tqdm import tqdm
@@ -15,17 +15,19 @@ from device_sim.cli import register as register_cli
 from device_sim.cli.options import add_home_argument
 from device_sim.common.errors import (EXIT_INTERRUPTED, EXIT_OK, EXIT_SOME_NOT_ASSIGNED, EXIT_USAGE,
                                       UserError)
-from device_sim.common.files import write_atomic
 from device_sim.common.home import ensure_home
 from device_sim.device import chain_builder
 from device_sim.device import registration as reg
 from device_sim.fleet import identities, plot
+from device_sim.fleet.records import RunLog, read_records, write_json_report
 from device_sim.fleet.report import render_text
 from device_sim.fleet.runner import FleetSettings, run_fleet
 from hsm_setup import module, pins
 
 DEFAULT_CONCURRENCY = 64
 DEFAULT_TIMEOUT = 60.0
+RUNS_DIR = "fleet-runs"  # under the state directory: records of runs without --json / --records
+LATEST = "latest.jsonl"
 
 
 def add_subparser(subparsers) -> None:
@@ -52,6 +54,8 @@ def add_subparser(subparsers) -> None:
                      help=f"registrations in flight at once (default {DEFAULT_CONCURRENCY})")
     run.add_argument("--rate", type=float, metavar="PER_S",
                      help="arrival rate: start at most this many devices per second (default: no limit)")
+    run.add_argument("--ramp", type=float, metavar="SECONDS",
+                     help="with --rate: arrivals grow linearly from 0 to --rate over SECONDS, then stay at --rate")
     run.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="S",
                      help=f"deadline per device in seconds, retries and polls included (default {DEFAULT_TIMEOUT:g})")
     run.add_argument("--module", metavar="PATH", help="PKCS#11 module (default: $PKCS11_MODULE, else SoftHSM)")
@@ -63,7 +67,12 @@ def add_subparser(subparsers) -> None:
     register_cli.add_target_arguments(run)
     run.add_argument("--event-loop-threads", type=int, metavar="N",
                      help="awscrt event-loop threads doing TLS and I/O (default: one per core)")
-    run.add_argument("--json", metavar="FILE", help="write the full report (summary + one record per device) here")
+    run.add_argument("--json", metavar="FILE",
+                     help="write the full report here (settings, summary, every failed device, every record)")
+    run.add_argument("--records", metavar="FILE",
+                     help="JSON Lines file of per-device records, written as devices finish (default: FILE.jsonl "
+                          f"beside --json, else <home>/{RUNS_DIR}/<UTC time>.jsonl with {RUNS_DIR}/{LATEST} "
+                          "naming the newest)")
     run.add_argument("--plot", metavar="FILE",
                      help="draw throughput, latency and outcomes over time (.png, .svg, .pdf or .html)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -80,41 +89,73 @@ def cmd_run(args) -> int:
     _check_numbers(args)
     threads = {} if args.event_loop_threads is None else {"event_loop_threads": args.event_loop_threads}
     settings = FleetSettings(concurrency=args.concurrency, timeout=args.timeout, rate=args.rate,
-                             **threads)  # checks its numbers
+                             ramp=args.ramp, **threads)  # checks its numbers
     home = ensure_home(args.home)
     target = register_cli.resolve_target(args, home)
     check_outputs(args)
-    records = identities.select_records(home, prefix=args.prefix, list_file=args.devices, limit=args.limit)
+    selection = identities.Selection(home, prefix=args.prefix, list_file=args.devices, limit=args.limit)
     module_path = module.resolve_module(args.module, home)
     pin = pins.resolve_pin(args.pin_file)
     slots = identities.token_slots(module_path, home)
-    devices = identities.fleet_devices(records, home=home, module_path=module_path, pin=pin, slots=slots,
-                                       chain_to=args.chain_to, chain_files=args.chain_file)
+    devices = identities.stream_devices(selection, home=home, module_path=module_path, pin=pin, slots=slots,
+                                        chain_to=args.chain_to, chain_files=args.chain_file)
     if target.trust_file:
         fast_trust_defaults(target.trust_file)
-    report = _run_with_progress(devices, target, settings, args.no_progress)
+    records_path = records_file(args, home)
+    with RunLog(records_path) as log:
+        report = _run_with_progress(devices, target, settings, args.no_progress, log)
     report.settings = {
-        "devices": len(devices), "concurrency": args.concurrency, "rate": args.rate, "timeout": args.timeout,
-        "transport": args.transport, "endpoint": f"{target.host}:{target.port}", "id_scope": target.id_scope,
-        "event_loop_threads": settings.event_loop_threads,
+        "devices": len(selection), "concurrency": args.concurrency, "rate": args.rate, "ramp": args.ramp,
+        "timeout": args.timeout, "transport": args.transport, "endpoint": f"{target.host}:{target.port}",
+        "id_scope": target.id_scope, "event_loop_threads": settings.event_loop_threads,
+        "records": str(records_path),
     }
     summary = report.summary()
     print(render_text(summary))
+    print(f"records: {records_path}")
     if args.json:
-        _write_json(Path(args.json), report.to_dict())
+        write_json_report(Path(args.json), log, settings=report.settings, summary=summary)
     if args.plot:
-        plot.write_plot(Path(args.plot), report.devices,
-                        f"device-sim fleet: {len(devices)} devices, concurrency {args.concurrency}")
+        title = f"device-sim fleet: {len(selection)} devices, concurrency {args.concurrency}"
+        plot.write_plot(Path(args.plot), read_records(records_path), title, summary)  # streamed from the file
     if report.interrupted:
         return EXIT_INTERRUPTED
-    return EXIT_OK if summary["outcomes"].get(reg.ASSIGNED, 0) == len(devices) else EXIT_SOME_NOT_ASSIGNED
+    return EXIT_OK if summary["outcomes"].get(reg.ASSIGNED, 0) == len(selection) else EXIT_SOME_NOT_ASSIGNED
+
+
+def records_file(args, home: Path) -> Path:
+    """Where the per-device records go: --records; else beside --json (.jsonl); else a new
+    file under <home>/fleet-runs/, with fleet-runs/latest.jsonl pointing at it."""
+    if args.records:
+        return Path(args.records)
+    if args.json:
+        json_path = Path(args.json)
+        beside = json_path.with_suffix(".jsonl")
+        return beside if beside != json_path else json_path.with_name(json_path.name + ".records.jsonl")
+    runs = Path(home) / RUNS_DIR
+    runs.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    path = runs / f"{stamp}.jsonl"
+    n = 1
+    while path.exists():  # two runs in one second
+        n += 1
+        path = runs / f"{stamp}-{n}.jsonl"
+    path.touch()
+    latest = runs / LATEST
+    tmp = runs / f".{LATEST}.{os.getpid()}"
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(path.name)
+    tmp.replace(latest)
+    return path
 
 
 def check_outputs(args) -> None:
-    """--json and --plot can be written (checked before any device starts)."""
-    for option, path in (("--json", args.json), ("--plot", args.plot)):
+    """--json, --plot and --records can be written (checked before any device starts)."""
+    for option, path in (("--json", args.json), ("--plot", args.plot), ("--records", args.records)):
         if path and not Path(path).resolve().parent.is_dir():
             raise UserError(f"{option} {path}: the folder does not exist")
+    if args.records and args.json and Path(args.records).resolve() == Path(args.json).resolve():
+        raise UserError(f"--records {args.records}: the same file as --json; name another")
     if args.plot:
         plot.check_format(Path(args.plot))
 
@@ -124,7 +165,7 @@ def _check_numbers(args) -> None:
         raise UserError("--limit must be at least 1")
 
 
-def _run_with_progress(devices, target, settings, quiet: bool):
+def _run_with_progress(devices, target, settings, quiet: bool, log: RunLog):
     stop = threading.Event()
     bar = tqdm(total=len(devices), unit="dev", file=sys.stderr, disable=quiet, dynamic_ncols=True)
 
@@ -133,13 +174,9 @@ def _run_with_progress(devices, target, settings, quiet: bool):
         bar.set_postfix_str(", ".join(f"{k} {v}" for k, v in counts.most_common()), refresh=False)
 
     try:
-        return run_fleet(devices, target, settings, stop=stop, on_result=on_result)
+        return run_fleet(devices, target, settings, stop=stop, on_result=on_result, log=log)
     finally:
         bar.close()
-
-
-def _write_json(path: Path, document: dict) -> None:
-    write_atomic(path, json.dumps(document, indent=1) + "\n")  # a reader never sees half a report
 
 
 def fast_trust_defaults(trust_file: str) -> None:

@@ -17,7 +17,7 @@ from device_sim.fleet.report import render_text
 
 # Options naming things of the coordinator's machine, which the workers do not have.
 _RUN_LOCAL_ONLY = (("devices", "--devices"), ("limit", "--limit"), ("module", "--module"),
-                   ("pin_file", "--pin-file"), ("chain_file", "--chain-file"))
+                   ("pin_file", "--pin-file"), ("chain_file", "--chain-file"), ("records", "--records"))
 _WORKER_SIDE = ("each worker uses its own state directory ($DEVICE_SIM_HOME), module ($PKCS11_MODULE) "
                 "and PIN ($PKCS11_PIN) from the environment of its 'dask worker'")
 
@@ -34,7 +34,8 @@ def cmd_run_distributed(args) -> int:
     target = register_cli.resolve_target(args, home)
     check_outputs(args)
     job = distributed.child_job(prefix=args.prefix, chain_to=args.chain_to, target=target,
-                                settings={"concurrency": args.concurrency, "timeout": args.timeout, **threads})
+                                settings={"concurrency": args.concurrency, "timeout": args.timeout,
+                                          "ramp": args.ramp, **threads})
     bar = tqdm(unit="dev", file=sys.stderr, disable=args.no_progress, dynamic_ncols=True)
 
     def on_record(record, counts):

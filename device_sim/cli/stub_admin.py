@@ -264,10 +264,19 @@ def _status_text(status: dict) -> str:
     if status.get("faults"):
         lines.extend(_fault_lines(status["faults"]))
     for name, value in (status.get("server") or {}).items():
+        if name == "workers" and isinstance(value, list):
+            lines.extend(_worker_line(worker) for worker in value)
+            continue
         if name.endswith("Seconds") and isinstance(value, (int, float)):
             name, value = name.removesuffix("Seconds"), human_duration(value)
         lines.append(f"{name}\t{value}")
     return "\n".join(lines)
+
+
+def _worker_line(worker: dict) -> str:
+    """One line per `stub serve --workers` process: its pid and connections taken per port."""
+    connections = ", ".join(f"{port} {n}" for port, n in (worker.get("connections") or {}).items())
+    return f"worker {worker.get('index')}\tpid {worker.get('pid')}" + (f"\tconnections: {connections}" if connections else "")
 
 
 def _status(args) -> int:

@@ -16,6 +16,8 @@ from device_sim.stub.net import amqp, mqtt
 
 # --------------------------------------------------------------------------- serve
 
+MAX_WORKERS = 256
+
 
 def add_serve(verbs) -> None:
     parser = verbs.add_parser(
@@ -68,6 +70,9 @@ def add_serve(verbs) -> None:
                              "(signatures made in the token; PIN from ?pin-source= or $PKCS11_PIN)")
     parser.add_argument("--max-connections", type=int, default=512, metavar="N",
                         help="connections served at once per port; more wait in the backlog (default 512)")
+    parser.add_argument("--workers", type=int, default=1, metavar="N",
+                        help="emulator processes sharing the ports and the store, to use N cores "
+                             "(default 1: one process; docs/scaling.md)")
     parser.add_argument("--webhook-trust", type=Path, metavar="FILE",
                         help="CA certificates (PEM) to trust for https custom allocation webhooks "
                              "(default: the system's)")
@@ -96,7 +101,7 @@ def _parse_hubs(values):
 
 def run_serve(args) -> int:
     from device_sim.stub import server
-    from device_sim.stub.net.listener import Limits, ListenError
+    from device_sim.stub.net.listener import Limits
 
     home = ensure_home(args.home)
     for name, port in (("--port", args.port), ("--service-port", args.service_port)):
@@ -105,6 +110,9 @@ def run_serve(args) -> int:
     if args.max_connections < 1:
         raise UserError("--max-connections must be at least 1")
     _check_tls_options(args)
+    if not 1 <= args.workers <= MAX_WORKERS:
+        raise UserError(f"--workers {args.workers}: give 1..{MAX_WORKERS} emulator processes "
+                        "(1, the default, is one process)")
     if not 0 <= args.quota_units <= 10_000:
         raise UserError("--quota-units must be 0..10000 (0: no quotas)")
     _check_webhook_options(args)
@@ -122,16 +130,37 @@ def run_serve(args) -> int:
         webhook_trust=args.webhook_trust and args.webhook_trust.resolve(),
         webhook_timeout=args.webhook_timeout,
     )
-    factories = _front_end_factories(args)
-    dashboard_factory = _dashboard_factory(args)
+    if args.workers > 1:
+        return _serve_workers(args, options)
+    stub = server.StubServer(options, _factories(args))
+    stop = _stop_on_signals()
+    _start(stub, args)
+    print(json.dumps(stub.ready), flush=True)
+    stub.serve_until(stop)
+    return 0
+
+
+def _factories(args, ports: dict | None = None, dashboard: bool = True) -> list:
+    factories = _front_end_factories(args, ports or {})
+    dashboard_factory = _dashboard_factory(args) if dashboard else None
     if dashboard_factory is not None:
         factories.append(dashboard_factory)
-    stub = server.StubServer(options, factories)
+    return factories
+
+
+def _stop_on_signals() -> threading.Event:
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
+    return stop
+
+
+def _start(stub, args) -> dict:
+    """Start one emulator process; the failures a user can fix as one line."""
+    from device_sim.stub.net.listener import ListenError
+
     try:
-        ready = stub.start()
+        return stub.start()
     except ListenError as exc:
         raise UserError(_listen_error_text(exc)) from None
     except OSError as exc:
@@ -139,9 +168,33 @@ def run_serve(args) -> int:
     except ValueError as exc:  # the core refuses the configuration
         stub.close()
         raise UserError(f"bad emulator settings: {exc}") from None
+
+
+def _serve_workers(args, options) -> int:
+    """`--workers N`: the supervisor of stub/workers.py; worker 0 alone serves the dashboard."""
+    import dataclasses
+
+    from device_sim.stub import server
+    from device_sim.stub.net.log import log_stderr
+    from device_sim.stub.workers import Supervisor
+
+    def start_worker(index: int, ports: dict | None):
+        ports = ports or {}
+        worker_options = dataclasses.replace(
+            options, worker=index, workers=args.workers,
+            port=ports.get("device", options.port), service_port=ports.get("service", options.service_port),
+            limits=dataclasses.replace(options.limits, share_port="first" if index == 0 else "join"))
+        stub = server.StubServer(worker_options, _factories(args, ports, dashboard=index == 0),
+                                 log=lambda message: log_stderr(f"worker {index}: {message}"))
+        _start(stub, args)
+        return stub
+
+    _factories(args)  # a bad port option fails here, before any worker starts
+    supervisor = Supervisor(args.workers, start_worker, log_stderr)
+    stop = _stop_on_signals()
+    ready = supervisor.start()
     print(json.dumps(ready), flush=True)
-    stub.serve_until(stop)
-    return 0
+    return supervisor.serve_until(stop)
 
 
 def _read_fault_plan(path: Path | None):
@@ -219,13 +272,14 @@ def _add_front_end_arguments(parser) -> None:
         parser.add_argument(f"--no-{name}", action="store_true", help=f"do not serve {label}")
 
 
-def _front_end_factories(args) -> list:
-    """The `server.ListenerFactory` of each front end not turned off with --no-NAME."""
+def _front_end_factories(args, ports: dict | None = None) -> list:
+    """The `server.ListenerFactory` of each front end not turned off with --no-NAME;
+    `ports` (listener name -> port) overrides the options (the workers after the first)."""
     factories = []
     for name, _label, module in PORT_FRONT_ENDS:
         if getattr(args, f"no_{name}"):
             continue
-        port = getattr(args, f"{name}_port")
+        port = (ports or {}).get(name, getattr(args, f"{name}_port"))
         if not 0 <= port <= 65535:
             raise UserError(f"--{name}-port {port} is not a TCP port (0..65535)")
         factories.append(module.listener_factory(port))

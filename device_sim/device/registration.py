@@ -68,6 +68,7 @@ RESET = "reset"  # the peer reset the connection
 CONNECT_TIMEOUT = "connect_timeout"  # no connection or TLS session within the connect timeout
 TLS_EOF = "tls_eof"  # the peer closed the connection during the TLS handshake
 DROPPED = "dropped"  # the connection closed after the request, before its answer
+RESOLVE_FAILED = "resolve_failed"  # the resolver failed for now (not: the name does not exist)
 NO_ROUTE = "no_route"  # the name does not resolve, no route to the host
 TLS_REJECTED = "tls_rejected"  # the handshake failed for a stated reason (alert, untrusted peer)
 NO_ANSWER = "no_answer"  # the answer did not come within the time left
@@ -81,6 +82,7 @@ RETRIED_CONNECTION_CAUSES = {
     CONNECT_TIMEOUT: TIMEOUT,
     TLS_EOF: TLS_ERROR,
     DROPPED: PROTOCOL_ERROR,
+    RESOLVE_FAILED: UNREACHABLE,
 }
 # Connection failures that end the registration at once: retrying cannot change them.
 FINAL_CONNECTION_CAUSES = {

@@ -30,6 +30,8 @@ from __future__ import annotations
 import concurrent.futures
 import io as _io
 import re
+import socket
+import ssl
 import threading
 from dataclasses import dataclass, field
 from urllib.parse import quote
@@ -163,26 +165,36 @@ def classify(exc: BaseException, what: str, *, connecting: bool = False) -> Tran
     `connecting`: the error ended a connect + TLS handshake, not a request on an open
     connection. awscrt reports a peer that closes or resets the socket as
     AWS_IO_SOCKET_CLOSED in both phases: during the handshake that is a TLS EOF, after it a
-    dropped connection.
+    dropped connection. A reset that breaks a TLS read or write is a reset, not a TLS
+    refusal. AWS_IO_TLS_ERROR_NEGOTIATION_FAILURE is ambiguous (an alert, an untrusted
+    peer, or a reset before the first read): `tls_rejected` here, which a transport that
+    can ask the server again settles with `handshake_failure` (docs/device.md).
     """
     if isinstance(exc, concurrent.futures.TimeoutError):
         return TransportTimeout(f"no answer from the server while {what}")
     if isinstance(exc, TransportError):
         return exc
-    name = getattr(exc, "name", type(exc).__name__)
+    name = _crt_error(exc)[0] if isinstance(exc, RuntimeError) else None
+    name = name or getattr(exc, "name", type(exc).__name__)
     if "PKCS11" in name:  # the token could not sign the handshake: retrying cannot help
         # (checked first: CKR_SESSION_CLOSED is no socket closing)
         return TlsFailure(f"the token failed to sign the TLS handshake while {what}: {name} "
                           "(is it still there?)", reg.TLS_REJECTED)
     if "REFUSED" in name:
         return Unreachable(f"{what} failed: {name} (check --endpoint and the network)", reg.REFUSED)
-    if "RESET" in name:
+    if "RESET" in name or name in _BROKEN_TLS_IO:
         return Unreachable(f"the server reset the connection while {what}: {name}", reg.RESET)
-    if "CLOSED" in name:
-        if connecting:
+    if "CLOSED" in name or "HANGUP" in name:
+        if connecting and "HANGUP" not in name:
             return TlsFailure(f"the server closed the connection during the TLS handshake while {what}: {name}",
                               reg.TLS_EOF)
+        # MQTT's hang-up before CONNACK comes after the handshake: the CONNECT was dropped.
         return ProtocolFailure(f"the server closed the connection while {what}: {name}", reg.DROPPED)
+    if name == "AWS_IO_DNS_QUERY_FAILED":
+        # Not "no such name" (AWS_IO_DNS_INVALID_NAME): the resolver failed for now. awscrt's
+        # resolver also answers this for a name it resolved a moment ago, under a burst of
+        # failed connections (measured on awscrt 0.38), so it is retried.
+        return Unreachable(f"{what} failed: {name} (the name did not resolve this time)", reg.RESOLVE_FAILED)
     if "TLS" in name or "S2N" in name:
         return TlsFailure(f"TLS handshake failed while {what}: {name}")
     if "TIMEOUT" in name:
@@ -191,6 +203,59 @@ def classify(exc: BaseException, what: str, *, connecting: bool = False) -> Tran
     if any(word in name for word in ("DNS", "NO_ROUTE", "NETWORK", "UNREACHABLE", "SOCKET", "ADDRESS")):
         return Unreachable(f"{what} failed: {name} (check --endpoint and the network)")
     return ProtocolFailure(f"the server broke the exchange while {what}: {name}")
+
+
+# A TLS record that could not be read or written: the socket under it broke (an RST after
+# the handshake gives AWS_IO_TLS_ERROR_WRITE_FAILURE on MQTT's CONNECT, measured).
+_BROKEN_TLS_IO = {"AWS_IO_TLS_ERROR_WRITE_FAILURE", "AWS_IO_TLS_ERROR_READ_FAILURE"}
+NEGOTIATION_FAILURE = "AWS_IO_TLS_ERROR_NEGOTIATION_FAILURE"
+
+
+def handshake_failure(exc: BaseException, error: TransportError, host: str, port: int,
+                      timeout: float) -> TransportError:
+    """`error` (classify's), or a retryable cause when an ambiguous handshake failure was
+    the peer going away rather than TLS saying no.
+
+    s2n reports an RST that arrives before its first read exactly as it reports an alert:
+    AWS_IO_TLS_ERROR_NEGOTIATION_FAILURE (measured on awscrt 0.38: about 1 in 20 connections
+    reset at accept). So the server is asked once more with a bare ClientHello: whatever
+    answers it (a ServerHello, an alert) speaks TLS, and the failure was TLS's own
+    (`tls_rejected`, not retried); a reset, a close or silence is what the flow retries.
+    """
+    if error.cause != reg.TLS_REJECTED or getattr(exc, "name", None) != NEGOTIATION_FAILURE:
+        return error
+    gone = peer_gone(host, port, min(timeout, PROBE_TIMEOUT))
+    if gone is None:
+        return error
+    return Unreachable(f"{error} (the server {gone} a second ClientHello: it went away, TLS did not refuse)",
+                       gone)
+
+
+PROBE_TIMEOUT = 2.0
+
+
+def peer_gone(host: str, port: int, timeout: float) -> str | None:
+    """None when something at host:port answers a ClientHello with TLS bytes; else the
+    cause of what happened instead (refused, reset, tls_eof, connect_timeout)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE  # nothing is judged: only whether TLS answers
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = context.wrap_bio(incoming, outgoing)
+    try:
+        tls.do_handshake()
+    except ssl.SSLWantReadError:
+        pass  # the ClientHello is in `outgoing`
+    try:
+        with socket.create_connection((host, port), timeout=max(0.05, timeout)) as sock:
+            sock.sendall(outgoing.read())
+            return None if sock.recv(1) else reg.TLS_EOF
+    except ConnectionRefusedError:
+        return reg.REFUSED
+    except (TimeoutError, socket.timeout):
+        return reg.CONNECT_TIMEOUT
+    except OSError:
+        return reg.RESET
 
 
 class CrtTransport:
@@ -220,6 +285,7 @@ class HttpsTransport(CrtTransport):
                          api_version=api_version)
         self.server_name = server_name or host
         self.connection: crt_http.HttpClientConnection | None = None
+        self._answered = 0  # answers on the current connection (0: it never carried one)
 
     # -- paths (docs/device.md, "Requests") -------------------------------------------
 
@@ -249,6 +315,7 @@ class HttpsTransport(CrtTransport):
             socket_options=socket_options, tls_connection_options=tls_options)
         try:
             self.connection = future.result(timeout)
+            self._answered = 0
         except concurrent.futures.TimeoutError:
             # A connection that completes after we gave up must not leak.
             future.add_done_callback(_close_late_connection)
@@ -257,7 +324,8 @@ class HttpsTransport(CrtTransport):
                 "silent, or the handshake failed (s2n reports a server certificate it rejects only "
                 "after a 10-30 s delay; check --trust)", reg.CONNECT_TIMEOUT) from None
         except BaseException as exc:
-            raise classify(exc, f"connecting to {self.host}:{self.port}", connecting=True) from None
+            error = classify(exc, f"connecting to {self.host}:{self.port}", connecting=True)
+            raise handshake_failure(exc, error, self.host, self.port, timeout) from None
         self.connects += 1
 
     def send_register(self, body: bytes, timeout: float) -> Response:
@@ -271,22 +339,24 @@ class HttpsTransport(CrtTransport):
         if self.connection is not None:
             self.connection.close()
             self.connection = None
+        self._answered = 0
 
     # -- one round trip -----------------------------------------------------------------
 
     def _request(self, method, path, extra_headers, body, timeout) -> Response:
-        reused = self.connection is not None and self.connection.is_open()
+        # A kept-alive connection the server closed while the device waited (its idle
+        # timeout can be shorter than Retry-After) is seen closed here, before anything is
+        # sent: connect() opens a new one, which is keeping a connection, not a fault, and
+        # is not counted. A connection that closed before it carried any answer (right after
+        # its handshake) was no kept-alive one: that is reported. Once the request is on its
+        # way, a close before any answer is a dropped connection the flow decides about.
+        if self.connection is not None and not self._answered and not self.connection.is_open():
+            self.close()
+            raise ProtocolFailure("the server closed the connection after the TLS handshake, before "
+                                  f"{method} {path.split('?')[0]} was sent", reg.DROPPED)
         try:
             return self._round_trip(method, path, extra_headers, body, timeout)
-        except _StaleConnection:
-            # The server closed a kept-alive connection while we waited (its idle timeout can
-            # be shorter than Retry-After): nothing was answered, so one fresh try is safe.
-            # That is keeping a connection, not riding out a fault: a second close is reported.
-            if reused:
-                try:
-                    return self._round_trip(method, path, extra_headers, body, timeout)
-                except _StaleConnection:
-                    pass
+        except _NoAnswer:
             raise ProtocolFailure(f"the server closed the connection before answering {method} "
                                   f"{path.split('?')[0]}", reg.DROPPED) from None
 
@@ -318,13 +388,15 @@ class HttpsTransport(CrtTransport):
             stream.completion_future.result(timeout)
         except BaseException as exc:
             self.close()  # a half-read response leaves the connection unusable
-            if answer["status"] is None and "CLOSED" in getattr(exc, "name", ""):
-                raise _StaleConnection() from None
+            name = _crt_error(exc)[0] if isinstance(exc, RuntimeError) else getattr(exc, "name", "")
+            if answer["status"] is None and "CLOSED" in (name or ""):
+                raise _NoAnswer() from None
             raise classify(exc, f"waiting for the answer to {method} {path.split('?')[0]}") from None
+        self._answered += 1
         return Response(answer["status"], answer["headers"], bytes(chunks))
 
 
-class _StaleConnection(Exception):
+class _NoAnswer(Exception):
     """The connection closed before any part of the answer arrived."""
 
 

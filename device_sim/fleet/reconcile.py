@@ -1,7 +1,7 @@
 """Did a fleet run under faults lose or double anything? (docs/fleet.md, "Proving nothing is lost")
 
 Pure arithmetic over three documents a user can save:
-- the fleet report (`fleet run --json`: one record per device),
+- the fleet report (`fleet run --json`: one record per device) or its records file,
 - the emulator's registration records (`device-sim stub registration list --json`), each
   with `registerRequests`, the register calls the emulator processed for it,
 - the fault plan's report (`device-sim stub faults show --json`: counters per rule).
@@ -14,6 +14,7 @@ processed calls beyond one per record may not exceed what those rules fired on r
 from __future__ import annotations
 
 from collections import Counter
+from typing import Iterable
 
 ASSIGNED = "assigned"
 
@@ -28,27 +29,40 @@ def forced_registers(plan_report: dict | None) -> int:
     return total
 
 
-def reconcile(devices: list[dict], records: list[dict], plan_report: dict | None) -> dict:
-    """The figures that prove a run: lost, registered twice beyond the faults, unstated."""
+def reconcile(devices: Iterable[dict], records: list[dict], plan_report: dict | None) -> dict:
+    """The figures that prove a run: lost, registered twice beyond the faults, unstated.
+
+    `devices` is read once: the --json report's list or a records file
+    (`records.read_records(path)`)."""
     by_id = {r["registrationId"].lower(): r for r in records}
-    assigned = [d for d in devices if d["status"] == ASSIGNED]
-    # Lost: the device says assigned but the service has no such assignment, or the
-    # device ended otherwise without saying why.
-    lost = [d["registration_id"] for d in assigned
-            if by_id.get(d["registration_id"].lower(), {}).get("assignedHub") != d.get("assigned_hub")]
-    unstated = [d["registration_id"] for d in devices if d["status"] != ASSIGNED and not d.get("error_message")]
-    known = {d["registration_id"].lower() for d in devices}
+    lost, unstated, known = [], [], set()
+    count = assigned = 0
+    not_assigned: Counter = Counter()
+    for device in devices:
+        rid = device["registration_id"]
+        count += 1
+        known.add(rid.lower())
+        if device["status"] == ASSIGNED:
+            assigned += 1
+            # Lost: the device says assigned but the service has no such assignment.
+            if by_id.get(rid.lower(), {}).get("assignedHub") != device.get("assigned_hub"):
+                lost.append(rid)
+        else:
+            not_assigned[device["status"]] += 1
+            if not device.get("error_message"):  # ended otherwise without saying why
+                unstated.append(rid)
     extra_calls = sum(r.get("registerRequests", 1) - 1 for r in records if r["registrationId"].lower() in known)
     forced = forced_registers(plan_report)
+    matched = sum(1 for key in by_id if key in known)
     return {
-        "devices": len(devices),
-        "assigned": len(assigned),
-        "records": sum(1 for key in by_id if key in known),
+        "devices": count,
+        "assigned": assigned,
+        "records": matched,
         "lost": lost,
         "unstated": unstated,
-        "register_calls": extra_calls + sum(1 for key in by_id if key in known),
+        "register_calls": extra_calls + matched,
         "extra_register_calls": extra_calls,
         "forced_by_faults": forced,
         "doubled_beyond_faults": max(0, extra_calls - forced),
-        "not_assigned_by_status": dict(Counter(d["status"] for d in devices if d["status"] != ASSIGNED)),
+        "not_assigned_by_status": dict(not_assigned),
     }

@@ -1,4 +1,10 @@
-"""Run many device registrations at once: bounded concurrency, optional arrival rate.
+"""Run many device registrations at once: bounded concurrency, optional arrival rate
+(constant, or ramping linearly up to it: `arrival_s`).
+
+Memory is O(concurrency), not O(devices) (docs/fleet.md, "Memory"): devices are read
+from any iterable one at a time as slots free up, each finished device's record goes to
+a `records.RunLog` (a JSON Lines file and streaming statistics) and to `on_result`, and
+the runner itself keeps only what is in flight.
 
 Each device gets its own awscrt TLS context on its own token key (the key never leaves
 the token) and runs the same sans-IO flow as `device-sim register`. Workers are threads:
@@ -20,19 +26,24 @@ SoftHSM token with 2,000 objects manages ~19/s):
 
 from __future__ import annotations
 
+import contextlib
+import itertools
+import math
 import os
+import signal
 import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterable
 
 from device_sim.common.errors import UserError
 from device_sim.device import registration as reg
 from device_sim.device.driver import run_registration
 from device_sim.device.target import Target
 from device_sim.device.transport_https import CrtRuntime, TlsIdentity, client_tls_context
+from device_sim.fleet.records import RunLog
 from device_sim.fleet.report import CANCELLED, ERROR, SETUP_ERROR, DeviceResult, FleetReport
 
 
@@ -47,6 +58,7 @@ class FleetSettings:
     concurrency: int = 64
     timeout: float = 60.0  # per device: token, TLS, retries and polls included
     rate: float | None = None  # arrivals per second; None = as fast as concurrency allows
+    ramp: float | None = None  # seconds over which arrivals grow linearly from 0 to `rate`
     event_loop_threads: int = field(default_factory=lambda: max(1, os.cpu_count() or 1))
 
     def __post_init__(self):
@@ -56,6 +68,10 @@ class FleetSettings:
             raise UserError("--timeout must be a positive number of seconds")
         if self.rate is not None and self.rate <= 0:
             raise UserError("--rate must be a positive number of devices per second")
+        if self.ramp is not None and self.ramp <= 0:
+            raise UserError("--ramp must be a positive number of seconds")
+        if self.ramp is not None and self.rate is None:
+            raise UserError("--ramp needs --rate: the arrival rate it ramps up to (e.g. --rate 100 --ramp 30)")
         if self.event_loop_threads < 1:
             raise UserError("--event-loop-threads must be at least 1")
 
@@ -92,22 +108,36 @@ class TokenLogins:
     made on a token until that token's last device is done turns the others' C_Login into
     "already logged in": measured on SoftHSM, 2.5 ms -> 0.7 ms per context (10 devices per
     token), the PIN-derived key being what a login costs.
+
+    `counts` says how many devices each token has in the run (`token_key` -> n); without
+    it nothing is held (each device logs in itself: slower, never wrong).
     """
 
-    def __init__(self, devices: list["FleetDevice"]):
-        self._left = Counter(_token_key(d) for d in devices)
+    def __init__(self, counts: Counter | None):
+        self._left = Counter(counts or {})
         self._held: dict = {}
         self._lock = threading.Lock()
 
+    @classmethod
+    def for_devices(cls, devices) -> "TokenLogins":
+        """From a list's devices, or the `token_counts` of a stream (identities.DeviceStream)."""
+        counts = getattr(devices, "token_counts", None)
+        if counts is None and isinstance(devices, (list, tuple)):
+            counts = Counter(token_key(d) for d in devices)
+        return cls(counts)
+
     def hold(self, device: "FleetDevice", context) -> None:
+        key = token_key(device)
         with self._lock:
-            self._held.setdefault(_token_key(device), context)
+            if self._left.get(key, 0) > 0:
+                self._held.setdefault(key, context)
 
     def done(self, device: "FleetDevice") -> None:
-        key = _token_key(device)
+        key = token_key(device)
         with self._lock:
             self._left[key] -= 1
             if self._left[key] <= 0:
+                del self._left[key]
                 self._held.pop(key, None)
 
     def release_all(self) -> None:
@@ -115,8 +145,36 @@ class TokenLogins:
             self._held.clear()
 
 
-def _token_key(device: "FleetDevice"):
+def token_key(device: "FleetDevice"):
+    """Which token a device's key is on, as TokenLogins counts them."""
     return (device.tls.module_path, device.tls.slot_id, device.tls.token_label)
+
+
+class _PollWaits(reg.RegistrationFlow):
+    """The flow, noting the waits the service asked for before each status poll (its
+    Retry-After, else the default poll interval): what the throughput explanation weighs."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.polls = 0
+        self.poll_wait_s = 0.0
+        self._planned: float | None = None
+
+    def receive(self, response):
+        action = super().receive(response)
+        self._planned = None
+        if isinstance(action, reg.Send) and action.kind == reg.POLL and not action.retry:
+            self.polls += 1
+            self.poll_wait_s += action.delay
+            self._planned = action.delay
+        return action
+
+    def expire(self, reason):
+        if self._planned is not None:  # the deadline came first: that wait never happened
+            self.polls -= 1
+            self.poll_wait_s -= self._planned
+            self._planned = None
+        return super().expire(reason)
 
 
 def register_one(device: FleetDevice, target: Target, timeout: float, runtime: CrtRuntime,
@@ -134,7 +192,7 @@ def register_one(device: FleetDevice, target: Target, timeout: float, runtime: C
         logins.hold(device, context)
     context_ms = (clock() - started) * 1000
     transport = _TimedTransport(target.new_transport(device.registration_id, context, runtime))
-    flow = reg.RegistrationFlow(device.registration_id, target.payload)
+    flow = _PollWaits(device.registration_id, target.payload)
     budget = max(0.001, timeout - context_ms / 1000)
     outcome, timings = run_registration(flow, transport, budget)
     result.status = outcome.status
@@ -146,6 +204,7 @@ def register_one(device: FleetDevice, target: Target, timeout: float, runtime: C
         result.wait_ms = max(0.0, timings.register_ms - transport.register_ms)
     result.retries = timings.retries
     result.retries_by_cause = dict(timings.retries_by_cause)
+    result.polls, result.poll_wait_ms = flow.polls, round(flow.poll_wait_s * 1000, 1)
     result.assigned_hub = outcome.assigned_hub
     result.device_id = outcome.device_id
     result.substatus = outcome.substatus
@@ -155,57 +214,118 @@ def register_one(device: FleetDevice, target: Target, timeout: float, runtime: C
     return result
 
 
-def run_fleet(devices: list[FleetDevice], target: Target, settings: FleetSettings, *,
+def run_fleet(devices: Iterable[FleetDevice], target: Target, settings: FleetSettings, *,
               stop: threading.Event | None = None,
-              on_result: Callable[[DeviceResult, Counter], None] | None = None) -> FleetReport:
-    """Register `devices`; returns when all finished or, after `stop` is set, when the
-    devices already started have finished (the rest are reported as cancelled)."""
+              on_result: Callable[[DeviceResult, Counter], None] | None = None,
+              log: RunLog | None = None) -> FleetReport:
+    """Register `devices` (any iterable, read one device at a time as slots free up);
+    returns when all finished or, after `stop` is set, when the devices already started
+    have finished (the rest are reported as cancelled).
+
+    Every device's record goes to `log` (a statistics-only RunLog when None) and to
+    `on_result(result, counts)` as it finishes, cancelled ones included; the process
+    keeps no per-device list: what is in flight, and the log's statistics.
+    """
     stop = stop or threading.Event()
+    log = log if log is not None else RunLog(None)
     runtime = CrtRuntime(event_loop_threads=settings.event_loop_threads)
     slots = threading.BoundedSemaphore(settings.concurrency)
-    results: list[DeviceResult | None] = [None] * len(devices)
     counts: Counter = Counter()
     lock = threading.Lock()
+    in_flight: dict[int, FleetDevice] = {}  # at most --concurrency entries
+    closed = False
+    logins = TokenLogins.for_devices(devices)
     run_started = time.monotonic()
 
-    logins = TokenLogins(devices)
+    def finish(result: DeviceResult) -> None:  # with `lock` held: one record at a time
+        counts[result.status] += 1
+        log.add_result(result)
+        if on_result:
+            on_result(result, counts)
 
-    def work(index: int) -> None:
+    def work(seq: int, device: FleetDevice) -> None:
         try:
-            result = register_one(devices[index], target, settings.timeout, runtime, run_started,
-                                  logins=logins)
+            result = register_one(device, target, settings.timeout, runtime, run_started, logins=logins)
         except Exception as exc:  # a bug must cost one device, not the run
-            result = DeviceResult(devices[index].registration_id, ERROR,
-                                  error_message=f"{type(exc).__name__}: {exc}")
+            result = DeviceResult(device.registration_id, ERROR, error_message=f"{type(exc).__name__}: {exc}")
         finally:
-            logins.done(devices[index])
-            slots.release()
-        with lock:
-            results[index] = result
-            counts[result.status] += 1
-            if on_result:
-                on_result(result, counts)
+            logins.done(device)
+        try:
+            with lock:
+                if in_flight.pop(seq, None) is not None and not closed:  # else: reported already
+                    finish(result)
+        finally:
+            slots.release()  # after the record: an idle run has every record
 
     pool = ThreadPoolExecutor(max_workers=settings.concurrency, thread_name_prefix="device")
-    try:
-        for index in range(len(devices)):
-            if not _wait_for_turn(index, settings.rate, run_started, slots, stop):
-                break
-            pool.submit(work, index)
-    except KeyboardInterrupt:
-        stop.set()  # first Ctrl-C: start no more devices, let the started ones finish
-    pool.shutdown(wait=False)
-    try:
-        _wait_idle(slots, settings.concurrency)
-    except KeyboardInterrupt:
-        pass  # second Ctrl-C: report now; unfinished devices count as cancelled
+    devices = iter(devices)
+    unstarted: FleetDevice | None = None
+    with _ctrl_c(stop):
+        try:
+            for seq, device in enumerate(devices):
+                unstarted = device
+                if not _wait_for_turn(arrival_s(seq, settings.rate, settings.ramp), run_started, slots, stop):
+                    break
+                with lock:
+                    in_flight[seq] = device
+                unstarted = None
+                pool.submit(work, seq, device)
+        except KeyboardInterrupt:
+            stop.set()  # first Ctrl-C: start no more devices, let the started ones finish
+        pool.shutdown(wait=False)
+        try:
+            _wait_idle(slots, settings.concurrency)
+        except KeyboardInterrupt:
+            pass  # second Ctrl-C: report now; unfinished devices count as cancelled
     wall = time.monotonic() - run_started
     logins.release_all()
     with lock:
-        results = list(results)  # a late finisher must not change the report being written
-    finished = [r if r is not None else DeviceResult(d.registration_id, CANCELLED)
-                for r, d in zip(results, devices)]
-    return FleetReport(wall_s=wall, devices=finished, interrupted=stop.is_set())
+        closed = True  # a late finisher must not change the report being written
+        left = [*in_flight.values(), *([unstarted] if unstarted is not None else [])]
+        in_flight.clear()
+        for device in itertools.chain(left, devices):
+            finish(DeviceResult(device.registration_id, CANCELLED))
+    return FleetReport(wall_s=wall, interrupted=stop.is_set(), stats=log.stats,
+                       settings={"concurrency": settings.concurrency, "rate": settings.rate, "ramp": settings.ramp})
+
+
+def arrival_s(index: int, rate: float | None, ramp: float | None = None) -> float:
+    """When device `index` (from 0) may start, in seconds after the run started.
+
+    Constant arrivals at `rate`; with `ramp`, the rate grows linearly from 0 to `rate`
+    over `ramp` seconds (rate * ramp / 2 devices start during it), then stays."""
+    if not rate:
+        return 0.0
+    if not ramp:
+        return index / rate
+    during_ramp = rate * ramp / 2
+    if index <= during_ramp:
+        return math.sqrt(2 * ramp * index / rate)
+    return ramp + (index - during_ramp) / rate
+
+
+@contextlib.contextmanager
+def _ctrl_c(stop: threading.Event):
+    """The first Ctrl-C sets `stop`, a later one raises KeyboardInterrupt (stop waiting).
+
+    A handler instead of the default KeyboardInterrupt: the dispatcher may be inside the
+    device iterator (a registry read) when Ctrl-C comes, and an exception raised there
+    would end the iterator, losing the devices still to be reported as cancelled.
+    Signals reach the main thread only; elsewhere (a Dask worker) the caller sets `stop`."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_sigint(signum, frame):
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _wait_idle(slots: threading.BoundedSemaphore, concurrency: int) -> None:
@@ -220,14 +340,13 @@ def _wait_idle(slots: threading.BoundedSemaphore, concurrency: int) -> None:
             slots.release()
 
 
-def _wait_for_turn(index: int, rate: float | None, run_started: float,
-                   slots: threading.BoundedSemaphore, stop: threading.Event) -> bool:
-    """Block until device `index` may start (its arrival time, a free slot); False if stopped."""
-    if rate:
-        due = run_started + index / rate
-        while (left := due - time.monotonic()) > 0:
-            if stop.wait(min(left, 0.2)):
-                return False
+def _wait_for_turn(arrival: float, run_started: float, slots: threading.BoundedSemaphore,
+                   stop: threading.Event) -> bool:
+    """Block until a device may start (its arrival time, a free slot); False if stopped."""
+    due = run_started + arrival
+    while (left := due - time.monotonic()) > 0:
+        if stop.wait(min(left, 0.2)):
+            return False
     while not slots.acquire(timeout=0.2):
         if stop.is_set():
             return False

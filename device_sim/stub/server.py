@@ -82,6 +82,11 @@ class ServeOptions:
     issuing_ca_key: str | None = None  # a PEM file or a pkcs11: URI
     webhook_trust: Path | None = None  # CA file for https custom allocation webhooks
     webhook_timeout: float = 10.0
+    # `stub serve --workers N` (stub/workers.py): this process's index and N; None = the
+    # only process. Workers share the fault plan and split the quotas through the store,
+    # and leave the endpoint file to the supervisor.
+    worker: int | None = None
+    workers: int = 1
 
 
 @dataclass
@@ -201,6 +206,8 @@ class StubServer:
         device_api = DeviceApi(store, config, issuer=load_issuer(
             directory, options.issuing_ca_cert, options.issuing_ca_key), webhooks=self.webhooks)
         device_api.faults.set(options.faults)
+        if options.worker is not None:
+            self._share_with_workers(store, config, device_api)
         url_host = "localhost" if options.host in ("127.0.0.1", "::1", "localhost", "0.0.0.0", "::") else options.host
         self.app = app = StubApp(
             state_dir=directory,
@@ -240,18 +247,37 @@ class StubServer:
             self.ready["quota_units"] = options.quota_units
         if options.service_connection_string:
             self.ready["service_connection_string"] = self._service_connection_string(app)
+        if options.worker is not None:
+            app.service_api.quotas = type(device_api.quotas)(config.quota_units, workers=options.workers,
+                                                             shared=store)
+            self.ready["worker"] = options.worker
+            return self.ready  # the supervisor writes the endpoint file, with every worker's pid
         # Private: the connection string carries the service key.
         write_atomic(layout.endpoint, json.dumps(self.ready, indent=2) + "\n", private=True)
         return self.ready
 
+    def _share_with_workers(self, store, config, device_api) -> None:
+        from device_sim.stub.core.quotas import Quotas
+        from device_sim.stub.core.shared_faults import SharedFaults
+
+        if self.options.worker == 0:
+            store.begin_run()
+        device_api.faults = SharedFaults(store, self.options.worker, self.options.faults)
+        device_api.quotas = Quotas(config.quota_units, workers=self.options.workers)
+
     def status(self) -> dict:
         """The server's part of `stub status`: listeners and uptime (the counts are the core's)."""
-        return {
+        status = {
             "listeners": {listener.name: listener.url for listener in self.listeners},
             "startedUtc": datetime.datetime.fromtimestamp(self.started, datetime.timezone.utc)
                           .strftime("%Y-%m-%dT%H:%M:%SZ"),
             "uptimeSeconds": round(time.time() - self.started),
         }
+        if self.options.worker is not None and self.app is not None:
+            from device_sim.stub.workers import worker_table
+
+            status["workers"] = worker_table(self)
+        return status
 
     def _service_connection_string(self, app: StubApp) -> str:
         """What the service SDKs take: host and port of a listener serving the service API."""
@@ -271,7 +297,7 @@ class StubServer:
         # MQTT over WebSockets belongs to the device port (as on DPS), whether or not 8883 is served.
         app.websocket_subprotocols.register_subprotocol(
             websocket.MQTT, lambda stream: serve_mqtt(stream, app.device_api, app.limits, log=self.log))
-        upgrade = websocket.upgrade_handler(app.websocket_subprotocols, log=self.log)
+        upgrade = websocket.upgrade_handler(app.websocket_subprotocols, log=self.log, faults=app.device_api.faults)
         device = TlsListener(
             "device", "https", options.host, options.port, app.device_context(),
             lambda stream: http_server.serve_http(stream, on_device, app.limits, app.config.max_body, self.log,

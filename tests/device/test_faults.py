@@ -210,3 +210,170 @@ def test_tls_eof_is_retried_and_reported(token_pki, emulator_home):
     assert (code, out["status"]) == (7, "tls_error"), out
     assert out["retries_by_cause"].get("tls_eof", 0) >= 2, out
     assert len(accepted) == out["retries_by_cause"]["tls_eof"] + 1
+
+
+# -- what a fault plan does to the device (issue 12, items 3 and 4's causes) ------------
+
+def _emulator_with_plan(tmp_path, token_pki, plan: dict):
+    from device_sim.stub.core.faults import parse_plan
+    from device_sim.testing import Emulator
+
+    emulator = Emulator.in_process(tmp_path / "emu", faults=parse_plan(json.dumps(plan)))
+    emulator.admin.upload_ca("root", token_pki.root.pem_path.read_bytes(), verified=True)
+    emulator.admin.create_group("everyone", ca_ref="root")
+    return emulator
+
+
+def _device_for(token_pki, emulator, transport: str):
+    port = emulator.mqtt_port if transport == MQTT else emulator.device_port
+    ready = {"id_scope": emulator.id_scope, "ca_cert": str(emulator.ca_cert)}
+    return in_process_device(token_pki, emulator.home, port, ready, CrtRuntime(), transport)
+
+
+@pytest.mark.parametrize("transport", [HTTPS, MQTT])
+@pytest.mark.parametrize("action", [{"reset": "before_tls"}, {"close": "before_tls"}, {"reset": "after_tls"},
+                                    {"close": "after_tls"}, {"refuse_connections": True}])
+def test_resets_and_closes_around_the_handshake_are_retried_not_tls_errors(tmp_path, token_pki, transport, action):
+    emulator = _emulator_with_plan(tmp_path, token_pki, {"seed": 1, "rules": [
+        {"match": {"transport": transport}, "first": 2, "action": action}]})
+    try:
+        device = _device_for(token_pki, emulator, transport)
+        outcome, timings = run_registration(reg.RegistrationFlow(DEVICE), device, 20)
+        fired = emulator.app.device_api.faults.report()["rules"][0]["fired"]
+    finally:
+        emulator.stop()
+    assert outcome.status == reg.ASSIGNED, outcome
+    assert fired == 2
+    # Every spoiled connection is one retry of a retryable cause, none hidden, none final.
+    assert sum(timings.retries_by_cause.values()) == 2, timings.retries_by_cause
+    assert set(timings.retries_by_cause) <= {reg.RESET, reg.TLS_EOF, reg.DROPPED}, timings.retries_by_cause
+
+
+@pytest.mark.parametrize("operation", ["register", "poll"])
+def test_a_close_after_the_request_is_a_dropped_retry_in_the_outcome(tmp_path, token_pki, operation):
+    # The poll goes on the connection the register kept alive: the case the HTTPS
+    # transport used to retry silently (hiding the drop from the counts).
+    hold = [{"match": {"operation": "register"}, "action": {"assigning_s": 0.3}}] if operation == "poll" else []
+    emulator = _emulator_with_plan(tmp_path, token_pki, {"seed": 1, "rules": [
+        *hold, {"match": {"operation": operation}, "first": 1, "action": {"close": "after_request"}}]})
+    try:
+        device = _device_for(token_pki, emulator, HTTPS)
+        outcome, timings = run_registration(reg.RegistrationFlow(DEVICE), device, 20)
+        record = emulator.app.store.get_registration(DEVICE)
+    finally:
+        emulator.stop()
+    assert outcome.status == reg.ASSIGNED, outcome
+    assert timings.retries_by_cause == {reg.DROPPED: 1}, timings.retries_by_cause
+    # A drop after register registers again; after a poll the device polls again.
+    assert record.internal["registerRequests"] == (2 if operation == "register" else 1)
+    assert device.sent.count(reg.REGISTER) == (2 if operation == "register" else 1), device.sent
+
+
+def _tls_server(identity, **options):
+    """A pyOpenSSL server on loopback that runs each handshake and hangs up."""
+    from OpenSSL import SSL, crypto
+
+    context = SSL.Context(SSL.TLS_SERVER_METHOD)
+    context.use_certificate(crypto.X509.from_cryptography(identity.cert))
+    context.use_privatekey(crypto.PKey.from_cryptography_key(identity.key))
+    if options.get("tls13_only"):
+        context.set_min_proto_version(SSL.TLS1_3_VERSION)
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    accepted = []
+
+    def serve():
+        while True:
+            try:
+                sock, _ = listener.accept()
+            except OSError:
+                return
+            accepted.append(1)
+            connection = SSL.Connection(context, sock)
+            connection.set_accept_state()
+            try:
+                connection.do_handshake()
+            except SSL.Error:
+                pass
+            sock.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    return listener, accepted
+
+
+def _https_device(token_pki, port: int, trust_pem: bytes):
+    from device_sim.device.transport_https import HttpsTransport
+
+    record = token_pki.devices[DEVICE]
+    runtime = CrtRuntime()
+    chain = to_pem([record.certificate_x509(), *record.chain_x509()])
+    context = client_tls_context(TlsIdentity(token_pki.module_path, record.label, chain, token_pki.pin,
+                                             token_label=record.token_label), trust_pem, runtime)
+    return HttpsTransport("127.0.0.1", port, "0ne00000001", DEVICE, context, runtime=runtime,
+                          server_name="localhost")
+
+
+def test_a_tls_alert_stays_a_tls_error_and_is_not_retried(token_pki):
+    from device_sim.testing import TestCA
+
+    ca = TestCA("alert-server-ca")
+    # awscrt negotiates TLS 1.2 with a token key: a TLS 1.3-only server answers an alert.
+    listener, accepted = _tls_server(ca.issue_server("localhost"), tls13_only=True)
+    try:
+        outcome, timings = run_registration(reg.RegistrationFlow(DEVICE),
+                                            _https_device(token_pki, listener.getsockname()[1], ca.cert_pem), 10)
+    finally:
+        listener.close()
+    assert outcome.status == reg.TLS_ERROR, outcome
+    assert timings.retries_by_cause == {}
+    assert "NEGOTIATION_FAILURE" in outcome.error_message
+    assert len(accepted) == 2  # the handshake, and the ClientHello that settled it was TLS's own
+
+
+def test_a_wrong_trust_anchor_stays_a_tls_error_and_is_not_retried(tmp_path, token_pki):
+    from device_sim.testing import TestCA
+
+    emulator = _emulator_with_plan(tmp_path, token_pki, {"seed": 1, "rules": []})
+    try:
+        device = _https_device(token_pki, emulator.device_port, TestCA("not-the-emulators-ca").cert_pem)
+        # s2n answers a server certificate it rejects only after a 10-30 s delay (blinding).
+        outcome, timings = run_registration(reg.RegistrationFlow(DEVICE), device, 45)
+    finally:
+        emulator.stop()
+    assert outcome.status == reg.TLS_ERROR, outcome
+    assert timings.retries_by_cause == {}
+
+
+def test_an_ambiguous_handshake_failure_is_settled_by_asking_the_server_again():
+    from awscrt.exceptions import AwsCrtError
+
+    from device_sim.device.transport import TlsFailure
+    from device_sim.device.transport_https import NEGOTIATION_FAILURE, handshake_failure, peer_gone
+
+    failure = AwsCrtError(1029, NEGOTIATION_FAILURE, "TLS (SSL) negotiation failed")
+    error = TlsFailure("TLS handshake failed while connecting", reg.TLS_REJECTED)
+    resetting = socket.socket()
+    resetting.bind(("127.0.0.1", 0))
+    resetting.listen(4)
+
+    def reset_each():
+        while True:
+            try:
+                sock, _ = resetting.accept()
+            except OSError:
+                return
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+            sock.close()
+
+    threading.Thread(target=reset_each, daemon=True).start()
+    try:
+        settled = handshake_failure(failure, error, "127.0.0.1", resetting.getsockname()[1], 2)
+        assert settled.cause in (reg.RESET, reg.TLS_EOF), settled
+        assert settled.cause in reg.RETRIED_CONNECTION_CAUSES
+    finally:
+        resetting.close()
+    assert peer_gone("127.0.0.1", free_port(), 2) == reg.REFUSED
+    # Anything but the ambiguous name is left as classify said.
+    other = AwsCrtError(1030, "AWS_IO_TLS_ERROR_ALERT_RECEIVED", "alert")
+    assert handshake_failure(other, error, "127.0.0.1", free_port(), 2) is error

@@ -1,16 +1,22 @@
-"""An in-process emulator (the `stub serve` assembly: HTTPS, service API, MQTT) with a
-fault plan, file-key devices enrolled in one group, and a client per transport that sends
-one DPS request and reports what came back (an answer, a drop, a reset, a timeout)."""
+"""An in-process emulator (the `stub serve` assembly: HTTPS, service API, MQTT, AMQP, and
+WebSockets on the device port) with a fault plan, file-key devices enrolled in one group,
+and a client per transport that sends one DPS request and reports what came back (an
+answer, a drop, a reset, a timeout). The AMQP client is python-qpid-proton's, the
+WebSocket one paho-mqtt over `transport="websockets"`: clients we did not write."""
 
 from __future__ import annotations
 
 import datetime
 import json
+import queue
 import socket
 import ssl
 import time
-from dataclasses import dataclass
+import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
+
+import paho.mqtt.client as paho
 
 import requests
 from cryptography import x509
@@ -23,6 +29,7 @@ from device_sim.mqtt.codec import Connect, Decoder, Publish, Subscribe, encode
 from device_sim.stub import server
 from device_sim.stub.core import sas
 from device_sim.stub.core.faults import parse_plan
+from device_sim.stub.net import amqp
 from device_sim.stub.net.mqtt import listener_factory
 
 API = "2021-06-01"
@@ -76,6 +83,8 @@ class Answer:
     reset: bool = False
     silent: bool = False
     seconds: float = 0.0
+    condition: str | None = None  # AMQP: the rejection's error condition
+    properties: dict = field(default_factory=dict)  # AMQP: the reply's application properties
 
     def json(self) -> dict:
         return json.loads(self.body)
@@ -86,7 +95,9 @@ class FaultStub:
         options.setdefault("retry_after", 0)
         serve = server.ServeOptions(home=home, port=0, service_port=0,
                                     faults=parse_plan(json.dumps(plan)) if plan else None, **options)
-        self.server = server.StubServer(serve, [listener_factory(0)], log=lambda message: None)
+        self.logged: list[str] = []
+        self.server = server.StubServer(serve, [listener_factory(0), amqp.listener_factory(0)],
+                                        log=self.logged.append)
         self.ready = self.server.start()
         self.devices = Devices(home)
         self.service("PUT", "/certificates/root", {"properties": {
@@ -197,5 +208,116 @@ class FaultStub:
         finally:
             sock.close()
 
+    def amqp(self, registration_id: str, operation: str = "register", operation_id: str = "x",
+             timeout: float = 5.0) -> Answer:
+        """One request as the SDKs send it over AMQP (receiver and sender link on the
+        registration's address), with proton's BlockingConnection over its own TLS."""
+        from proton import Delivery, Message, SSLDomain
+        from proton.utils import BlockingConnection
+
+        started = time.monotonic()
+        chain, key = self.devices.identity(registration_id)
+        domain = SSLDomain(SSLDomain.MODE_CLIENT)
+        domain.set_trusted_ca_db(self.ready["ca_cert"])
+        domain.set_peer_authentication(SSLDomain.VERIFY_PEER_NAME)
+        domain.set_credentials(chain, key, None)
+        address = f"{self.ready['id_scope']}/registrations/{registration_id}"
+        kinds = {"register": "iotdps-register", "poll": "iotdps-get-operationstatus",
+                 "status_lookup": "iotdps-get-registration"}
+        properties = {"iotdps-operation-type": kinds[operation]}
+        if operation == "poll":
+            properties["iotdps-operation-id"] = operation_id
+        request = Message(body=json.dumps({"registrationId": registration_id}).encode(), inferred=True,
+                          correlation_id=str(uuid.uuid4()), properties=properties)
+        connection = None
+        try:
+            connection = BlockingConnection(self.ready["amqp_url"], ssl_domain=domain, sasl_enabled=False,
+                                            timeout=timeout)
+            receiver = connection.create_receiver(address)
+            delivery = connection.create_sender(address).send(request, error_states=[])
+            if delivery.remote_state == Delivery.REJECTED:
+                condition = delivery.remote.condition
+                code = json.loads(condition.description)["errorCode"] if condition.description.startswith("{") \
+                    else None
+                info = condition.info or {}
+                return Answer(None if code is None else code // 1000, condition.description.encode(),
+                              info.get("retry-after"), condition=condition.name, seconds=time.monotonic() - started)
+            reply = receiver.receive(timeout=timeout)
+            receiver.accept()
+        except Exception as exc:  # proton's Timeout, ConnectionException, LinkDetached ...
+            name = type(exc).__name__
+            return Answer(dropped=name != "Timeout", silent=name == "Timeout", seconds=time.monotonic() - started)
+        finally:
+            if connection is not None:
+                try:
+                    connection.close()
+                except Exception:
+                    pass
+        props = dict(reply.properties or {})
+        body = bytes(reply.body)
+        status = 202 if props.get("iotdps-status") == "assigning" and operation == "register" else 200
+        return Answer(status, body, props.get("retry-after"), properties=props, seconds=time.monotonic() - started)
+
+    def websocket(self, registration_id: str, operation: str = "register", operation_id: str = "x",
+                  timeout: float = 5.0) -> Answer:
+        """One request over MQTT over WebSockets on the device port, with paho-mqtt."""
+        started = time.monotonic()
+        connack: queue.Queue = queue.Queue()
+        answers: queue.Queue = queue.Queue()
+        gone: queue.Queue = queue.Queue()
+        client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=registration_id,
+                             protocol=paho.MQTTv311, transport="websockets", reconnect_on_failure=False)
+        client.ws_set_options(path="/$iothub/websocket")
+        chain, key = self.devices.identity(registration_id)
+        client.tls_set(ca_certs=self.ready["ca_cert"], certfile=chain, keyfile=key, tls_version=ssl.PROTOCOL_TLS_CLIENT)
+        client.username_pw_set(topics.format_username(self.ready["id_scope"], registration_id, API))
+        client.on_connect = lambda c, userdata, flags, reason, props: connack.put(reason)
+        client.on_message = lambda c, userdata, message: answers.put(message)
+        client.on_disconnect = lambda c, userdata, flags, reason, props: gone.put(reason)
+        port = self.port("device")
+
+        def ended(**kw) -> Answer:
+            return Answer(seconds=time.monotonic() - started, **kw)
+
+        try:
+            client.connect("localhost", port, keepalive=30)
+        except (ConnectionResetError, ssl.SSLEOFError) as exc:
+            return ended(dropped=True, reset=isinstance(exc, ConnectionResetError))
+        except (TimeoutError, socket.timeout):
+            return ended(silent=True)
+        except (OSError, ssl.SSLError, paho.WebsocketConnectionError):
+            return ended(dropped=True)
+        client.loop_start()
+        try:
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    connack.get(timeout=0.05)
+                    break
+                except queue.Empty:
+                    if not gone.empty():
+                        return ended(dropped=True)
+                    if time.monotonic() > deadline:
+                        return ended(silent=True)
+            client.subscribe(topics.RESPONSE_FILTER, qos=1)
+            topic = topics.format_register("1") if operation == "register" else topics.format_status("1", operation_id)
+            client.publish(topic, json.dumps({"registrationId": registration_id}).encode(), qos=1)
+            while True:
+                try:
+                    message = answers.get(timeout=0.05)
+                    break
+                except queue.Empty:
+                    if not gone.empty():
+                        return ended(dropped=True)
+                    if time.monotonic() > deadline:
+                        return ended(silent=True)
+            response = topics.parse_response(message.topic)
+            retry = None if response.retry_after is None else str(response.retry_after)
+            return ended(status=response.status, body=message.payload, retry_after=retry)
+        finally:
+            client.disconnect()
+            client.loop_stop()
+
     def send(self, transport: str, registration_id: str, operation: str = "register", **kw) -> Answer:
-        return (self.https if transport == "https" else self.mqtt)(registration_id, operation, **kw)
+        clients = {"https": self.https, "mqtt": self.mqtt, "amqp": self.amqp, "websocket": self.websocket}
+        return clients[transport](registration_id, operation, **kw)

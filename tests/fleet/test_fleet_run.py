@@ -88,9 +88,84 @@ def test_failures_are_reported_by_outcome_and_do_not_stop_the_rest(world, tmp_pa
     finally:
         stub_admin(emulator, "enroll", "delete", "fl-0003")
     assert result.returncode == 1, result.stderr
-    summary = json.loads(report.read_text())["summary"]
+    data = json.loads(report.read_text())
+    summary = data["summary"]
     assert summary["outcomes"] == {"assigned": 3, "disabled": 1, "unauthorized": 1}
     assert summary["errors"] == {"401002": 1}
+    # Every failed device is listed with its status and message, in the JSON and the text.
+    failed = {f["registration_id"]: f for f in data["failed"]}
+    assert {rid: f["status"] for rid, f in failed.items()} == {"fl-0003": "disabled", "rogue-1": "unauthorized"}
+    assert all(f["error_message"] for f in failed.values())
+    assert "failed devices (2 of 2 shown):" in result.stdout
+    assert "  rogue-1  unauthorized 401002: " in result.stdout and "  fl-0003  disabled" in result.stdout
+    # Percentiles per outcome: failures have their own, and are not in the assigned ones.
+    by_outcome = summary["latency_ms_by_outcome"]
+    assert by_outcome["assigned"]["total_ms"]["count"] == 3 == summary["latency_ms"]["total_ms"]["count"]
+    assert by_outcome["unauthorized"]["total_ms"]["count"] == 1 and by_outcome["unauthorized"]["total_ms"]["p50"] > 0
+    assert "latency ms, unauthorized (1)" in result.stdout
+
+
+def test_records_file_beside_the_json_has_one_line_per_device(world, tmp_path):
+    _, env, _ = world
+    report = tmp_path / "run.json"
+    result = fleet_run(env, "--prefix", "fl-", "--concurrency", 3, "--json", report)
+    records_path = tmp_path / "run.jsonl"
+    lines = records_path.read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    assert sorted(r["registration_id"] for r in records) == FLEET
+    # The world's emulator says Retry-After: 0, so each device polls once without waiting.
+    assert all(r["status"] == "assigned" and r["total_ms"] > 0 and r["polls"] >= 1 and r["poll_wait_ms"] == 0
+               for r in records)
+    data = json.loads(report.read_text())
+    assert data["records"] == str(records_path) and data["settings"]["records"] == str(records_path)
+    assert data["devices"] == records and data["failed"] == []
+    assert data["summary"]["latency_ms"]["total_ms"]["max"] == round(max(r["total_ms"] for r in records), 1)
+    assert f"records: {records_path}" in result.stdout
+
+
+def test_without_json_the_records_go_under_the_state_directory(world, tmp_path):
+    home, env, _ = world
+    result = fleet_run(env, "--prefix", "fl-", "--limit", 3)
+    latest = home / "fleet-runs" / "latest.jsonl"
+    named = latest.resolve()
+    assert named.parent == (home / "fleet-runs").resolve() and named.name != "latest.jsonl"
+    assert f"records: {home / 'fleet-runs' / named.name}" in result.stdout
+    assert len(latest.read_text().splitlines()) == 3
+    fleet_run(env, "--prefix", "fl-", "--limit", 2)
+    assert latest.resolve() != named and len(named.read_text().splitlines()) == 3  # a run never overwrites another
+
+
+def test_ramp_starts_devices_slower_at_first(world, tmp_path):
+    _, env, _ = world
+    report = tmp_path / "ramp.json"
+    # 20/s reached after 1 s: the 10 devices all arrive during the ramp, the k-th at sqrt(k / 10) s
+    # (at a constant 20/s the last would start at 0.45 s).
+    fleet_run(env, "--prefix", "fl-", "--rate", 20, "--ramp", 1, "--json", report)
+    data = json.loads(report.read_text())
+    starts = sorted(d["started_s"] for d in data["devices"])
+    assert all(start >= (k / 10) ** 0.5 - 0.02 for k, start in enumerate(starts)), starts
+    assert starts[-1] >= 0.92 and data["settings"]["ramp"] == 1.0
+    assert data["summary"]["throughput"]["bound"] in ("rate", "concurrency", "concurrency_x_retry_after")
+
+
+def test_a_retry_after_bound_run_says_so(world, tmp_path):
+    home, env, _ = world
+    # An emulator of its own that answers every register with "assigning, Retry-After: 1".
+    slow = Emulator.spawn(tmp_path / "slow", "--retry-after", "1", "--assignment-delay", "0")
+    try:
+        slow.admin.upload_ca("root", (home / "pki" / "ca" / "root" / "cert.pem").read_bytes(), verified=True)
+        slow.admin.create_group("all", ca_ref="root")
+        report = tmp_path / "slow.json"
+        result = run(env, "device_sim.cli", "fleet", "run", "--no-progress", "--prefix", "fl-", "--concurrency", 2,
+                     "--endpoint", slow.device_url, "--id-scope", slow.id_scope, "--trust", slow.ca_cert,
+                     "--json", report)
+    finally:
+        slow.stop()
+    throughput = json.loads(report.read_text())["summary"]["throughput"]
+    assert throughput["bound"] == "concurrency_x_retry_after", throughput
+    assert throughput["retry_after_s"] == 1.0 and throughput["poll_wait_share"] > 0.5
+    assert ("10 devices at concurrency 2 with Retry-After 1 s: bounded by concurrency x retry-after (about 2/s"
+            in result.stdout), result.stdout
 
 
 def test_mqtt_transport(world, tmp_path):
@@ -134,6 +209,10 @@ def test_ctrl_c_stops_cleanly_and_still_writes_the_report(world, tmp_path):
 @pytest.mark.parametrize("args, message", [
     (("--concurrency", 0), "--concurrency must be at least 1"),
     (("--rate", -1), "--rate must be a positive"),
+    (("--ramp", 5), "--ramp needs --rate"),
+    (("--rate", 5, "--ramp", 0), "--ramp must be a positive"),
+    (("--records", "/nonexistent-dir/r.jsonl"), "the folder does not exist"),
+    (("--json", "same.json", "--records", "same.json"), "the same file as --json"),
     (("--prefix", "nobody-"), "no devices with prefix 'nobody-'"),
     (("--plot", "x.bmp"), "name the file .html or .png"),
     (("--json", "/nonexistent-dir/r.json"), "the folder does not exist"),

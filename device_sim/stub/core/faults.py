@@ -5,10 +5,14 @@ A plan is a JSON document (docs/emulator.md, "Fault plans"):
     {"seed": 7, "rules": [{"match": {...}, "probability": 0.2, "first": 10,
                            "window": {"start_s": 5, "duration_s": 3}, "action": {...}}]}
 
-The plan decides; the edges execute. Request-level edges (HTTPS, MQTT, and any other
-transport) call `Faults.decide(transport, operation, registration_id)` once per request;
-the listeners call `Faults.on_connection(transport)` once per accepted connection. Both
-return a `FaultAction` or None. Nothing here does I/O, so a plan can be tested alone.
+The plan decides; the edges execute. Request-level edges (HTTPS, MQTT, AMQP) call
+`Faults.decide(transport, operation, registration_id)` once per request; the listeners
+call `Faults.on_connection(transport)` once per accepted connection. Both return a
+`FaultAction` or None. Nothing here does I/O, so a plan can be tested alone.
+
+A protocol carried inside a WebSocket runs its own loop unchanged, inside
+`carried_over("websocket")`: its requests then match rules naming `websocket` as well as
+rules naming the inner protocol (`mqtt`, `amqp`); docs/emulator.md ("Fault plans").
 
 Rules are read in order. A rule whose `match` fits is counted as matched; it fires when
 every condition it names holds (its seeded draw against `probability`, its match number
@@ -20,12 +24,14 @@ same plan and the same order of requests give the same fired sequence.
 
 from __future__ import annotations
 
+import contextvars
 import fnmatch
 import json
 import random
 import threading
 import time
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
 from .errors import Reply, error_reply
@@ -93,8 +99,8 @@ class Rule:
     connection_level: bool
     source: dict
 
-    def selects(self, transport: str, operation: str | None, registration_id: str | None) -> bool:
-        if self.transports is not None and transport not in self.transports:
+    def selects(self, transports: tuple[str, ...], operation: str | None, registration_id: str | None) -> bool:
+        if self.transports is not None and self.transports.isdisjoint(transports):
             return False
         if self.operations is not None and operation not in self.operations:
             return False
@@ -318,6 +324,38 @@ def fault_reply(action: FaultAction | None) -> Reply | None:
 
 
 @dataclass
+class Carrier:
+    """The protocol a connection's loop runs inside (a WebSocket), and the last request
+    action decided under it, so the carrier's edge knows an answer was to be lost."""
+
+    name: str
+    last: FaultAction | None = None
+
+    @property
+    def dropped(self) -> bool:
+        return self.last is not None and self.last.drops_after_request
+
+
+_CARRIER: contextvars.ContextVar[Carrier | None] = contextvars.ContextVar("fault_carrier", default=None)
+
+
+@contextmanager
+def carried_over(name: str):
+    """Run an inner protocol's loop as carried by `name` (a `Carrier` is yielded)."""
+    carrier = Carrier(name)
+    token = _CARRIER.set(carrier)
+    try:
+        yield carrier
+    finally:
+        _CARRIER.reset(token)
+
+
+def _names(transport: str) -> tuple[str, ...]:
+    carrier = _CARRIER.get()
+    return (transport,) if carrier is None else (carrier.name, transport)
+
+
+@dataclass
 class RuleState:
     rng: random.Random
     matched: int = 0
@@ -358,15 +396,24 @@ class Faults:
         """What to do to one request (None: serve it normally)."""
         if self._plan is None:
             return None
-        return self._walk(transport, operation, registration_id, now, connection=False)
+        action = self._walk(_names(transport), operation, registration_id, now, connection=False)
+        carrier = _CARRIER.get()
+        if carrier is not None:
+            carrier.last = action
+        return action
 
-    def on_connection(self, transport: str, now: float | None = None) -> FaultAction | None:
-        """What to do to one accepted connection, before its TLS handshake (None: serve it)."""
+    def on_connection(self, transport: str, now: float | None = None, *,
+                      named_only: bool = False) -> FaultAction | None:
+        """What to do to one accepted connection, before its TLS handshake (None: serve it).
+
+        `named_only`: only rules that name a transport (a WebSocket upgrade, whose
+        connection already met the rules for every transport when it was accepted)."""
         if self._plan is None:
             return None
-        return self._walk(transport, None, None, now, connection=True)
+        return self._walk(_names(transport), None, None, now, connection=True, named_only=named_only)
 
-    def _walk(self, transport, operation, registration_id, now, connection: bool) -> FaultAction | None:
+    def _walk(self, transports, operation, registration_id, now, connection: bool,
+              named_only: bool = False) -> FaultAction | None:
         with self._lock:
             plan = self._plan
             if plan is None:
@@ -374,7 +421,9 @@ class Faults:
             elapsed = (self.clock() if now is None else now) - self._started
             latency = 0.0
             for rule, state in zip(plan.rules, self._states):
-                if rule.connection_level != connection or not rule.selects(transport, operation, registration_id):
+                if rule.connection_level != connection or not rule.selects(transports, operation, registration_id):
+                    continue
+                if named_only and rule.transports is None:
                     continue
                 state.matched += 1
                 if not self._fires(rule, state, elapsed):

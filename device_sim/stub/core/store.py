@@ -9,8 +9,14 @@ at the cost of an fsync per registration.
 
 Threads: one connection guarded by a lock; SQLite itself is fast enough that callers
 never wait long, and a single connection avoids SQLITE_BUSY between our own threads.
-Another process may use the same file (busy timeout 5 s); its changes are noticed via
-`PRAGMA data_version` and invalidate the in-memory caches.
+Processes: the workers of `stub serve --workers N` (and any other process) use the same
+file. Writes start with BEGIN IMMEDIATE, so a writer waits for the write lock up front
+(busy timeout 5 s) instead of failing a read-then-write upgrade with SQLITE_BUSY. Another
+process's commits are noticed via `PRAGMA data_version`; the walk view is rebuilt only
+when the `shared` row "walk" (bumped by every entry or CA change) moved. The `shared`
+table also carries what the workers must agree on (the live fault plan), `quota_events`
+the service-operation quota window they share, and `worker_reports` what each worker
+publishes about itself (docs/scaling.md).
 
 Write checks: a document is stored only if it could be read back and walked: it must
 serialise as plain JSON and nest at most MAX_STORED_DEPTH levels (the request bodies are
@@ -83,7 +89,25 @@ CREATE TABLE IF NOT EXISTS operations (
     body TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS operations_registration ON operations (id_key);
+CREATE TABLE IF NOT EXISTS shared (
+    key TEXT PRIMARY KEY,
+    version INTEGER NOT NULL,
+    doc TEXT
+);
+CREATE TABLE IF NOT EXISTS quota_events (
+    kind TEXT NOT NULL,
+    at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS quota_events_kind ON quota_events (kind, at);
+CREATE TABLE IF NOT EXISTS worker_reports (
+    idx INTEGER PRIMARY KEY,
+    doc TEXT NOT NULL
+);
 """
+
+# The `shared` row whose version counts changes to entries and CA certificates, so that
+# another process rebuilds its walk view only for those, not for every registration.
+WALK_KEY = "walk"
 
 
 @dataclass(frozen=True)
@@ -192,6 +216,8 @@ class Store:
         self._conn.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
         self._conn.execute("PRAGMA foreign_keys=ON")
         self._cache_key: tuple[int, int] | None = None
+        self._seen_versions: dict[str, int] = {}  # data_version each reader saw last
+        self._walk_version = 0
         self._generation = 0
         self._view: WalkView | None = None
         # Outlives the views: its answers depend only on the two certificates of a link.
@@ -242,18 +268,92 @@ class Store:
     # -- walk view and caches -----------------------------------------------------------
 
     def _changed(self) -> None:
-        """Entries or CA certificates changed through this connection: rebuild the view.
+        """Entries or CA certificates changed through this connection: rebuild the view,
+        here and (through the "walk" version) in every other process.
         (Registrations and operations do not touch it, so the hot path keeps its cache.)"""
         self._generation += 1
+        self._bump_shared(WALK_KEY)
 
     def walk_view(self) -> WalkView:
         """The snapshot `enrollment_walk.decide` reads; rebuilt only after a change."""
         with self._lock:
-            key = (self._conn.execute("PRAGMA data_version").fetchone()[0], self._generation)
+            key = (self._walk_version_now(), self._generation)
             if key != self._cache_key or self._view is None:
                 self._view = self._build_view()
                 self._cache_key = key
             return self._view
+
+    def _walk_version_now(self) -> int:
+        if self._others_committed(WALK_KEY):
+            self._walk_version = self.shared_version(WALK_KEY)
+        return self._walk_version
+
+    def _others_committed(self, reader: str) -> bool:
+        """True when another connection committed since `reader` last asked (first: True)."""
+        version = self._conn.execute("PRAGMA data_version").fetchone()[0]
+        changed = version != self._seen_versions.get(reader)
+        self._seen_versions[reader] = version
+        return changed
+
+    # -- what the worker processes share -----------------------------------------------
+
+    def _bump_shared(self, key: str, doc: str | None = None, keep_doc: bool = True) -> int:
+        with self.transaction() as db:
+            db.execute("INSERT INTO shared VALUES (?, 1, ?) ON CONFLICT (key) DO UPDATE SET"
+                       " version = version + 1" + ("" if keep_doc else ", doc = excluded.doc"),
+                       (key, doc))
+            return db.execute("SELECT version FROM shared WHERE key = ?", (key,)).fetchone()[0]
+
+    def put_shared(self, key: str, doc: object) -> int:
+        """Store a document every process sees (JSON, None allowed); its new version."""
+        return self._bump_shared(key, None if doc is None else json.dumps(doc), keep_doc=False)
+
+    def get_shared(self, key: str) -> tuple[int, object]:
+        """(version, document) of a shared row; (0, None) when never set."""
+        rows = self._query("SELECT version, doc FROM shared WHERE key = ?", (key,))
+        if not rows:
+            return 0, None
+        version, doc = rows[0]
+        return version, None if doc is None else json.loads(doc)
+
+    def shared_version(self, key: str) -> int:
+        rows = self._query("SELECT version FROM shared WHERE key = ?", (key,))
+        return rows[0][0] if rows else 0
+
+    def changed_elsewhere(self, reader: str) -> bool:
+        """Whether another process committed since `reader` last asked: a cheap check
+        (no table read) before looking at a shared row."""
+        with self._lock:
+            return self._others_committed(reader)
+
+    def publish_worker(self, index: int, doc: dict) -> None:
+        """What worker `index` says about itself (pid, connections, fault counters)."""
+        with self.transaction() as db:
+            db.execute("INSERT OR REPLACE INTO worker_reports VALUES (?, ?)", (index, json.dumps(doc)))
+
+    def worker_reports(self) -> dict[int, dict]:
+        return {index: json.loads(doc) for index, doc in
+                self._query("SELECT idx, doc FROM worker_reports ORDER BY idx")}
+
+    def begin_run(self) -> None:
+        """A new `--workers` run starts: the reports and quota windows of an earlier one
+        are not about it."""
+        with self.transaction() as db:
+            db.execute("DELETE FROM worker_reports")
+            db.execute("DELETE FROM quota_events")
+
+    def admit_window(self, kind: str, limit: int, seconds: float, now: float) -> float | None:
+        """One sliding window every process shares (`core/quotas.py`): None when a request
+        at `now` (CLOCK_MONOTONIC, the same in every process) is admitted, else the time
+        the oldest admitted one arrived."""
+        with self.transaction() as db:
+            db.execute("DELETE FROM quota_events WHERE kind = ? AND at <= ?", (kind, now - seconds))
+            count, oldest = db.execute("SELECT count(*), min(at) FROM quota_events WHERE kind = ?",
+                                       (kind,)).fetchone()
+            if count < limit:
+                db.execute("INSERT INTO quota_events VALUES (?, ?)", (kind, now))
+                return None
+            return oldest
 
     def _build_view(self) -> WalkView:
         verified: dict[str, x509.Certificate] = {}

@@ -5,8 +5,10 @@
 anything with `recv(size, timeout)`, `sendall(data)` and `presented_chain()`: a
 `TlsStream` on the AMQP port, or a WebSocket stream (subprotocol `AMQPWSB10`) on the
 device HTTPS port, so the core sees the TLS chain as the device sent it either way.
-`amqp_listener` puts it on a `TlsListener` (thread per connection). docs/emulator.md
-("AMQP") describes the messages.
+`amqp_listener` puts it on a `TlsListener` (thread per connection), which carries out a
+fault plan's connection-level actions; the session asks the plan about each request and
+this loop waits its latency or drops the connection. docs/emulator.md ("AMQP", "Fault
+plans") describes the messages and the faults.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Callable
 
 from OpenSSL import SSL
 
-from device_sim.stub.net.listener import Limits, TlsListener
+from device_sim.stub.net.listener import Limits, TlsListener, pause, reset_socket
 from device_sim.stub.net.log import log_stderr
 from device_sim.stub.net.tls_context import UnreadablePeerChain, device_context
 
@@ -36,7 +38,8 @@ def serve_amqp(stream, api, limits: Limits, max_body: int,
         chain = stream.presented_chain()
     except UnreadablePeerChain:
         chain = []  # an unreadable certificate authenticates nobody: requests answer 401
-    session = DpsAmqpSession(api, chain, max_body, note=lambda message: _note(log, f"amqp: {message}"))
+    session = DpsAmqpSession(api, chain, max_body, note=lambda message: _note(log, f"amqp: {message}"),
+                             faults=getattr(api, "faults", None))
     try:
         _serve(stream, session, limits)
     except (OSError, SSL.Error):
@@ -69,6 +72,8 @@ def _serve(stream, session, limits: Limits) -> None:
             stream.sendall(session.output())
             return
         session.receive(data)
+        if not _carry_out_faults(stream, session):
+            return
         stream.sendall(session.output())
         if session.progressed:
             session.progressed = False
@@ -77,6 +82,17 @@ def _serve(stream, session, limits: Limits) -> None:
             message_deadline = message_deadline or time.monotonic() + limits.request_timeout
         else:
             message_deadline = None
+
+
+def _carry_out_faults(stream, session) -> bool:
+    """Wait a fault plan's latency; False when the connection is to be dropped instead
+    (its answer lost: the caller closes it, or it is reset here)."""
+    if session.delay:
+        pause(stream, session.delay)
+        session.delay = 0.0
+    if session.dropped == "reset":
+        reset_socket(stream.sock)
+    return session.dropped is None
 
 
 def _note(log: Callable[[str], None] | None, message: str) -> None:
@@ -119,7 +135,8 @@ def amqp_listener(api, context, host: str = "127.0.0.1", port: int = DEFAULT_POR
     limits = limits or Limits()
     log = log or log_stderr
     handler = stream_handler(api, limits, max_body, log)
-    return TlsListener("amqp", "amqps", host, port, context, handler, limits=limits, url_host=url_host, log=log)
+    return TlsListener("amqp", "amqps", host, port, context, handler, limits=limits, url_host=url_host, log=log,
+                       faults=getattr(api, "faults", None), transport="amqp")
 
 
 def start_amqp_listener(api, identity, host: str = "127.0.0.1", port: int = DEFAULT_PORT, **kwargs) -> TlsListener:

@@ -30,6 +30,10 @@ version is the link attach property `com.microsoft:api-version`, else the defaul
 API version (older C SDKs send none). Replies carry the request's correlation-id (its
 message-id when it had none), the JSON body in a data section, `iotdps-status` and, on
 `202`, `retry-after` (seconds, as text).
+
+A fault plan (`core.faults`) is asked once per DPS request message, as `amqp` with the
+operation names of `FAULT_OPERATIONS`; its answer takes the core's place, and what needs
+I/O (`delay`, `dropped`) is left for the loop in `net/amqp.py` to carry out.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ from proton import Collector, Condition, Connection, Delivery, Endpoint, Event, 
 
 from device_sim.common import dps
 from device_sim.stub.core import errors
+from device_sim.stub.core.faults import fault_reply
 
 OPERATION_TYPE = "iotdps-operation-type"
 OPERATION_ID = "iotdps-operation-id"
@@ -116,9 +121,20 @@ def _body_bytes(body) -> bytes | None:
     return None  # a map, list or number is no DeviceRegistration JSON
 
 
+# A request's operation type as a fault plan's `operation` names it.
+FAULT_OPERATIONS = {REGISTER: "register", GET_OPERATION_STATUS: "poll", GET_REGISTRATION: "status_lookup"}
+
+
+def fault_operation(message: Message) -> str | None:
+    """The plan's name for a request (None: not a DPS request, the core refuses it)."""
+    return FAULT_OPERATIONS.get((message.properties or {}).get(OPERATION_TYPE))
+
+
 def call_api(api, address: LinkAddress, api_version: str, chain: Sequence[x509.Certificate],
-             message: Message):
-    """The core's `Reply` for one request message (edge-level refusals shaped by the core too)."""
+             message: Message, hold: float | None = None):
+    """The core's `Reply` for one request message (edge-level refusals shaped by the core too).
+
+    `hold`: a fault plan's `assigning_s` for a register."""
     properties = message.properties or {}
     operation = properties.get(OPERATION_TYPE)
     scope, registration_id = address.id_scope, address.registration_id
@@ -128,7 +144,8 @@ def call_api(api, address: LinkAddress, api_version: str, chain: Sequence[x509.C
             return errors.error_reply(errors.BAD_REQUEST, "the request body must be DeviceRegistration "
                                       "JSON in a data section (or empty)")
         if operation == REGISTER:
-            return api.register(scope, registration_id, api_version, chain, body)
+            extra = {"hold": hold} if hold else {}
+            return api.register(scope, registration_id, api_version, chain, body, **extra)
         return api.registration_status(scope, registration_id, api_version, chain, body)
     if operation == GET_OPERATION_STATUS:
         operation_id = properties.get(OPERATION_ID)
@@ -149,19 +166,26 @@ def _header(headers: Mapping[str, str], name: str) -> str | None:
 
 
 def answer_for(reply, request: Message) -> Answer:
-    """A core `Reply` as DPS answers it over AMQP."""
+    """A core `Reply` as DPS answers it over AMQP.
+
+    A `bytes` body (a fault plan's non-JSON answer) goes out as it is: the rejection's
+    description, or the reply's data section typed text/html without `iotdps-status`."""
     retry_after = dps.parse_retry_after(_header(reply.headers, "retry-after"))
+    raw = isinstance(reply.body, bytes)
     if reply.status >= 400:
         info = {RETRY_AFTER: str(retry_after)} if retry_after is not None else None
         name = _CONDITIONS.get(reply.status, "amqp:internal-error" if reply.status >= 500 else "amqp:invalid-field")
-        return Answer(rejection=Condition(name, json.dumps(reply.body, separators=(",", ":")), info))
-    body = reply.body or {}
-    properties = {STATUS: str(body.get("status", ""))}
+        description = reply.body.decode("utf-8", "replace") if raw else json.dumps(reply.body, separators=(",", ":"))
+        return Answer(rejection=Condition(name, description, info))
+    properties = {}
+    if not raw:
+        properties[STATUS] = str((reply.body or {}).get("status", ""))
     if retry_after is not None:
         properties[RETRY_AFTER] = str(retry_after)
     correlation = request.correlation_id if request.correlation_id is not None else request.id
-    message = Message(body=json.dumps(body, separators=(",", ":")).encode(), inferred=True,
-                      correlation_id=correlation, content_type="application/json", properties=properties)
+    data = reply.body if raw else json.dumps(reply.body or {}, separators=(",", ":")).encode()
+    message = Message(body=data, inferred=True, correlation_id=correlation,
+                      content_type="text/html" if raw else "application/json", properties=properties)
     return Answer(reply=message)
 
 
@@ -174,9 +198,15 @@ class DpsAmqpSession:
     """
 
     def __init__(self, api, chain: Sequence[x509.Certificate], max_body: int,
-                 note: Callable[[str], None] | None = None):
+                 note: Callable[[str], None] | None = None, faults=None):
         self.api = api
         self.chain = chain
+        self.faults = faults  # core.faults.Faults, asked once per DPS request
+        # What the I/O loop carries out for a fault plan: seconds to wait before the
+        # output goes (it sets this back to 0), and a drop after the request ("close" or
+        # "reset": nothing more is sent, not even the output already made).
+        self.delay = 0.0
+        self.dropped: str | None = None
         self.max_message = max_body + MESSAGE_OVERHEAD
         self.note = note or (lambda message: None)
         self.progressed = False  # a protocol step completed since the I/O loop last looked
@@ -199,7 +229,7 @@ class DpsAmqpSession:
 
     def receive(self, data: bytes) -> None:
         view = memoryview(data)
-        while view:
+        while view and self.dropped is None:
             capacity = self.transport.capacity()
             if capacity < 0:
                 return  # the engine stopped reading (error or close): the rest is ignored
@@ -253,7 +283,7 @@ class DpsAmqpSession:
     # -- protocol events ----------------------------------------------------------------
 
     def _process(self) -> None:
-        while (event := self.collector.peek()) is not None:
+        while self.dropped is None and (event := self.collector.peek()) is not None:
             try:
                 self._dispatch(event)
             finally:
@@ -364,8 +394,9 @@ class DpsAmqpSession:
             delivery.update(Delivery.REJECTED)
             delivery.settle()
             return
-        answer = answer_for(call_api(self.api, link.dps_address, link.dps_api_version, self.chain, message),
-                            message)
+        answer = answer_for(self._reply(link, message), message)
+        if self.dropped is not None:
+            return  # processed, and its answer lost with the connection
         if answer.rejection is not None:
             delivery.local.condition = answer.rejection
             delivery.update(Delivery.REJECTED)
@@ -379,6 +410,22 @@ class DpsAmqpSession:
             return
         self._queued.append((link.dps_address.key, answer.reply))
         self._send_queued()
+
+    def _reply(self, link, message: Message):
+        """The core's reply, or the fault plan's in its place (docs/emulator.md, "Fault plans")."""
+        operation = fault_operation(message)
+        action = None
+        if self.faults is not None and operation is not None:
+            action = self.faults.decide("amqp", operation, link.dps_address.registration_id)
+        reply = fault_reply(action)
+        if reply is None:
+            hold = action.assigning_s if action is not None else None
+            reply = call_api(self.api, link.dps_address, link.dps_api_version, self.chain, message, hold)
+        if action is not None:
+            self.delay += action.latency_s
+            if action.drops_after_request:
+                self.dropped = "reset" if action.reset == "after_request" else "close"
+        return reply
 
     def _send_queued(self) -> None:
         waiting = []

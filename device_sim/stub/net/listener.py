@@ -36,6 +36,10 @@ class Limits:
     # A connection thread left waiting for this long exits (the last one stays), so the
     # threads, and their stacks, of a flood are released once it is over.
     spare_thread_timeout: float = 30.0
+    # `stub serve --workers N`: every worker process binds the same ports with SO_REUSEPORT
+    # and the kernel spreads new connections over their sockets (docs/scaling.md).
+    # "first": the first worker, which must find the port free; "join": the others.
+    share_port: str = ""
 
 
 class ListenError(OSError):
@@ -52,17 +56,37 @@ class ListenError(OSError):
         self.name, self.host, self.port, self.reason = name, host, port, reason
 
 
-def _bound_socket(name: str, host: str, port: int) -> socket.socket:
+def _bound_socket(name: str, host: str, port: int, share_port: str = "") -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    if share_port == "first" and port:
+        _probe_free(name, family, host, port)
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if share_port:
+            # Set on the first socket too: Linux lets a socket join a port only when every
+            # socket on it asked for sharing, and only for the same user.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((host, port))
         sock.listen(1024)
     except OSError as exc:
         sock.close()
         raise ListenError(name, host, port, exc) from None
     return sock
+
+
+def _probe_free(name: str, family: int, host: str, port: int) -> None:
+    """EADDRINUSE when another socket holds the port, even one that shares it: with
+    SO_REUSEPORT alone, a second emulator of the same user would silently take half the
+    connections of the first."""
+    probe = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind((host, port))
+    except OSError as exc:
+        raise ListenError(name, host, port, exc) from None
+    finally:
+        probe.close()
 
 
 def reset_socket(sock: socket.socket) -> None:
@@ -159,7 +183,8 @@ class TlsListener:
         self.limits = limits or Limits()
         self.on_not_tls = on_not_tls
         self.log = log or log_stderr
-        self._sock = _bound_socket(name, host, port)
+        self._sock = _bound_socket(name, host, port, self.limits.share_port)
+        self.accepted = 0  # connections taken by this process (`stub status` per worker)
         self._sock.setblocking(False)  # threads wait in epoll; a lost race to accept is EAGAIN
         self._wake_read, self._wake_write = os.pipe()
         self.port = self._sock.getsockname()[1]
@@ -230,6 +255,7 @@ class TlsListener:
                     continue
                 with self._pool_lock:
                     self._waiting -= 1
+                    self.accepted += 1
                     grow = self._waiting == 0
                 if grow:
                     self._spawn()  # keep one thread waiting while this one serves

@@ -12,7 +12,13 @@ Which loop runs is looked up in a `Subprotocols` registry the server wires
 (`StubApp.websocket_subprotocols`). A front end adds its own with
 `register_subprotocol(name, handler)`, `handler(stream)` being the same callable its
 `TlsListener` runs. An upgrade nobody can serve is refused with a DPS-style JSON error.
-docs/emulator.md ("WebSockets") describes what a client gets.
+
+Fault plans: the connection met the plan's rules for every transport when the device port
+accepted it (as `https`); at the upgrade, rules naming `websocket` or the inner protocol
+(`mqtt`, `amqp`) get their connection-level turn (before `101`), and the inner loop runs
+inside `faults.carried_over("websocket")`, so its requests match both names. A request
+whose answer the plan drops ends the connection without a close frame, as a real drop
+would. docs/emulator.md ("WebSockets", "Fault plans") describes what a client gets.
 """
 
 from __future__ import annotations
@@ -33,7 +39,9 @@ from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 
 from device_sim.stub.core import errors
 from device_sim.stub.core.errors import error_reply
+from device_sim.stub.core.faults import carried_over
 from device_sim.stub.net import http
+from device_sim.stub.net.listener import reset_socket
 
 PATH = "/$iothub/websocket"  # the only path the official SDKs upgrade
 MQTT = "mqtt"
@@ -95,6 +103,16 @@ class WebSocketStream:
 
     def presented_chain(self) -> list[x509.Certificate]:
         return self.stream.presented_chain()
+
+    # What `listener.pause` and `listener.reset_socket` use of a TlsStream (a fault
+    # plan's latency and reset, carried out by the inner protocol's loop).
+    @property
+    def turn(self):
+        return self.stream.turn
+
+    @property
+    def sock(self):
+        return self.stream.sock
 
     def recv(self, size: int, timeout: float) -> bytes:
         """Up to `size` bytes of message data; b"" once the WebSocket is closed."""
@@ -197,20 +215,28 @@ def is_websocket_upgrade(request: http.Request) -> bool:
 
 
 def upgrade_handler(subprotocols: Subprotocols, max_message: int = DEFAULT_MAX_MESSAGE,
-                    log: Callable[[str], None] | None = None) -> UpgradeHandler:
-    """What `http.serve_http` calls with each request: True when it took the connection over."""
+                    log: Callable[[str], None] | None = None, faults=None) -> UpgradeHandler:
+    """What `http.serve_http` calls with each request: True when it took the connection over.
+
+    `faults`: the emulator's `core.faults.Faults` (None: no plan spoils WebSockets)."""
 
     def upgrade(stream, request: http.Request, buffered: bytes) -> bool:
         if not is_websocket_upgrade(request):
             return False
-        serve_websocket(stream, request, buffered, subprotocols, max_message, log)
+        serve_websocket(stream, request, buffered, subprotocols, max_message, log, faults)
         return True
 
     return upgrade
 
 
+# The fault plan's transport name for what runs inside each subprotocol.
+INNER_TRANSPORTS = {MQTT: "mqtt", AMQP: "amqp"}
+CARRIER = "websocket"
+
+
 def serve_websocket(stream, request: http.Request, buffered: bytes, subprotocols: Subprotocols,
-                    max_message: int = DEFAULT_MAX_MESSAGE, log: Callable[[str], None] | None = None) -> None:
+                    max_message: int = DEFAULT_MAX_MESSAGE, log: Callable[[str], None] | None = None,
+                    faults=None) -> None:
     """Answer the upgrade request and run the chosen subprotocol's loop to its end.
 
     Deadlines: the request itself was read under the HTTP ones; after the upgrade the
@@ -220,19 +246,53 @@ def serve_websocket(stream, request: http.Request, buffered: bytes, subprotocols
         _refuse(stream, accepted)
         return
     ws, name = accepted
-    try:
-        stream.sendall(ws.send(AcceptConnection(subprotocol=name)))
-    except (OSError, SSL.Error):
-        return
-    ws_stream = WebSocketStream(stream, ws, name, max_message, log)
-    try:
-        if buffered:
-            ws.receive_data(buffered)  # frames the client sent right behind its request
-        subprotocols.handler(name)(ws_stream)
-    except (OSError, SSL.Error, TimeoutError):
-        pass  # the client vanished or stalled; the close below says goodbye if it can
-    finally:
-        ws_stream.close()
+    inner = INNER_TRANSPORTS.get(name, name)
+    with carried_over(CARRIER) as carrier:
+        if faults is not None and _spoiled_upgrade(stream, faults.on_connection(inner, named_only=True)):
+            return
+        try:
+            stream.sendall(ws.send(AcceptConnection(subprotocol=name)))
+        except (OSError, SSL.Error):
+            return
+        ws_stream = WebSocketStream(stream, ws, name, max_message, log)
+        try:
+            if buffered:
+                ws.receive_data(buffered)  # frames the client sent right behind its request
+            subprotocols.handler(name)(ws_stream)
+        except (OSError, SSL.Error, TimeoutError):
+            pass  # the client vanished or stalled; the close below says goodbye if it can
+        finally:
+            if not carrier.dropped:  # a dropped answer ends without a close frame (code 1006)
+                ws_stream.close()
+
+
+def _spoiled_upgrade(stream, fault) -> bool:
+    """Carry out a connection-level fault at the upgrade; True when it took the connection.
+
+    The device port learns a connection is a WebSocket only from its upgrade request, after
+    TLS: `before_tls` and `after_tls` both mean "instead of 101" here."""
+    if fault is None:
+        return False
+    if fault.refuse or fault.reset is not None:
+        reset_socket(stream.sock)
+        return True
+    if fault.close is not None:
+        return True  # the listener closes the TLS connection: close_notify, then FIN
+    if fault.silent_s is not None:
+        _stay_silent(stream, fault.silent_s)
+        return True
+    return False
+
+
+def _stay_silent(stream, seconds: float) -> None:
+    """Read and drop what the client sends, answer nothing, until it leaves or time is up."""
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        try:
+            if not stream.recv(READ_CHUNK, left):
+                return
+        except (TimeoutError, OSError, SSL.Error):
+            return
 
 
 def _handshake(request: http.Request, subprotocols: Subprotocols):
