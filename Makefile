@@ -44,7 +44,7 @@ sysdeps:
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test,distributed]'
 	touch $(STAMP)
 
 # The official azure-iot-device SDK pins paho-mqtt < 2, which the test extras cannot share:

@@ -76,23 +76,23 @@ def add_subparser(subparsers) -> None:
     run.add_argument("--plot", metavar="FILE",
                      help="draw throughput, latency and outcomes over time (.png, .svg, .pdf or .html)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.add_argument("--scheduler", metavar="tcp://HOST:PORT",
+                     help="run on every worker of this Dask scheduler, each over the devices of its own "
+                          "state directory, and merge the reports (docs/fleet.md, 'Across machines')")
     run.set_defaults(func=cmd_run)
 
 
 def cmd_run(args) -> int:
+    if args.scheduler:
+        from device_sim.cli.fleet_scheduler import cmd_run_distributed
+        return cmd_run_distributed(args)
     _check_numbers(args)
     threads = {} if args.event_loop_threads is None else {"event_loop_threads": args.event_loop_threads}
     settings = FleetSettings(concurrency=args.concurrency, timeout=args.timeout, rate=args.rate,
                              ramp=args.ramp, **threads)  # checks its numbers
     home = ensure_home(args.home)
     target = register_cli.resolve_target(args, home)
-    for option, path in (("--json", args.json), ("--plot", args.plot), ("--records", args.records)):
-        if path and not Path(path).resolve().parent.is_dir():
-            raise UserError(f"{option} {path}: the folder does not exist")
-    if args.records and args.json and Path(args.records).resolve() == Path(args.json).resolve():
-        raise UserError(f"--records {args.records}: the same file as --json; name another")
-    if args.plot:
-        plot.check_format(Path(args.plot))
+    check_outputs(args)
     selection = identities.Selection(home, prefix=args.prefix, list_file=args.devices, limit=args.limit)
     module_path = module.resolve_module(args.module, home)
     pin = pins.resolve_pin(args.pin_file)
@@ -147,6 +147,17 @@ def records_file(args, home: Path) -> Path:
     tmp.symlink_to(path.name)
     tmp.replace(latest)
     return path
+
+
+def check_outputs(args) -> None:
+    """--json, --plot and --records can be written (checked before any device starts)."""
+    for option, path in (("--json", args.json), ("--plot", args.plot), ("--records", args.records)):
+        if path and not Path(path).resolve().parent.is_dir():
+            raise UserError(f"{option} {path}: the folder does not exist")
+    if args.records and args.json and Path(args.records).resolve() == Path(args.json).resolve():
+        raise UserError(f"--records {args.records}: the same file as --json; name another")
+    if args.plot:
+        plot.check_format(Path(args.plot))
 
 
 def _check_numbers(args) -> None:

@@ -18,6 +18,9 @@ GNUTLS_MAX_TOKENS = 47
 
 
 def cmd_fleet_create(args) -> int:
+    if args.scheduler:
+        from device_sim.cli.fleet_scheduler import cmd_create_distributed
+        return cmd_create_distributed(args)
     pins = pin_book(args)
     ids = fleet.fleet_ids(args.prefix, args.count, args.start)
     so_pin = lazy(lambda: resolve_pin(args.so_pin_file, env=ENV_SO_PIN, what="SO PIN"))
@@ -68,6 +71,9 @@ def add_verbs(group) -> None:
                    help="worker processes, each working on its own shard tokens (default 1)")
     p.add_argument("--days", type=int, default=identities.DEFAULT_DEVICE_DAYS, help="validity in days")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--scheduler", metavar="tcp://HOST:PORT",
+                   help="make the keys on the workers of this Dask scheduler, each in its own tokens, "
+                        "certified by --ca here (docs/fleet.md, 'Across machines')")
     add_key_argument(p, help_what="device key")
     token_options(p, ca_pin=True, so_pin=True, ca_module=True)
     json_option(p, cmd_fleet_create)
