@@ -3,7 +3,6 @@ same verbs spread over the workers of a Dask scheduler (docs/fleet.md, "Across m
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -12,7 +11,6 @@ from tqdm import tqdm
 from device_sim.cli import register as register_cli
 from device_sim.cli.durations import human_duration
 from device_sim.common.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_SOME_NOT_ASSIGNED, UserError
-from device_sim.common.files import write_atomic
 from device_sim.common.home import ensure_home
 from device_sim.fleet import plot
 from device_sim.fleet.report import render_text
@@ -25,14 +23,12 @@ _WORKER_SIDE = ("each worker uses its own state directory ($DEVICE_SIM_HOME), mo
 
 
 def cmd_run_distributed(args) -> int:
-    from device_sim.cli.fleet import check_outputs
+    from device_sim.cli.fleet import check_outputs, records_file
     from device_sim.fleet import distributed
+    from device_sim.fleet.records import RunLog, read_records, write_json_report
     from device_sim.fleet.runner import FleetSettings
 
     _refuse_local_options(args, _RUN_LOCAL_ONLY)
-    if args.records:
-        raise UserError("--records is not written with --scheduler yet: --json FILE holds every record "
-                        "with its worker")
     threads = {} if args.event_loop_threads is None else {"event_loop_threads": args.event_loop_threads}
     FleetSettings(concurrency=args.concurrency, timeout=args.timeout, rate=args.rate, ramp=args.ramp,
                   **threads)  # checks the numbers
@@ -48,16 +44,19 @@ def cmd_run_distributed(args) -> int:
         bar.update(1)
         bar.set_postfix_str(", ".join(f"{k} {v}" for k, v in counts.most_common()), refresh=False)
 
+    records_path = records_file(args, home)
     try:
-        run = distributed.run_distributed(args.scheduler, job, rate=args.rate, on_record=on_record)
+        with RunLog(records_path) as log:  # the merged records go to disk as they come
+            run = distributed.run_distributed(args.scheduler, job, log, rate=args.rate, on_record=on_record)
     finally:
         bar.close()
-    run.report.settings = {
-        "devices": len(run.records), "scheduler": args.scheduler, "workers": len(run.workers),
+    settings = {
+        "devices": run.count, "scheduler": args.scheduler, "workers": len(run.workers),
         "concurrency_per_worker": args.concurrency, "rate": args.rate, "timeout": args.timeout,
         "transport": args.transport, "endpoint": target.endpoint, "id_scope": target.id_scope,
+        "records": str(records_path),
     }
-    summary = run.report.summary()
+    summary = run.summary(concurrency=args.concurrency * len(run.workers), rate=args.rate, ramp=args.ramp)
     print(render_text(summary))
     for name, tally in run.workers.items():
         outcomes = ", ".join(f"{k} {v}" for k, v in tally.outcomes.most_common()) or "-"
@@ -65,21 +64,16 @@ def cmd_run_distributed(args) -> int:
     for name in run.unplanned():
         print(f"device-sim: warning: worker {name} left before it said which devices it has: "
               "they are in no record of this report", file=sys.stderr)
+    print(f"records: {records_path}")
     if args.json:
-        _write_json(Path(args.json), {"settings": run.report.settings, "summary": summary,
-                                      "workers": {n: t.as_dict() for n, t in run.workers.items()},
-                                      "devices": run.records})
+        write_json_report(Path(args.json), log, settings=settings, summary=summary,
+                          extra={"workers": {n: t.as_dict() for n, t in run.workers.items()}})
     if args.plot:
-        plot.write_plot(Path(args.plot), run.records,  # the records name their worker
-                        f"device-sim fleet: {len(run.records)} devices on {len(run.workers)} workers",
-                        summary)
+        plot.write_plot(Path(args.plot), read_records(records_path),  # the records name their worker
+                        f"device-sim fleet: {run.count} devices on {len(run.workers)} workers", summary)
     if run.interrupted:
         return EXIT_INTERRUPTED
-    return EXIT_OK if run.all_assigned else EXIT_SOME_NOT_ASSIGNED
-
-
-def _write_json(path: Path, document: dict) -> None:
-    write_atomic(path, json.dumps(document, indent=1) + "\n")  # a reader never sees half a report
+    return EXIT_OK if run.all_assigned(summary) else EXIT_SOME_NOT_ASSIGNED
 
 
 def _refuse_local_options(args, options) -> None:
@@ -98,7 +92,7 @@ def cmd_create_distributed(args) -> int:
 
     _refuse_local_options(args, _CREATE_LOCAL_ONLY)
     if args.jobs != 1:
-        raise UserError(f"--jobs cannot go with --scheduler: each worker makes its share with "
+        raise UserError("--jobs cannot go with --scheduler: each worker makes its share with "
                         "'dask worker --nworkers'")
     ids = fleet.fleet_ids(args.prefix, args.count, args.start)
     pins = pin_book(args)

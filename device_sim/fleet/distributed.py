@@ -34,7 +34,8 @@ from device_sim.common import dask_shares
 from device_sim.common.errors import UserError
 from device_sim.device import registration as reg
 from device_sim.device.target import Target
-from device_sim.fleet.report import CANCELLED, DeviceResult, FleetReport
+from device_sim.fleet.records import RunLog
+from device_sim.fleet.report import CANCELLED, DeviceResult
 
 LOST = "lost"  # planned on a worker that left the cluster before the device's record came
 CHILD = "device_sim.fleet.distributed"
@@ -56,17 +57,21 @@ class WorkerTally:
 
 @dataclasses.dataclass
 class DistributedRun:
-    report: FleetReport
-    records: list[dict]        # every device's record, each with "worker"
+    log: RunLog                # every device's record, each with "worker" (on disk, not in memory)
+    count: int                 # records merged
+    wall_s: float
     workers: dict[str, WorkerTally]
     interrupted: bool = False
 
-    @property
-    def all_assigned(self) -> bool:
+    def summary(self, **bounds) -> dict:
+        """The merged summary (`RunLog.summary`; `bounds`: concurrency, rate, ramp)."""
+        return self.log.summary(wall_s=self.wall_s, interrupted=self.interrupted, **bounds)
+
+    def all_assigned(self, summary: dict) -> bool:
         """Every device assigned, and no worker lost (one lost before it said which devices
         it has leaves devices that are in no record)."""
         return not any(t.lost for t in self.workers.values()) and \
-            self.report.summary()["outcomes"].get(reg.ASSIGNED, 0) == len(self.records)
+            summary["outcomes"].get(reg.ASSIGNED, 0) == self.count
 
     def unplanned(self) -> list[str]:
         """Workers lost before they said which devices they would run."""
@@ -82,9 +87,9 @@ def child_job(*, prefix: str | None, settings: dict, target: Target, chain_to: s
                        "trust_pem": target.trust_pem.decode("ascii") if target.trust_pem else None}}
 
 
-def run_distributed(scheduler: str, job: dict, *, rate: float | None = None,
+def run_distributed(scheduler: str, job: dict, log: RunLog, *, rate: float | None = None,
                     on_record: Callable[[dict, Counter], None] | None = None) -> DistributedRun:
-    """Run `job` on every worker of `scheduler` and merge what comes back."""
+    """Run `job` on every worker of `scheduler` and merge what comes back into `log`."""
     client = dask_shares.connect(scheduler)
     shares = None
     try:
@@ -99,7 +104,7 @@ def run_distributed(scheduler: str, job: dict, *, rate: float | None = None,
             for index in sorted(ready):
                 count = tallies[worker_list[index].name].devices
                 shares.send(index, {"kind": "go", "rate": rate * count / total if rate and total else None})
-            return _collect_records(shares, plan, tallies, lost, on_record)
+            return _collect_records(shares, plan, tallies, lost, on_record, log)
     finally:
         if shares is not None:
             shares.close()
@@ -138,14 +143,13 @@ def _collect_plans(shares, plan: "_Plan", tallies: dict[str, WorkerTally]) -> tu
 
 
 def _collect_records(shares, plan: "_Plan", tallies: dict[str, WorkerTally], lost: set[int],
-                     on_record) -> DistributedRun:
-    records: list[dict] = []
+                     on_record, log: RunLog) -> DistributedRun:
     counts: Counter = Counter()
     started = time.monotonic()
     interrupted = False
 
     def add(record: dict) -> None:
-        records.append(record)
+        log.add(record)
         counts[record["status"]] += 1
         tallies[record["worker"]].outcomes[record["status"]] += 1
         if on_record:
@@ -179,16 +183,8 @@ def _collect_records(shares, plan: "_Plan", tallies: dict[str, WorkerTally], los
             add({**DeviceResult(registration_id, LOST, error_message=(
                 f"worker {name} left before this device's record came: its outcome is unknown")).to_dict(),
                 "worker": name})
-    return DistributedRun(report=summarise(records, wall, interrupted), records=records,
-                          workers=tallies, interrupted=interrupted)
-
-
-def summarise(records: list[dict], wall_s: float, interrupted: bool) -> FleetReport:
-    """The merged report of records that each name their worker (the one place records
-    become a summary)."""
-    fields = {f.name for f in dataclasses.fields(DeviceResult)}
-    return FleetReport(wall_s=wall_s, interrupted=interrupted,
-                       devices=[DeviceResult(**{k: v for k, v in r.items() if k in fields}) for r in records])
+    return DistributedRun(log=log, count=sum(counts.values()), wall_s=wall, workers=tallies,
+                          interrupted=interrupted)
 
 
 def _last_line(message: dict) -> str:

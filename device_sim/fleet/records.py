@@ -103,12 +103,13 @@ def read_records(path: Path | str) -> Iterator[dict]:
                 yield json.loads(line)
 
 
-def write_json_report(path: Path | str, log: RunLog, *, settings: dict, summary: dict) -> None:
+def write_json_report(path: Path | str, log: RunLog, *, settings: dict, summary: dict,
+                      extra: dict | None = None) -> None:
     """The --json document, written in pieces from the records file (never held whole):
-    {"settings", "summary", "records": path, "failed": [...all...], "devices": [...all...]}."""
+    {"settings", "summary", "records": path, ...extra, "failed": [...all...], "devices": [...all...]}."""
     with atomic_writer(path) as handle:
         head = {"settings": settings, "summary": summary,
-                "records": None if log.path is None else str(log.path)}
+                "records": None if log.path is None else str(log.path), **(extra or {})}
         handle.write(json.dumps(head, indent=1)[:-2].encode() + b',\n "failed": [')
         _write_items(handle, log.failed())
         handle.write(b'],\n "devices": [')

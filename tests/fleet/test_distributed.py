@@ -160,6 +160,11 @@ def test_run_merges_the_records_of_both_workers(world, created, tmp_path):
     assert {n: w["outcomes"] for n, w in data["workers"].items()} == \
         {"w1": {"assigned": 10}, "w2": {"assigned": 10}}
     assert "w1" in plot.read_text() and "w2" in plot.read_text()
+    # The merged records went to the coordinator's records file as they came.
+    lines = [json.loads(line) for line in (tmp_path / "report.jsonl").read_text().splitlines()]
+    assert sorted((d["registration_id"], d["worker"]) for d in lines) == \
+        sorted((d["registration_id"], d["worker"]) for d in data["devices"])
+    assert data["records"] == str(tmp_path / "report.jsonl")
 
 
 def test_options_of_the_coordinators_machine_are_refused(world):
