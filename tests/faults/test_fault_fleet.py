@@ -19,7 +19,7 @@ from device_sim.fleet.reconcile import reconcile
 from device_sim.testing import Emulator
 from stub_server.emulator_proc import REPO, stub_admin
 
-# The 1,000 devices: about 3 min on 2 idle cores (identities 56 s, the faulted run
+# The 1,000 devices: about 2 min on 2 idle cores (identities 52 s, the faulted run
 # 30 s, the live change 31 s); 6.5 min under heavy load.
 # bench/bench_faults.py runs the same 1,000 beside a clean run.
 COUNT = 1000
