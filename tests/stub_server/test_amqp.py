@@ -10,6 +10,7 @@ decision engine and store.
 from __future__ import annotations
 
 import json
+import selectors
 import socket
 import ssl
 import threading
@@ -396,7 +397,6 @@ class WebSocketRelay:
         self.tls = context.wrap_socket(socket.create_connection(("127.0.0.1", device_port), timeout=10),
                                        server_hostname="localhost")
         self.ws = WSConnection(ConnectionType.CLIENT)
-        self.lock = threading.Lock()
         self.accepted = self._upgrade()
         threading.Thread(target=self._run, daemon=True).start()
 
@@ -412,37 +412,36 @@ class WebSocketRelay:
                     return event
 
     def _run(self) -> None:
-        client, _ = self.listener.accept()
-        threading.Thread(target=self._upstream, args=(client,), daemon=True).start()
+        """One thread does every TLS read and write: an SSL socket read in one thread while
+        another writes to it can stall (the hang this test showed under a loaded suite)."""
         from wsproto.events import BytesMessage, CloseConnection, Ping
 
+        client, _ = self.listener.accept()
         try:
-            while data := self.tls.recv(65536):
-                with self.lock:
-                    self.ws.receive_data(data)
-                    events = list(self.ws.events())
-                for event in events:
-                    if isinstance(event, BytesMessage):
-                        client.sendall(event.data)
-                    elif isinstance(event, Ping):
-                        with self.lock:
-                            self.tls.sendall(self.ws.send(event.response()))
-                    elif isinstance(event, CloseConnection):
-                        return
+            with selectors.DefaultSelector() as selector:
+                selector.register(client, selectors.EVENT_READ, "client")
+                selector.register(self.tls, selectors.EVENT_READ, "tls")
+                while ready := {key.data for key, _ in selector.select(timeout=30)}:
+                    if "client" in ready:
+                        if not (data := client.recv(65536)):
+                            return
+                        self.tls.sendall(self.ws.send(BytesMessage(data=data)))
+                    while "tls" in ready or self.tls.pending():
+                        ready.discard("tls")
+                        if not (data := self.tls.recv(65536)):
+                            return
+                        self.ws.receive_data(data)
+                        for event in self.ws.events():
+                            if isinstance(event, BytesMessage):
+                                client.sendall(event.data)
+                            elif isinstance(event, Ping):
+                                self.tls.sendall(self.ws.send(event.response()))
+                            elif isinstance(event, CloseConnection):
+                                return
         except OSError:
             pass
         finally:
             client.close()
-
-    def _upstream(self, client) -> None:
-        from wsproto.events import BytesMessage
-
-        try:
-            while data := client.recv(65536):
-                with self.lock:
-                    self.tls.sendall(self.ws.send(BytesMessage(data=data)))
-        except OSError:
-            pass
 
     def close(self) -> None:
         for sock in (self.tls, self.listener):
