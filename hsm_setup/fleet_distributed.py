@@ -307,17 +307,6 @@ class _WorkerFactory(IdentityFactory):
         }
 
 
-def _child_main() -> int:
-    parent = dask_shares.Parent()
-    try:
-        return _make_share(parent)
-    except UserError as exc:
-        parent.send("error", message=str(exc))
-    except Exception as exc:  # say it to the coordinator: it waits for this share
-        parent.send("error", message=f"{type(exc).__name__}: {exc}")
-    return 2
-
-
 def _make_share(parent: dask_shares.Parent) -> int:
     from device_sim.common.home import ensure_home
     from hsm_setup import pins, tokens
@@ -418,4 +407,4 @@ def _missing_ids(home: Path, ids: list[str], ca_name: str, spec: KeySpec,
 
 
 if __name__ == "__main__":
-    sys.exit(_child_main())
+    sys.exit(dask_shares.run_child(_make_share))

@@ -26,7 +26,7 @@ import sys
 import threading
 import time
 import uuid
-from typing import Iterator
+from typing import Callable, Iterator
 
 from device_sim.common.errors import UserError
 
@@ -299,3 +299,16 @@ class Parent:
             while not self._inbox and not self.gone.is_set():
                 self._ready.wait()
             return self._inbox.pop(0) if self._inbox else None
+
+
+def run_child(share: Callable[["Parent"], int]) -> int:
+    """A share's child process: run `share`; any failure goes to the coordinator as one
+    "error" message (it waits for this share) and the child exits 2."""
+    parent = Parent()
+    try:
+        return share(parent)
+    except UserError as exc:
+        parent.send("error", message=str(exc))
+    except Exception as exc:  # say it to the coordinator: it waits for this share
+        parent.send("error", message=f"{type(exc).__name__}: {exc}")
+    return 2

@@ -231,17 +231,6 @@ class _Plan:
 
 # --- the child: one worker's share ----------------------------------------------------------
 
-def _child_main() -> int:
-    parent = dask_shares.Parent()
-    try:
-        return _run_share(parent)
-    except UserError as exc:
-        parent.send("error", message=str(exc))
-    except Exception as exc:  # say it to the coordinator: it waits for this share
-        parent.send("error", message=f"{type(exc).__name__}: {exc}")
-    return 2
-
-
 def _run_share(parent: dask_shares.Parent) -> int:
     from device_sim.common.home import ensure_home
     from device_sim.fleet import identities
@@ -322,4 +311,4 @@ def _target(spec: dict, home: Path) -> Target:
 
 
 if __name__ == "__main__":
-    sys.exit(_child_main())
+    sys.exit(dask_shares.run_child(_run_share))
