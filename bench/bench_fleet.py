@@ -72,13 +72,15 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def fleet_run(env, concurrency: int, count: int, report: Path) -> tuple[dict, float, float, float, float]:
+def fleet_run(env, concurrency: int, count: int, report: Path,
+              token_batch: int | None = None) -> tuple[dict, float, float, float, float]:
     """(report, wall seconds, peak RSS MiB of the fleet process alone, peak RSS MiB of it and
     its children (the token-slot child), CPU seconds of the fleet process)."""
     started = time.perf_counter()
     process = subprocess.Popen(
         [sys.executable, "-m", "device_sim.cli", "fleet", "run", "--emulator", "--concurrency", str(concurrency),
-         "--prefix", "bench-", "--limit", str(count), "--no-progress", "--json", str(report)],
+         "--prefix", "bench-", "--limit", str(count), "--no-progress", "--json", str(report),
+         *(("--token-batch", str(token_batch)) if token_batch is not None else ())],
         cwd=ROOT, env=env, stdout=subprocess.DEVNULL)
     own_peak = [float("nan")]
     watcher = threading.Thread(target=_watch_peak, args=(process.pid, own_peak), daemon=True)
@@ -151,6 +153,8 @@ def main() -> int:
                         help="devices per shard token (default: hsm-setup fleet create's)")
     parser.add_argument("--jobs", type=int, default=2, help="fleet create worker processes")
     parser.add_argument("--seconds", type=float, default=5.0, help="duration of each raw-limit measurement")
+    parser.add_argument("--token-batch", type=int, default=None,
+                        help="fleet run --token-batch (default: its own; 0 loads every token at once)")
     parser.add_argument("--keep", metavar="DIR", help="use (and keep) this state directory")
     args = parser.parse_args()
 
@@ -175,7 +179,7 @@ def main() -> int:
         cli(env, "device_sim.cli", "stub", "group", "create", "bench", "--ca-ref", "root")
         emulator_cpu = cpu_seconds(emulator.pid)
         report, run_wall, fleet_rss, with_children_rss, fleet_cpu = fleet_run(
-            env, args.concurrency, args.count, work / "report.json")
+            env, args.concurrency, args.count, work / "report.json", args.token_batch)
         emulator_cpu = cpu_seconds(emulator.pid) - emulator_cpu
         total_s = time.perf_counter() - total_started
         emulator_rss = peak_rss_mib(emulator.pid)
@@ -195,6 +199,10 @@ def main() -> int:
           + (" (made by an earlier run of this --keep DIR)" if args.keep else ""))
     print(f"fleet run:    {rate} registrations/s over {summary['wall_s']} s "
           f"(process wall {run_wall:.1f} s incl. start-up)")
+    batches = report["settings"].get("token_batches")
+    print(f"  SoftHSM token batches: {batches} of about {report['settings'].get('token_batch')} identities, "
+          f"{report['settings'].get('token_switch_s')} s switching" if batches else
+          "  SoftHSM token batches: none (every token loaded at once)")
     print("  latency ms  " + "  ".join(f"{k:>7}" for k in ("p50", "p90", "p99", "max")))
     for phase, stats in summary["latency_ms"].items():
         print(f"  {phase:<11} " + "  ".join(f"{stats[k] if stats[k] is not None else '-':>7}"

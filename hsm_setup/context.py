@@ -44,10 +44,12 @@ _initialised_with: dict[str, dict[str, str]] = {}
 class Pkcs11Library:
     """One PKCS#11 module as this run uses it (see the module docstring)."""
 
-    def __init__(self, path: str, home: Path):
+    def __init__(self, path: str, home: Path, softhsm_conf: Path | None = None):
         self.path = path
         self.home = Path(home)
         self._environment = module.softhsm_environment(path, self.home)
+        if softhsm_conf is not None and self._environment:  # a view of some tokens (fleet/token_views.py)
+            self._environment = {module.ENV_SOFTHSM_CONF: str(softhsm_conf)}
         self._lib = None
         self.generation = 0
         self._slots: dict[str, object] | None = None
@@ -171,15 +173,18 @@ class Pkcs11Library:
 class Pkcs11Context:
     """Everything PKCS#11 one run holds; see the module docstring."""
 
-    def __init__(self, home: Path):
+    def __init__(self, home: Path, *, softhsm_conf: Path | None = None):
+        """`softhsm_conf`: another SoftHSM configuration than the state directory's (a view
+        of some of its tokens, device_sim/fleet/token_views.py)."""
         self.home = Path(home)
+        self.softhsm_conf = softhsm_conf
         self._libraries: dict[str, Pkcs11Library] = {}
 
     def library(self, path: str | None = None) -> Pkcs11Library:
         """The library for module `path` (None: $PKCS11_MODULE, else SoftHSM)."""
         path = module.resolve_module(path, self.home)
         if path not in self._libraries:
-            self._libraries[path] = Pkcs11Library(path, self.home)
+            self._libraries[path] = Pkcs11Library(path, self.home, self.softhsm_conf)
         return self._libraries[path]
 
     def close(self) -> None:

@@ -28,6 +28,11 @@ DEFAULT_CONCURRENCY = 64
 DEFAULT_TIMEOUT = 60.0
 RUNS_DIR = "fleet-runs"  # under the state directory: records of runs without --json / --records
 LATEST = "latest.jsonl"
+# Devices per SoftHSM token batch: each switch waits for the batch's last devices (about one
+# registration's time at falling concurrency), so a batch of 25 x concurrency devices loses
+# a few percent of throughput, and SoftHSM then holds ~0.7 MiB per concurrency slot (docs/fleet.md).
+TOKEN_BATCH_PER_SLOT = 25
+TOKEN_BATCH_MIN = 1000
 
 
 def add_subparser(subparsers) -> None:
@@ -65,6 +70,10 @@ def add_subparser(subparsers) -> None:
     run.add_argument("--chain-file", metavar="FILE", action="append", default=[],
                      help="PEM file of CA certificates to build chains from (repeatable)")
     register_cli.add_target_arguments(run)
+    run.add_argument("--token-batch", type=int, metavar="N",
+                     help="with SoftHSM: load the tokens of about N identities at a time, so memory follows "
+                          f"the concurrency, not the state directory (default {TOKEN_BATCH_PER_SLOT} x --concurrency, "
+                          f"at least {TOKEN_BATCH_MIN}; 0: every token at once; docs/fleet.md, 'Memory')")
     run.add_argument("--event-loop-threads", type=int, metavar="N",
                      help="awscrt event-loop threads doing TLS and I/O (default: one per core)")
     run.add_argument("--json", metavar="FILE",
@@ -96,22 +105,30 @@ def cmd_run(args) -> int:
     selection = identities.Selection(home, prefix=args.prefix, list_file=args.devices, limit=args.limit)
     module_path = module.resolve_module(args.module, home)
     pin = pins.resolve_pin(args.pin_file)
-    slots = identities.token_slots(module_path, home)
-    devices = identities.stream_devices(selection, home=home, module_path=module_path, pin=pin, slots=slots,
-                                        chain_to=args.chain_to, chain_files=args.chain_file)
+    batch = token_batch(args)
+    devices = identities.stream_devices(selection, home=home, module_path=module_path, pin=pin, slots={},
+                                        chain_to=args.chain_to, chain_files=args.chain_file, batch=batch,
+                                        on_note=lambda note: print(f"device-sim: note: {note}", file=sys.stderr))
     if target.trust_file:
         fast_trust_defaults(target.trust_file)
     records_path = records_file(args, home)
-    with RunLog(records_path) as log:
-        report = _run_with_progress(devices, target, settings, args.no_progress, log)
+    try:
+        with RunLog(records_path) as log:
+            report = _run_with_progress(devices, target, settings, args.no_progress, log)
+    finally:
+        devices.close()
     report.settings = {
         "devices": len(selection), "concurrency": args.concurrency, "rate": args.rate, "ramp": args.ramp,
         "timeout": args.timeout, "transport": args.transport, "endpoint": f"{target.host}:{target.port}",
         "id_scope": target.id_scope, "event_loop_threads": settings.event_loop_threads,
-        "records": str(records_path),
+        "records": str(records_path), "token_batch": batch if devices.views is not None else 0,
+        **{k: v for k, v in report.settings.items() if k.startswith("token_")},
     }
     summary = report.summary()
     print(render_text(summary))
+    if report.settings.get("token_batches"):
+        print(f"token batches: {report.settings['token_batches']} of about {batch} identities each, "
+              f"{report.settings['token_switch_s']:.1f} s spent switching")
     print(f"records: {records_path}")
     if args.json:
         write_json_report(Path(args.json), log, settings=report.settings, summary=summary)
@@ -163,6 +180,15 @@ def check_outputs(args) -> None:
 def _check_numbers(args) -> None:
     if args.limit is not None and args.limit < 1:
         raise UserError("--limit must be at least 1")
+    if args.token_batch is not None and args.token_batch < 0:
+        raise UserError("--token-batch must be 0 (every token at once) or a number of identities")
+
+
+def token_batch(args) -> int:
+    """Identities per SoftHSM token batch (--token-batch, else TOKEN_BATCH_PER_SLOT x concurrency)."""
+    if args.token_batch is not None:
+        return args.token_batch
+    return max(TOKEN_BATCH_MIN, TOKEN_BATCH_PER_SLOT * args.concurrency)
 
 
 def _run_with_progress(devices, target, settings, quiet: bool, log: RunLog):

@@ -23,7 +23,7 @@ _WORKER_SIDE = ("each worker uses its own state directory ($DEVICE_SIM_HOME), mo
 
 
 def cmd_run_distributed(args) -> int:
-    from device_sim.cli.fleet import check_outputs, records_file
+    from device_sim.cli.fleet import check_outputs, records_file, token_batch
     from device_sim.fleet import distributed
     from device_sim.fleet.records import RunLog, read_records, write_json_report
     from device_sim.fleet.runner import FleetSettings
@@ -37,7 +37,7 @@ def cmd_run_distributed(args) -> int:
     check_outputs(args)
     job = distributed.child_job(prefix=args.prefix, chain_to=args.chain_to, target=target,
                                 settings={"concurrency": args.concurrency, "timeout": args.timeout,
-                                          "ramp": args.ramp, **threads})
+                                          "ramp": args.ramp, **threads}, token_batch=token_batch(args))
     bar = tqdm(unit="dev", file=sys.stderr, disable=args.no_progress, dynamic_ncols=True)
 
     def on_record(record, counts):

@@ -28,11 +28,14 @@ Failures are reported with what happened (`registration.REFUSED`, `TLS_EOF`, `DR
 from __future__ import annotations
 
 import concurrent.futures
+import gc
 import io as _io
+import os
 import re
 import socket
 import ssl
 import threading
+import time
 from dataclasses import dataclass, field
 from urllib.parse import quote
 
@@ -79,6 +82,7 @@ class CrtRuntime:
         self.host_resolver = crt_io.DefaultHostResolver(self.event_loop_group)
         self.bootstrap = crt_io.ClientBootstrap(self.event_loop_group, self.host_resolver)
         self._libs: dict[str, crt_io.Pkcs11Lib] = {}
+        self._default: set[str] = set()  # loaded DEFAULT: awscrt never finalises those
         self._lock = threading.Lock()
 
     def pkcs11_lib(self, module_path: str) -> crt_io.Pkcs11Lib:
@@ -96,7 +100,42 @@ class CrtRuntime:
                     raise UserError(f"cannot load PKCS#11 module {module_path}: {exc.name}; "
                                     "check --module / PKCS11_MODULE") from None
                 self._libs[module_path] = lib
+                self._default.add(module_path)
             return lib
+
+    def reinitialise(self, module_path: str, environment: dict[str, str], *, timeout: float = 60.0) -> None:
+        """Initialise `module_path` again with `environment` set first: SoftHSM reads
+        $SOFTHSM2_CONF in C_Initialize only, so a fleet loads a few tokens at a time this
+        way (device_sim/fleet/token_views.py). Call it when no TLS context is in use.
+
+        The module is loaded STRICT: awscrt calls C_Finalize once the last context on it
+        is gone (it may be released on an event-loop thread a moment after its device
+        finished), and C_Initialize answers "already initialised" until then. So the
+        retry ends only when no session of the previous initialisation is left.
+        """
+        with self._lock:
+            self._libs.pop(module_path, None)
+            if module_path in self._default:  # loaded without finalising: never initialised again
+                raise UserError(f"{module_path} was loaded for all its tokens in this process already; "
+                                "run the fleet in its own process")
+        os.environ.update(environment)
+        deadline = time.monotonic() + timeout
+        while True:
+            gc.collect()  # a context kept alive by a reference cycle holds the module too
+            try:
+                lib = crt_io.Pkcs11Lib(file=module_path, behavior=crt_io.Pkcs11Lib.InitializeFinalizeBehavior.STRICT)
+                break
+            except (crt_exceptions.AwsCrtError, RuntimeError) as exc:
+                name, message = _crt_error(exc)
+                if name != "AWS_ERROR_PKCS11_CKR_CRYPTOKI_ALREADY_INITIALIZED":
+                    raise UserError(f"cannot load PKCS#11 module {module_path}: {name or exc}; "
+                                    "check --module / PKCS11_MODULE") from None
+                if time.monotonic() > deadline:
+                    raise UserError(f"{module_path} was still in use {timeout:g} s after the last device "
+                                    "of a token batch finished; try --token-batch 0") from None
+                time.sleep(0.02)
+        with self._lock:
+            self._libs[module_path] = lib
 
 
 def initialised_without_locking(module_path: str) -> bool:

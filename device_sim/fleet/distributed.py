@@ -28,7 +28,7 @@ import threading
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from device_sim.common import dask_shares
 from device_sim.common.errors import UserError
@@ -78,9 +78,9 @@ class DistributedRun:
         return [name for name, t in self.workers.items() if t.lost and not t.planned]
 
 
-def child_job(*, prefix: str | None, settings: dict, target: Target, chain_to: str) -> dict:
+def child_job(*, prefix: str | None, settings: dict, target: Target, chain_to: str, token_batch: int = 0) -> dict:
     """What every worker's child needs (JSON): no path or secret of the coordinator's."""
-    return {"prefix": prefix, "settings": settings, "chain_to": chain_to,
+    return {"prefix": prefix, "settings": settings, "chain_to": chain_to, "token_batch": token_batch,
             "target": {"host": target.host, "port": target.port, "id_scope": target.id_scope,
                        "transport": target.transport, "api_version": target.api_version,
                        "payload": target.payload,
@@ -240,17 +240,18 @@ def _run_share(parent: dask_shares.Parent) -> int:
 
     job = parent.job
     home = ensure_home(None)  # the worker's own: $DEVICE_SIM_HOME of `dask worker`
-    records = registry.list_devices(home, prefix=job.get("prefix"))
-    devices = []
-    if records:
+    selection = None  # a worker without devices runs none
+    if registry.tokens_of(home, prefix=job.get("prefix")):
+        selection = identities.Selection(home, prefix=job.get("prefix"))
+    devices = None
+    if selection is not None:
         module_path = module.resolve_module(None, home)
         pin = dask_shares.worker_secret(pins.ENV_USER_PIN, "user PIN")
-        devices = identities.fleet_devices(records, home=home, module_path=module_path, pin=pin,
-                                           slots={}, chain_to=job["chain_to"])
-    del records
-    parent.send("plan", count=len(devices))
-    for start in range(0, len(devices), IDS_PER_MESSAGE):
-        parent.send("ids", ids=[d.registration_id for d in devices[start:start + IDS_PER_MESSAGE]])
+        devices = identities.stream_devices(selection, home=home, module_path=module_path, pin=pin, slots={},
+                                            chain_to=job["chain_to"], batch=job.get("token_batch", 0))
+    parent.send("plan", count=len(selection) if selection is not None else 0)
+    for ids in _id_pages(selection):
+        parent.send("ids", ids=ids)
     parent.send("ready")
     go = parent.receive()
     if go is None or go.get("kind") != "go":
@@ -268,10 +269,28 @@ def _run_share(parent: dask_shares.Parent) -> int:
             arrived.notify_all()
         parent.send("record", record=result.to_dict())
 
-    report = run_fleet(devices, target, settings, stop=stop, on_result=on_result)
+    if devices is None:
+        parent.send("done", wall_s=0.0, interrupted=False)
+        return 0
+    try:
+        report = run_fleet(devices, target, settings, stop=stop, on_result=on_result)
+    finally:
+        devices.close()
     _send_never_started(parent, report, received, arrived, grace=1.0 if stop.is_set() else settings.timeout)
     parent.send("done", wall_s=report.wall_s, interrupted=report.interrupted)
     return 0
+
+
+def _id_pages(selection) -> "Iterator[list[str]]":
+    """The registration IDs of a selection, IDS_PER_MESSAGE at a time (one registry pass)."""
+    page: list[str] = []
+    for record in selection or ():
+        page.append(record.registration_id)
+        if len(page) == IDS_PER_MESSAGE:
+            yield page
+            page = []
+    if page:
+        yield page
 
 
 def _send_never_started(parent, report, received: set[str], arrived: threading.Condition, *,

@@ -14,6 +14,7 @@ device (tokens lock their PIN after a few wrong tries), and the run registers no
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import os
@@ -21,15 +22,20 @@ import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from device_sim.device import chain_builder
 from device_sim.device.transport_https import TlsIdentity
-from device_sim.fleet.runner import FleetDevice
+from device_sim.fleet import token_views
+from device_sim.fleet.runner import FleetDevice, TokenSwitch
 from device_sim.common.errors import UserError
 from hsm_setup import devices as registry
 from hsm_setup import module
 from hsm_setup.uri import Pkcs11Uri
+
+
+# Token objects one initialisation of the slot child loads (~3 per identity, ~9 KB each).
+LISTING_OBJECTS = 3000
 
 
 class Selection:
@@ -66,12 +72,6 @@ class Selection:
                                               self.limit))
 
 
-def select_records(home: Path, *, prefix: str | None = None, list_file: str | None = None,
-                   limit: int | None = None) -> list[registry.DeviceRecord]:
-    """The records of a `Selection` as a list (a caller that shares them out, e.g. per worker)."""
-    return list(Selection(home, prefix=prefix, list_file=list_file, limit=limit))
-
-
 def _list_lines(path: str) -> Iterator[str]:
     try:
         handle = open(path, encoding="utf-8")
@@ -97,9 +97,10 @@ def _record_for(home: Path, entry: str) -> registry.DeviceRecord:
                     "identities made by hsm-setup; register others one by one with 'device-sim register')")
 
 
-def token_slots(module_path: str, home: Path, *, pin: str | None = None,
-                labels: list[str] | tuple[str, ...] = ()) -> dict[str, int]:
-    """Token label -> slot id, asked of the module in a child process (see module docstring).
+def ask_tokens(module_path: str, home: Path, *, pin: str | None = None,
+               labels: list[str] | tuple[str, ...] = ()) -> dict[str, dict]:
+    """{"slots": label -> slot id, "serials": label -> serial number}, asked of the module
+    in a child process (see the module docstring).
 
     With `pin`, the child also logs in to each token of `labels`, once, and stops at the
     first refusal: UserError naming the token (wrong PIN, locked, expired, absent).
@@ -117,45 +118,114 @@ def token_slots(module_path: str, home: Path, *, pin: str | None = None,
         raise UserError(f"cannot list the tokens of {module_path}: {lines[-1] if lines else 'no reason given'}") from None
     if "error" in answer:
         raise UserError(answer["error"])
-    return {label: int(slot) for label, slot in answer["slots"].items()}
+    return {"slots": {label: int(slot) for label, slot in answer["slots"].items()},
+            "serials": answer.get("serials", {})}
 
 
 def _answer_token_slots(request: dict) -> dict:
+    """The child's answer. With SoftHSM it looks at the tokens through views of a few
+    hundred token directories at a time (token_views.py), so this child's memory does not
+    grow with the state directory either; each token is still logged in to at most once."""
     from hsm_setup import tokens
     from hsm_setup.context import Pkcs11Context
 
+    home, module_path = Path(request["home"]), request["module"]
+    wanted = set(request["labels"]) if request.get("pin") is not None else set()
+    slots: dict[str, int] = {}
+    serials: dict[str, str] = {}
     try:
-        with Pkcs11Context(Path(request["home"])) as ctx:
-            library = ctx.library(request["module"])
-            slots = {t.label: t.slot_id for t in tokens.list_tokens(library)}
-            if request.get("pin") is not None:
-                for label in request["labels"]:
-                    if label in slots:  # an absent token is reported per device, as before
-                        tokens.session(library, label, request["pin"])
+        for conf in _listing_views(home, module_path):
+            with Pkcs11Context(home, softhsm_conf=conf) as ctx:
+                library = ctx.library(module_path)
+                listed = tokens.list_tokens(library)
+                slots.update({t.label: t.slot_id for t in listed})
+                serials.update({t.label: t.serial for t in listed})
+                for info in listed:
+                    if info.label in wanted:  # an absent token is reported per device, as before
+                        tokens.session(library, info.label, request["pin"])
     except UserError as exc:
         return {"error": str(exc)}
-    return {"slots": slots}
+    return {"slots": slots, "serials": serials}
+
+
+def _listing_views(home: Path, module_path: str) -> Iterator[Path | None]:
+    """SoftHSM configurations that together show every token once: views of about
+    LISTING_OBJECTS token objects each, or None (the state directory's own) when the
+    module is not SoftHSM or its files allow no view."""
+    views = None
+    if module.is_softhsm(module_path):
+        try:
+            directory = token_views.TokenDirectory.of(module.softhsm_conf(home))
+            views = token_views.Views(directory)
+        except token_views.ViewsUnavailable:
+            views = None
+    if views is None:
+        yield None
+        return
+    try:
+        for group in token_views.batches(sorted(directory.by_serial.values()), key=lambda path: path,
+                                         weight=token_views.objects_in, limit=LISTING_OBJECTS):
+            conf = views.make(group)
+            yield conf
+            views.remove(conf)
+    finally:
+        views.close()
 
 
 class DeviceStream:
     """A TLS identity per record of a selection, made as the runner asks for the next one;
     the chain above the leaf is built once per issuing CA. `token_counts` tells the
-    runner's TokenLogins how many devices each token has (runner.token_key -> n)."""
+    runner's TokenLogins how many devices each token has (runner.token_key -> n).
+
+    With `views` (SoftHSM), the devices come in token batches of about `batch` identities
+    (counted over every identity on the batch's tokens: SoftHSM loads them all), each
+    batch after a `TokenSwitch` to a view of its tokens; `batches` counts them."""
 
     def __init__(self, records: Selection | list[registry.DeviceRecord], *, home: Path, module_path: str,
-                 pin: str, slots: dict[str, int], chain_to: str = chain_builder.ROOT, chain_files=()):
+                 pin: str, slots: dict[str, int], chain_to: str = chain_builder.ROOT, chain_files=(),
+                 views: token_views.Views | None = None, serials: dict[str, str] | None = None,
+                 batch: int = 0):
         self.records, self.home, self.module_path, self.pin = records, Path(home), module_path, pin
         self.slots, self.chain_to, self.chain_files = slots, chain_to, chain_files
+        self.views, self.serials, self.batch = views, serials or {}, batch
+        self.batches = 0
         self._ca_parts: dict[str, bytes] = {}
         self.token_counts = Counter({(module_path, slots[label], label): count
                                      for label, (count, _) in _tokens(records).items()})
 
-    def __iter__(self) -> Iterator[FleetDevice]:
-        for record in self.records:
-            yield self.device(record)
+    def __iter__(self) -> Iterator[FleetDevice | TokenSwitch]:
+        if self.views is None:
+            for record in self.records:
+                yield self.device(record)
+            return
+        identities_on = registry.count_by_token(self.home)  # SoftHSM loads all of a token's objects
+        previous: list[Path] = []
+        for group in token_views.batches(self.records, key=lambda record: record.token_label,
+                                         weight=lambda label: identities_on.get(label, 1), limit=self.batch):
+            made: list[Path] = []
+            counts = Counter((self.module_path, self.slots[r.token_label], r.token_label) for r in group)
+            yield TokenSwitch(self.module_path, functools.partial(self._view, group, made), counts)
+            if made:  # the runner asks for the next item once it has switched to this view
+                for conf in previous:
+                    self.views.remove(conf)
+                previous = made
+            for record in group:
+                yield self.device(record)
+
+    def _view(self, group: list[registry.DeviceRecord], made: list[Path]) -> dict[str, str]:
+        labels = dict.fromkeys(r.token_label for r in group)
+        conf = self.views.make(self.views.tokens.directories({label: self.serials[label] for label in labels}))
+        made.append(conf)
+        self.batches += 1
+        return {module.ENV_SOFTHSM_CONF: str(conf)}
 
     def __len__(self) -> int:
         return len(self.records)
+
+    def close(self) -> None:
+        """Remove the views (after the run: the last one is in use until then)."""
+        if self.views is not None:
+            self.views.close()
 
     def device(self, record: registry.DeviceRecord) -> FleetDevice:
         slot = self.slots.get(record.token_label)
@@ -173,21 +243,32 @@ class DeviceStream:
 
 
 def stream_devices(records: Selection | list[registry.DeviceRecord], *, home: Path, module_path: str, pin: str,
-                   slots: dict[str, int], chain_to: str = chain_builder.ROOT, chain_files=()) -> DeviceStream:
-    """The run's devices, streamed. Logs in once to each token first (see `token_slots`):
-    a wrong PIN, or a token that is not present, stops here, before any device starts."""
+                   slots: dict[str, int], chain_to: str = chain_builder.ROOT, chain_files=(),
+                   batch: int = 0, on_note: Callable[[str], None] | None = None) -> DeviceStream:
+    """The run's devices, streamed. Logs in once to each token first (see `ask_tokens`):
+    a wrong PIN, or a token that is not present, stops here, before any device starts.
+
+    `batch` > 0 with SoftHSM: token batches of about that many identities (see
+    DeviceStream); when SoftHSM's files do not allow views, all tokens load at once and
+    `on_note` hears why."""
     tokens = _tokens(records)
-    slots = {**slots, **token_slots(module_path, home, pin=pin, labels=tuple(tokens))}
+    answer = ask_tokens(module_path, home, pin=pin, labels=tuple(tokens))
+    slots = {**slots, **answer["slots"]}
     for label, (_, first) in tokens.items():
         if label not in slots:
             raise UserError(_absent(label, first))
+    views = None
+    if batch > 0 and module.is_softhsm(module_path):
+        try:
+            views = token_views.Views(token_views.TokenDirectory.of(module.softhsm_conf(home)))
+            views.tokens.directories({label: answer["serials"].get(label, "") for label in tokens})
+        except token_views.ViewsUnavailable as exc:
+            views = None
+            if on_note:
+                on_note(f"every token loads at once ({exc})")
     return DeviceStream(records, home=home, module_path=module_path, pin=pin, slots=slots,
-                        chain_to=chain_to, chain_files=chain_files)
-
-
-def fleet_devices(records: list[registry.DeviceRecord], **kwargs) -> list[FleetDevice]:
-    """`stream_devices` as a list (a caller that shares the devices out)."""
-    return list(stream_devices(records, **kwargs))
+                        chain_to=chain_to, chain_files=chain_files, views=views,
+                        serials=answer["serials"], batch=batch)
 
 
 def _tokens(records: Selection | list[registry.DeviceRecord]) -> dict[str, tuple[int, str]]:
@@ -209,5 +290,5 @@ def _absent(label: str, registration_id: str) -> str:
             "state directory")
 
 
-if __name__ == "__main__":  # the child of `token_slots`
+if __name__ == "__main__":  # the child of `ask_tokens`
     print(json.dumps(_answer_token_slots(json.loads(sys.stdin.read()))))

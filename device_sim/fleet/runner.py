@@ -53,6 +53,18 @@ class FleetDevice:
     tls: TlsIdentity
 
 
+@dataclass(frozen=True)
+class TokenSwitch:
+    """An item of a device stream between two token batches (fleet/identities.py): the
+    runner lets every started device finish, initialises the module again with the
+    environment `prepare()` returns (a SoftHSM token view: fleet/token_views.py), and holds
+    logins for `token_counts` (token_key -> devices of the batch). A stopped run skips it."""
+
+    module_path: str
+    prepare: Callable[[], dict[str, str]]
+    token_counts: Counter
+
+
 @dataclass
 class FleetSettings:
     concurrency: int = 64
@@ -243,7 +255,7 @@ def run_fleet(devices: Iterable[FleetDevice], target: Target, settings: FleetSet
         if on_result:
             on_result(result, counts)
 
-    def work(seq: int, device: FleetDevice) -> None:
+    def work(seq: int, device: FleetDevice, logins: TokenLogins) -> None:
         try:
             result = register_one(device, target, settings.timeout, runtime, run_started, logins=logins)
         except Exception as exc:  # a bug must cost one device, not the run
@@ -260,16 +272,25 @@ def run_fleet(devices: Iterable[FleetDevice], target: Target, settings: FleetSet
     pool = ThreadPoolExecutor(max_workers=settings.concurrency, thread_name_prefix="device")
     devices = iter(devices)
     unstarted: FleetDevice | None = None
+    switches = _Switches(runtime, slots, settings.concurrency, stop)
+    seq = 0
     with _ctrl_c(stop):
         try:
-            for seq, device in enumerate(devices):
+            for device in devices:
+                if isinstance(device, TokenSwitch):
+                    logins.release_all()
+                    if not switches.switch(device):
+                        break
+                    logins = TokenLogins(device.token_counts)
+                    continue
                 unstarted = device
                 if not _wait_for_turn(arrival_s(seq, settings.rate, settings.ramp), run_started, slots, stop):
                     break
                 with lock:
                     in_flight[seq] = device
                 unstarted = None
-                pool.submit(work, seq, device)
+                pool.submit(work, seq, device, logins)
+                seq += 1
         except KeyboardInterrupt:
             stop.set()  # first Ctrl-C: start no more devices, let the started ones finish
         pool.shutdown(wait=False)
@@ -284,9 +305,46 @@ def run_fleet(devices: Iterable[FleetDevice], target: Target, settings: FleetSet
         left = [*in_flight.values(), *([unstarted] if unstarted is not None else [])]
         in_flight.clear()
         for device in itertools.chain(left, devices):
-            finish(DeviceResult(device.registration_id, CANCELLED))
-    return FleetReport(wall_s=wall, interrupted=stop.is_set(), stats=log.stats,
-                       settings={"concurrency": settings.concurrency, "rate": settings.rate, "ramp": settings.ramp})
+            if isinstance(device, TokenSwitch):
+                continue
+            if switches.error:  # the module could not be initialised for these devices' tokens
+                finish(DeviceResult(device.registration_id, SETUP_ERROR, error_message=switches.error))
+            else:
+                finish(DeviceResult(device.registration_id, CANCELLED))
+    return FleetReport(wall_s=wall, interrupted=stop.is_set() and not switches.error, stats=log.stats,
+                       settings={"concurrency": settings.concurrency, "rate": settings.rate, "ramp": settings.ramp,
+                                 **switches.settings()})
+
+
+class _Switches:
+    """The dispatcher's token-batch switches (TokenSwitch): wait until no device is in
+    flight, then initialise the module again for the next batch's tokens."""
+
+    def __init__(self, runtime: CrtRuntime, slots: threading.BoundedSemaphore, concurrency: int,
+                 stop: threading.Event):
+        self.runtime, self.slots, self.concurrency, self.stop = runtime, slots, concurrency, stop
+        self.count = 0
+        self.seconds = 0.0  # spent waiting for the last devices of a batch and initialising
+        self.error: str | None = None
+
+    def switch(self, item: TokenSwitch) -> bool:
+        """False when the run must stop (stopped while waiting, or the module failed)."""
+        started = time.monotonic()
+        _wait_idle(self.slots, self.concurrency)
+        if self.stop.is_set():
+            return False
+        try:
+            self.runtime.reinitialise(item.module_path, item.prepare())
+        except UserError as exc:
+            self.error = str(exc)
+            self.stop.set()
+            return False
+        self.count += 1
+        self.seconds += time.monotonic() - started
+        return True
+
+    def settings(self) -> dict:
+        return {"token_batches": self.count, "token_switch_s": round(self.seconds, 3)} if self.count else {}
 
 
 def arrival_s(index: int, rate: float | None, ramp: float | None = None) -> float:

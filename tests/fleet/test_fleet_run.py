@@ -206,7 +206,31 @@ def test_ctrl_c_stops_cleanly_and_still_writes_the_report(world, tmp_path):
     assert "Traceback" not in err
 
 
+def test_token_batches_load_a_few_tokens_at_a_time_and_leave_no_view(world, tmp_path):
+    """10 devices on shards of 4, 4 and 2: batches of 4 identities are one shard each."""
+    home, env, _ = world
+    report = tmp_path / "report.json"
+    result = fleet_run(env, "--prefix", "fl-", "--concurrency", 3, "--token-batch", 4, "--json", report)
+    data = json.loads(report.read_text())
+    assert data["summary"]["outcomes"] == {"assigned": 10}
+    assert data["settings"]["token_batches"] == 3 and data["settings"]["token_batch"] == 4
+    assert "token batches: 3 of about 4 identities" in result.stdout
+    views = home / "softhsm" / ".device-sim-views"
+    assert list(views.iterdir()) == []
+
+
+def test_token_batch_0_loads_every_token_at_once(world, tmp_path):
+    _, env, _ = world
+    report = tmp_path / "report.json"
+    result = fleet_run(env, "--prefix", "fl-", "--token-batch", 0, "--json", report)
+    data = json.loads(report.read_text())
+    assert data["summary"]["outcomes"] == {"assigned": 10}
+    assert data["settings"]["token_batch"] == 0 and "token_batches" not in data["settings"]
+    assert "token batches" not in result.stdout
+
+
 @pytest.mark.parametrize("args, message", [
+    (("--token-batch", -1), "--token-batch must be 0"),
     (("--concurrency", 0), "--concurrency must be at least 1"),
     (("--rate", -1), "--rate must be a positive"),
     (("--ramp", 5), "--ramp needs --rate"),
