@@ -103,6 +103,12 @@ class CrtRuntime:
                 self._default.add(module_path)
             return lib
 
+    def release_modules(self) -> None:
+        """Let go of the loaded modules: one loaded STRICT (`reinitialise`) is finalised once
+        the last context on it is gone, now rather than during interpreter shutdown."""
+        with self._lock:
+            self._libs.clear()
+
     def reinitialise(self, module_path: str, environment: dict[str, str], *, timeout: float = 60.0) -> None:
         """Initialise `module_path` again with `environment` set first: SoftHSM reads
         $SOFTHSM2_CONF in C_Initialize only, so a fleet loads a few tokens at a time this

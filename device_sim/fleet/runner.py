@@ -300,6 +300,7 @@ def run_fleet(devices: Iterable[FleetDevice], target: Target, settings: FleetSet
             pass  # second Ctrl-C: report now; unfinished devices count as cancelled
     wall = time.monotonic() - run_started
     logins.release_all()
+    runtime.release_modules()
     with lock:
         closed = True  # a late finisher must not change the report being written
         left = [*in_flight.values(), *([unstarted] if unstarted is not None else [])]

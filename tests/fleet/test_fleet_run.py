@@ -206,11 +206,13 @@ def test_ctrl_c_stops_cleanly_and_still_writes_the_report(world, tmp_path):
     assert "Traceback" not in err
 
 
-def test_token_batches_load_a_few_tokens_at_a_time_and_leave_no_view(world, tmp_path):
+@pytest.mark.parametrize("transport", ["https", "mqtt"])
+def test_token_batches_load_a_few_tokens_at_a_time_and_leave_no_view(world, tmp_path, transport):
     """10 devices on shards of 4, 4 and 2: batches of 4 identities are one shard each."""
     home, env, _ = world
     report = tmp_path / "report.json"
-    result = fleet_run(env, "--prefix", "fl-", "--concurrency", 3, "--token-batch", 4, "--json", report)
+    result = fleet_run(env, "--prefix", "fl-", "--concurrency", 3, "--token-batch", 4, "--json", report,
+                       "--transport", transport)
     data = json.loads(report.read_text())
     assert data["summary"]["outcomes"] == {"assigned": 10}
     assert data["settings"]["token_batches"] == 3 and data["settings"]["token_batch"] == 4
