@@ -1,9 +1,11 @@
 """device_sim.testing itself: the certificates TestCA promises, the in-process transport
-against the emulator core, and an emulator that cannot start."""
+against the emulator core, an emulator that cannot start, and a state directory driven
+through the CLIs with a fleet in it."""
 
 from __future__ import annotations
 
 import datetime as dt
+import json
 import socket
 
 import pytest
@@ -12,7 +14,8 @@ from cryptography import x509
 from device_sim.common import x509util
 from device_sim.device.driver import run_registration
 from device_sim.device.registration import ASSIGNED, UNAUTHORIZED, RegistrationFlow
-from device_sim.testing import DeviceApiTransport, Emulator, EmulatorFailed, TestCA
+from device_sim.testing import (TEST_SO_PIN, DeviceApiTransport, Emulator, EmulatorFailed, StateDir, TestCA,
+                                fleet_emulator, fleet_world)
 
 
 def test_chain_is_leaf_first_and_each_link_verifies():
@@ -70,8 +73,6 @@ REFUSE_REGISTER = {"seed": 1, "rules": [{"match": {"operation": "register"}, "ac
 
 @pytest.mark.parametrize("given", ["object", "path"])
 def test_in_process_emulator_with_dashboard_amqp_and_a_fault_plan(tmp_path, given):
-    import json
-
     import requests
 
     root = TestCA("root")
@@ -99,3 +100,36 @@ def test_in_process_emulator_refuses_a_bad_fault_plan_before_starting(tmp_path):
 
     with pytest.raises(FaultPlanError):
         Emulator.in_process(tmp_path / "emu", faults={"seed": 1, "rules": [{"action": {"status": "soon"}}]})
+
+
+def test_state_dir_runs_the_cli_in_its_environment_and_says_what_failed(tmp_path, monkeypatch):
+    monkeypatch.setenv("SOFTHSM2_CONF", str(tmp_path / "another-softhsm.conf"))  # another directory's SoftHSM
+    state = StateDir(tmp_path / "home", pin=None, extra_env={"DEVICE_SIM_TEST_EXTRA": "yes"})
+    names = ("DEVICE_SIM_HOME", "PKCS11_PIN", "PKCS11_SO_PIN", "SOFTHSM2_CONF", "DEVICE_SIM_TEST_EXTRA")
+    seen = state.python("-c", "import json, os, sys; print(json.dumps({n: os.environ[n] for n in sys.argv[1:] "
+                              "if n in os.environ}))", *names)
+    env = json.loads(seen.stdout)
+    assert env["DEVICE_SIM_HOME"] == str(tmp_path / "home") and env["PKCS11_SO_PIN"] == TEST_SO_PIN
+    assert "PKCS11_PIN" not in env and "SOFTHSM2_CONF" not in env and env["DEVICE_SIM_TEST_EXTRA"] == "yes"
+    with pytest.raises(AssertionError) as failed:
+        state.hsm_setup("device", "show", "dev-1")  # no state directory yet
+    message = str(failed.value)
+    assert "device_sim.cli.hsm_setup device show dev-1: exit 2" in message
+    assert "stdout:" in message and "no state directory at" in message
+    assert state.hsm_setup("device", "show", "dev-1", check=False).returncode == 2
+
+
+def test_fleet_world_and_its_emulator_register_the_fleet(tmp_path):
+    state = StateDir(tmp_path / "home")
+    made = fleet_world(state, 3, "tw-", cas=("root", "line"), per_token=2)
+    assert made["count"] == 3 and made["tokens"] == ["fleet-001", "fleet-002"]
+    shown = json.loads(state.hsm_setup("device", "show", "tw-0003", "--json").stdout)
+    assert (shown["ca"], shown["token"]) == ("line", "fleet-002")  # the last CA of the chain issued it
+    emulator = fleet_emulator(state, "--retry-after", "0", "--assignment-delay", "0", "--no-mqtt", "--no-amqp")
+    try:
+        done = state.device_sim("fleet", "run", "--emulator", "--no-progress", "--prefix", "tw-")
+        assert "assigned 3" in done.stdout, done.stdout
+        assert emulator.admin.get_registration("tw-0002")["status"] == "assigned"
+    finally:
+        emulator.stop()
+    assert state.fleet_create(3, "tw-", "line", per_token=2)["kept"] == 3

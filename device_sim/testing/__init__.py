@@ -10,7 +10,9 @@ One small explicit API, each piece documented by examples in its module:
   (`Emulator.spawn`) or in this process (`Emulator.in_process`), with an `.admin` client;
 - `DeviceApiTransport` (`device_sim.testing.transport`): the device's registration flow
   against the emulator's core without sockets;
-- `register` (`device_sim.testing.device`): one registration of a token identity.
+- `register` (`device_sim.testing.device`): one registration of a token identity;
+- `StateDir`, `fleet_world`, `fleet_emulator` (`device_sim.testing.cli`): a state directory
+  driven through the real CLIs in subprocesses, a fleet made in it, an emulator trusting it.
 
 The pytest plugin (`device_sim.testing.plugin`, docs/pytest.md) is built on these.
 """
@@ -22,9 +24,9 @@ import importlib
 # suite's own conftest files.
 _HOMES = {
     "DeviceApiTransport": "transport", "Emulator": "emulator", "EmulatorFailed": "emulator",
-    "LeafCert": "ca", "Registration": "device", "TEST_PIN": "token", "TEST_SO_PIN": "token",
-    "TestCA": "ca", "TokenCa": "token", "TokenDevice": "token", "TokenPki": "token",
-    "key_pem": "ca", "pem": "ca", "register": "device",
+    "LeafCert": "ca", "Registration": "device", "StateDir": "cli", "TEST_PIN": "token",
+    "TEST_SO_PIN": "token", "TestCA": "ca", "TokenCa": "token", "TokenDevice": "token", "TokenPki": "token",
+    "fleet_emulator": "cli", "fleet_world": "cli", "key_pem": "ca", "pem": "ca", "register": "device",
 }
 __all__ = sorted(_HOMES)
 
