@@ -8,7 +8,6 @@ as subprocesses, as a user runs them. bench/bench_faults.py runs the same beside
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -16,14 +15,13 @@ import time
 import pytest
 
 from device_sim.fleet.reconcile import reconcile
-from device_sim.testing import Emulator
+from device_sim.testing import StateDir, fleet_emulator, fleet_world
 from stub_server.emulator_proc import REPO, stub_admin
 
 # The issue's 1,000 devices: about 2 min on 2 idle cores (identities 52 s, the faulted run
 # 30 s, the live change 31 s); 6.5 min under heavy load.
 # bench/bench_faults.py runs the same 1,000 beside a clean run.
 COUNT = 1000
-PIN, SO_PIN = "1234", "87654321"
 PLAN = {"seed": 12, "rules": [
     {"match": {"operation": "register"}, "probability": 0.2, "action": {"status": 503, "retry_after": 1}},
     {"match": {"operation": ["register", "poll"]}, "probability": 0.1, "action": {"close": "after_request"}},
@@ -31,26 +29,21 @@ PLAN = {"seed": 12, "rules": [
 ]}
 
 
-def run(env, program, *args, timeout=300):
-    result = subprocess.run([sys.executable, "-m", program, *map(str, args)], capture_output=True,
-                            text=True, cwd=REPO, env=env, timeout=timeout)
-    assert "Traceback" not in result.stderr, result.stderr
-    return result
+class NoTraceback(StateDir):
+    """Every set-up command also prints no traceback (a caught one would pass unseen)."""
+
+    def python(self, *args, **kw):
+        result = super().python(*args, **kw)
+        assert "Traceback" not in result.stderr, result.stderr
+        return result
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    home = tmp_path_factory.mktemp("fault-fleet")
-    env = {k: v for k, v in os.environ.items() if k != "SOFTHSM2_CONF"}
-    env.update(DEVICE_SIM_HOME=str(home), PKCS11_PIN=PIN, PKCS11_SO_PIN=SO_PIN)
-    for args in (("token", "init", "ca"), ("ca", "create", "root"),
-                 ("fleet", "create", "--count", COUNT, "--prefix", "ff-", "--ca", "root",
-                  "--per-token", 150, "--no-progress")):
-        assert run(env, "device_sim.cli.hsm_setup", *args).returncode == 0
-    emulator = Emulator.spawn(home, "--retry-after", "0", "--assignment-delay", "0", "--max-connections", "1024")
-    stub_admin(emulator, "ca", "upload", "root", home / "pki" / "ca" / "root" / "cert.pem", "--verified")
-    stub_admin(emulator, "group", "create", "all", "--ca-ref", "root")
-    yield home, env, emulator
+    state = NoTraceback(tmp_path_factory.mktemp("fault-fleet"), cwd=REPO, timeout=300)
+    fleet_world(state, COUNT, "ff-", per_token=150)
+    emulator = fleet_emulator(state, "--retry-after", "0", "--assignment-delay", "0", "--max-connections", "1024")
+    yield state.home, state.env, emulator
     emulator.stop()
 
 

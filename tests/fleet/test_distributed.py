@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import subprocess
 import sys
 import time
@@ -18,32 +17,17 @@ from cryptography import x509
 pytest.importorskip("distributed")
 
 from device_sim.common.errors import EXIT_SOME_NOT_ASSIGNED, UserError  # noqa: E402
-from device_sim.testing import Emulator  # noqa: E402
+from device_sim.testing import StateDir, fleet_emulator  # noqa: E402
 from device_sim.testing.dask import DaskCluster  # noqa: E402
-from stub_server.emulator_proc import REPO, stub_admin  # noqa: E402
+from stub_server.emulator_proc import REPO  # noqa: E402
 
-PIN, SO_PIN = "1234", "87654321"
 PER_WORKER = 10
 IDS = [f"dk-{n:04d}" for n in range(1, 2 * PER_WORKER + 1)]
 # The messages that may cross between coordinator and workers (device_sim/common/dask_shares.py).
 KINDS = {"plan", "ids", "ready", "go", "record", "done", "exited", "stop", "csrs", "certs", "created"}
 
 
-def environment(home) -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "SOFTHSM2_CONF"}
-    env.update(DEVICE_SIM_HOME=str(home), PKCS11_PIN=PIN, PKCS11_SO_PIN=SO_PIN)
-    return env
-
-
-def run(env, program, *args, check=True, timeout=120):
-    result = subprocess.run([sys.executable, "-m", program, *map(str, args)], capture_output=True,
-                            text=True, cwd=REPO, env=env, timeout=timeout)
-    if check and result.returncode != 0:
-        raise AssertionError(f"{program} {' '.join(map(str, args))}: exit {result.returncode}\n{result.stdout}\n{result.stderr}")
-    return result
-
-
-def private_keys(env) -> dict[str, list[str]]:
+def private_keys(state) -> dict[str, list[str]]:
     """Token label -> labels of its private keys, read in a process of that state directory."""
     code = (
         "import json, os\n"
@@ -58,28 +42,24 @@ def private_keys(env) -> dict[str, list[str]]:
         "        s = tokens.session(lib, info.label, os.environ['PKCS11_PIN'])\n"
         "        out[info.label] = sorted(o[Attribute.LABEL] for o in s.get_objects({Attribute.CLASS: ObjectClass.PRIVATE_KEY}))\n"
         "print(json.dumps(out))\n")
-    return json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
-                                     env=env, check=True).stdout)
+    return json.loads(state.python("-c", code).stdout)
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     base = tmp_path_factory.mktemp("dask")
-    coordinator = environment(base / "coordinator")
-    workers = {name: environment(base / name) for name in ("w1", "w2")}
-    run(coordinator, "device_sim.cli.hsm_setup", "token", "init", "ca")
-    run(coordinator, "device_sim.cli.hsm_setup", "ca", "create", "root")
+    coordinator = StateDir(base / "coordinator", cwd=REPO)
+    workers = {name: StateDir(base / name, cwd=REPO) for name in ("w1", "w2")}
+    coordinator.hsm_setup("token", "init", "ca")
+    coordinator.hsm_setup("ca", "create", "root")
     transcript = base / "transcript.jsonl"
     cluster = DaskCluster(base / "cluster", transcript=transcript)
     try:
-        for name, env in workers.items():
-            cluster.add_worker(name, env=env, wait=False)
+        for name, worker in workers.items():
+            cluster.add_worker(name, env=worker.env, wait=False)
         cluster.wait_for_workers(len(workers))
-        emulator = Emulator.spawn(base / "coordinator", "--retry-after", "0", "--no-amqp")
+        emulator = fleet_emulator(coordinator, "--retry-after", "0", "--no-amqp")
         try:
-            home = base / "coordinator"
-            stub_admin(emulator, "ca", "upload", "root", home / "pki" / "ca" / "root" / "cert.pem", "--verified")
-            stub_admin(emulator, "group", "create", "all", "--ca-ref", "root")
             yield {"coordinator": coordinator, "workers": workers, "cluster": cluster,
                    "emulator": emulator, "transcript": transcript}
         finally:
@@ -91,14 +71,14 @@ def world(tmp_path_factory):
 @pytest.fixture(scope="module")
 def created(world):
     """The fleet, made once: PER_WORKER identities on each worker."""
-    result = run(world["coordinator"], "device_sim.cli.hsm_setup", "fleet", "create", "--scheduler",
-                 world["cluster"].address, "--count", len(IDS), "--prefix", "dk-", "--ca", "root",
-                 "--per-token", 4, "--no-progress", "--json")
+    result = world["coordinator"].hsm_setup("fleet", "create", "--scheduler", world["cluster"].address,
+                                            "--count", len(IDS), "--prefix", "dk-", "--ca", "root",
+                                            "--per-token", 4, "--no-progress", "--json")
     return json.loads(result.stdout)
 
 
-def registry(env) -> list[dict]:
-    result = run(env, "device_sim.cli.hsm_setup", "device", "list", "--json")
+def registry(state) -> list[dict]:
+    result = state.hsm_setup("device", "list", "--json")
     return json.loads(result.stdout)
 
 
@@ -140,17 +120,18 @@ def _messages(item):
 
 
 def test_a_second_create_keeps_what_exists(world, created):
-    result = run(world["coordinator"], "device_sim.cli.hsm_setup", "fleet", "create", "--scheduler",
-                 world["cluster"].address, "--count", len(IDS), "--prefix", "dk-", "--ca", "root",
-                 "--per-token", 4, "--no-progress", "--json")
+    result = world["coordinator"].hsm_setup("fleet", "create", "--scheduler", world["cluster"].address,
+                                            "--count", len(IDS), "--prefix", "dk-", "--ca", "root",
+                                            "--per-token", 4, "--no-progress", "--json")
     summary = json.loads(result.stdout)
     assert summary["count"] == 0 and summary["kept"] == len(IDS)
 
 
 def test_run_merges_the_records_of_both_workers(world, created, tmp_path):
     report, plot = tmp_path / "report.json", tmp_path / "plot.html"
-    result = run(world["coordinator"], "device_sim.cli", "fleet", "run", "--scheduler", world["cluster"].address,
-                 "--emulator", "--no-progress", "--concurrency", 4, "--json", report, "--plot", plot)
+    result = world["coordinator"].device_sim("fleet", "run", "--scheduler", world["cluster"].address,
+                                             "--emulator", "--no-progress", "--concurrency", 4, "--json", report,
+                                             "--plot", plot)
     assert "assigned 20" in result.stdout and "worker w1: 10 devices: assigned 10" in result.stdout
     data = json.loads(report.read_text())
     assert sorted(d["registration_id"] for d in data["devices"]) == IDS
@@ -168,15 +149,15 @@ def test_run_merges_the_records_of_both_workers(world, created, tmp_path):
 
 
 def test_options_of_the_coordinators_machine_are_refused(world):
-    result = run(world["coordinator"], "device_sim.cli", "fleet", "run", "--scheduler", world["cluster"].address,
-                 "--emulator", "--limit", 3, check=False)
+    result = world["coordinator"].device_sim("fleet", "run", "--scheduler", world["cluster"].address,
+                                             "--emulator", "--limit", 3, check=False)
     assert result.returncode == 2 and "--limit cannot go with --scheduler" in result.stderr
     assert "Traceback" not in result.stderr
 
 
 def test_an_unreachable_scheduler_is_one_line(world):
-    result = run(world["coordinator"], "device_sim.cli", "fleet", "run", "--scheduler", "tcp://127.0.0.1:9",
-                 "--emulator", check=False, timeout=60)
+    result = world["coordinator"].device_sim("fleet", "run", "--scheduler", "tcp://127.0.0.1:9",
+                                             "--emulator", check=False, timeout=60)
     assert result.returncode != 0 and "cannot reach the Dask scheduler at tcp://127.0.0.1:9" in result.stderr
     assert "Traceback" not in result.stderr
 
@@ -195,7 +176,7 @@ def test_a_killed_worker_has_its_unfinished_devices_reported_lost(world, created
     report = tmp_path / "report.json"
     proc = subprocess.Popen([sys.executable, "-m", "device_sim.cli", "fleet", "run", "--scheduler", cluster.address,
                              "--emulator", "--no-progress", "--concurrency", "1", "--rate", "4", "--json", str(report)],
-                            cwd=REPO, env=world["coordinator"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            cwd=REPO, env=world["coordinator"].env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     try:
         deadline = time.monotonic() + 40  # kill w2 once its first device is through (2/s each)
@@ -207,7 +188,7 @@ def test_a_killed_worker_has_its_unfinished_devices_reported_lost(world, created
     finally:
         if proc.poll() is None:
             proc.kill()
-        cluster.add_worker("w2", env=world["workers"]["w2"])  # the cluster as the other tests expect it
+        cluster.add_worker("w2", env=world["workers"]["w2"].env)  # the cluster as the other tests expect it
     assert proc.returncode == EXIT_SOME_NOT_ASSIGNED, (proc.returncode, out, err)
     data = json.loads(report.read_text())
     by_worker = {n: [d for d in data["devices"] if d["worker"] == n] for n in ("w1", "w2")}
@@ -229,12 +210,11 @@ def test_a_killed_worker_has_its_unfinished_devices_reported_lost(world, created
 def test_a_worker_without_a_pin_is_named_in_one_line(world, created, tmp_path):
     """Last of the cluster tests: w1 and w2 get identities of another prefix."""
     cluster = world["cluster"]
-    env = {k: v for k, v in environment(tmp_path / "w3").items() if k != "PKCS11_PIN"}
-    cluster.add_worker("w3", env=env)
+    cluster.add_worker("w3", env=StateDir(tmp_path / "w3", pin=None).env)
     try:
-        result = run(world["coordinator"], "device_sim.cli.hsm_setup", "fleet", "create", "--scheduler",
-                     cluster.address, "--count", 3, "--prefix", "np-", "--ca", "root", "--no-progress",
-                     check=False)
+        result = world["coordinator"].hsm_setup("fleet", "create", "--scheduler", cluster.address,
+                                                "--count", 3, "--prefix", "np-", "--ca", "root", "--no-progress",
+                                                check=False)
     finally:
         cluster.kill_worker("w3")
     assert result.returncode == 2, result.stderr

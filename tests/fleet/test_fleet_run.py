@@ -4,7 +4,6 @@ emulator as a subprocess, the fleet as a subprocess (as a user runs them)."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -13,27 +12,14 @@ import time
 import pytest
 
 from device_sim.common.errors import UserError
-from device_sim.testing import Emulator
+from device_sim.testing import StateDir, fleet_emulator, fleet_world
 from stub_server.emulator_proc import REPO, stub_admin
 
-PIN, SO_PIN = "1234", "87654321"
 FLEET = [f"fl-{n:04d}" for n in range(1, 11)]
 
 
-def run(env, program, *args, check=True, timeout=120):
-    result = subprocess.run([sys.executable, "-m", program, *map(str, args)], capture_output=True,
-                            text=True, cwd=REPO, env=env, timeout=timeout)
-    if check and result.returncode != 0:
-        raise AssertionError(f"{program} {' '.join(map(str, args))}: {result.stderr}")
-    return result
-
-
-def hsm(env, *args, **kw):
-    return run(env, "device_sim.cli.hsm_setup", *args, **kw)
-
-
-def fleet_run(env, *args, **kw):
-    return run(env, "device_sim.cli", "fleet", "run", "--emulator", "--no-progress", *args, **kw)
+def fleet_run(state, *args, **kw):
+    return state.device_sim("fleet", "run", "--emulator", "--no-progress", *args, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -41,27 +27,20 @@ def world(tmp_path_factory):
     """10 fleet devices on 3 shard tokens under root -> int (root verified, group on root),
     plus 'rogue-1' under a root the emulator does not know."""
     home = tmp_path_factory.mktemp("fleet-home")
-    env = {k: v for k, v in os.environ.items() if k != "SOFTHSM2_CONF"}
-    env.update(DEVICE_SIM_HOME=str(home), PKCS11_PIN=PIN, PKCS11_SO_PIN=SO_PIN)
-    hsm(env, "token", "init", "ca")
-    hsm(env, "token", "init", "devices")
-    hsm(env, "ca", "create", "root")
-    hsm(env, "ca", "create", "int", "--parent", "root")
-    hsm(env, "ca", "create", "other-root")
-    hsm(env, "fleet", "create", "--count", len(FLEET), "--prefix", "fl-", "--ca", "int",
-        "--per-token", 4, "--no-progress")
-    hsm(env, "device", "create", "rogue-1", "--ca", "other-root", "--token", "devices")
-    emulator = Emulator.spawn(home, "--retry-after", "0", "--assignment-delay", "0")  # same state dir: --emulator finds it
-    stub_admin(emulator, "ca", "upload", "root", home / "pki" / "ca" / "root" / "cert.pem", "--verified")
-    stub_admin(emulator, "group", "create", "all", "--ca-ref", "root")
-    yield home, env, emulator
+    state = StateDir(home, cwd=REPO)
+    state.hsm_setup("token", "init", "devices")
+    fleet_world(state, len(FLEET), "fl-", cas=("root", "int"), per_token=4)
+    state.hsm_setup("ca", "create", "other-root")
+    state.hsm_setup("device", "create", "rogue-1", "--ca", "other-root", "--token", "devices")
+    emulator = fleet_emulator(state, "--retry-after", "0", "--assignment-delay", "0")  # same state dir: --emulator finds it
+    yield home, state, emulator
     emulator.stop()
 
 
 def test_every_device_assigned_with_json_report_and_plot(world, tmp_path):
-    home, env, _ = world
+    home, state, _ = world
     report, plot = tmp_path / "report.json", tmp_path / "plot.html"
-    result = fleet_run(env, "--prefix", "fl-", "--concurrency", 4, "--json", report, "--plot", plot)
+    result = fleet_run(state, "--prefix", "fl-", "--concurrency", 4, "--json", report, "--plot", plot)
     assert "registrations/s" in result.stdout and "assigned 10" in result.stdout
     data = json.loads(report.read_text())
     assert sorted(d["registration_id"] for d in data["devices"]) == FLEET
@@ -77,14 +56,14 @@ def test_every_device_assigned_with_json_report_and_plot(world, tmp_path):
 
 
 def test_failures_are_reported_by_outcome_and_do_not_stop_the_rest(world, tmp_path):
-    home, env, emulator = world
+    home, state, emulator = world
     stub_admin(emulator, "enroll", "create", "fl-0003", "--cert", home / "pki" / "devices" / "fl-0003.pem", "--disabled")
     listing = tmp_path / "devices.txt"
-    uri = json.loads(hsm(env, "device", "show", "fl-0002", "--json").stdout)["uri"]
+    uri = json.loads(state.hsm_setup("device", "show", "fl-0002", "--json").stdout)["uri"]
     listing.write_text(f"# a device list\nfl-0001\n{uri}\nfl-0003\nrogue-1\nFL-0004\n")
     report = tmp_path / "report.json"
     try:
-        result = fleet_run(env, "--devices", listing, "--concurrency", 2, "--json", report, check=False)
+        result = fleet_run(state, "--devices", listing, "--concurrency", 2, "--json", report, check=False)
     finally:
         stub_admin(emulator, "enroll", "delete", "fl-0003")
     assert result.returncode == 1, result.stderr
@@ -106,9 +85,9 @@ def test_failures_are_reported_by_outcome_and_do_not_stop_the_rest(world, tmp_pa
 
 
 def test_records_file_beside_the_json_has_one_line_per_device(world, tmp_path):
-    _, env, _ = world
+    _, state, _ = world
     report = tmp_path / "run.json"
-    result = fleet_run(env, "--prefix", "fl-", "--concurrency", 3, "--json", report)
+    result = fleet_run(state, "--prefix", "fl-", "--concurrency", 3, "--json", report)
     records_path = tmp_path / "run.jsonl"
     lines = records_path.read_text().splitlines()
     records = [json.loads(line) for line in lines]
@@ -124,23 +103,23 @@ def test_records_file_beside_the_json_has_one_line_per_device(world, tmp_path):
 
 
 def test_without_json_the_records_go_under_the_state_directory(world, tmp_path):
-    home, env, _ = world
-    result = fleet_run(env, "--prefix", "fl-", "--limit", 3)
+    home, state, _ = world
+    result = fleet_run(state, "--prefix", "fl-", "--limit", 3)
     latest = home / "fleet-runs" / "latest.jsonl"
     named = latest.resolve()
     assert named.parent == (home / "fleet-runs").resolve() and named.name != "latest.jsonl"
     assert f"records: {home / 'fleet-runs' / named.name}" in result.stdout
     assert len(latest.read_text().splitlines()) == 3
-    fleet_run(env, "--prefix", "fl-", "--limit", 2)
+    fleet_run(state, "--prefix", "fl-", "--limit", 2)
     assert latest.resolve() != named and len(named.read_text().splitlines()) == 3  # a run never overwrites another
 
 
 def test_ramp_starts_devices_slower_at_first(world, tmp_path):
-    _, env, _ = world
+    _, state, _ = world
     report = tmp_path / "ramp.json"
     # 20/s reached after 1 s: the 10 devices all arrive during the ramp, the k-th at sqrt(k / 10) s
     # (at a constant 20/s the last would start at 0.45 s).
-    fleet_run(env, "--prefix", "fl-", "--rate", 20, "--ramp", 1, "--json", report)
+    fleet_run(state, "--prefix", "fl-", "--rate", 20, "--ramp", 1, "--json", report)
     data = json.loads(report.read_text())
     starts = sorted(d["started_s"] for d in data["devices"])
     assert all(start >= (k / 10) ** 0.5 - 0.02 for k, start in enumerate(starts)), starts
@@ -149,16 +128,14 @@ def test_ramp_starts_devices_slower_at_first(world, tmp_path):
 
 
 def test_a_retry_after_bound_run_says_so(world, tmp_path):
-    home, env, _ = world
+    _, state, _ = world
     # An emulator of its own that answers every register with "assigning, Retry-After: 1".
-    slow = Emulator.spawn(tmp_path / "slow", "--retry-after", "1", "--assignment-delay", "0")
+    slow = fleet_emulator(state, "--retry-after", "1", "--assignment-delay", "0", home=tmp_path / "slow")
     try:
-        slow.admin.upload_ca("root", (home / "pki" / "ca" / "root" / "cert.pem").read_bytes(), verified=True)
-        slow.admin.create_group("all", ca_ref="root")
         report = tmp_path / "slow.json"
-        result = run(env, "device_sim.cli", "fleet", "run", "--no-progress", "--prefix", "fl-", "--concurrency", 2,
-                     "--endpoint", slow.device_url, "--id-scope", slow.id_scope, "--trust", slow.ca_cert,
-                     "--json", report)
+        result = state.device_sim("fleet", "run", "--no-progress", "--prefix", "fl-", "--concurrency", 2,
+                                  "--endpoint", slow.device_url, "--id-scope", slow.id_scope, "--trust", slow.ca_cert,
+                                  "--json", report)
     finally:
         slow.stop()
     throughput = json.loads(report.read_text())["summary"]["throughput"]
@@ -169,9 +146,9 @@ def test_a_retry_after_bound_run_says_so(world, tmp_path):
 
 
 def test_mqtt_transport(world, tmp_path):
-    _, env, _ = world
+    _, state, _ = world
     report = tmp_path / "report.json"
-    fleet_run(env, "--prefix", "fl-", "--limit", 3, "--transport", "mqtt", "--json", report)
+    fleet_run(state, "--prefix", "fl-", "--limit", 3, "--transport", "mqtt", "--json", report)
     assert json.loads(report.read_text())["summary"]["outcomes"] == {"assigned": 3}
 
 
@@ -183,12 +160,12 @@ def _etag(emulator, registration_id: str) -> str | None:
 
 
 def test_ctrl_c_stops_cleanly_and_still_writes_the_report(world, tmp_path):
-    _, env, emulator = world
+    _, state, emulator = world
     report = tmp_path / "report.json"
     before = _etag(emulator, FLEET[0])
     proc = subprocess.Popen([sys.executable, "-m", "device_sim.cli", "fleet", "run", "--emulator", "--no-progress",
                              "--prefix", "fl-", "--rate", "2", "--json", str(report)],
-                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=REPO, env=state.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     # Interrupt once the first device of this run is assigned (a fixed sleep raced start-up
     # on a loaded machine); at 2 arrivals/s most of the fleet is still to come.
     deadline = time.monotonic() + 30
@@ -209,9 +186,9 @@ def test_ctrl_c_stops_cleanly_and_still_writes_the_report(world, tmp_path):
 @pytest.mark.parametrize("transport", ["https", "mqtt"])
 def test_token_batches_load_a_few_tokens_at_a_time_and_leave_no_view(world, tmp_path, transport):
     """10 devices on shards of 4, 4 and 2: batches of 4 identities are one shard each."""
-    home, env, _ = world
+    home, state, _ = world
     report = tmp_path / "report.json"
-    result = fleet_run(env, "--prefix", "fl-", "--concurrency", 3, "--token-batch", 4, "--json", report,
+    result = fleet_run(state, "--prefix", "fl-", "--concurrency", 3, "--token-batch", 4, "--json", report,
                        "--transport", transport)
     data = json.loads(report.read_text())
     assert data["summary"]["outcomes"] == {"assigned": 10}
@@ -222,9 +199,9 @@ def test_token_batches_load_a_few_tokens_at_a_time_and_leave_no_view(world, tmp_
 
 
 def test_token_batch_0_loads_every_token_at_once(world, tmp_path):
-    _, env, _ = world
+    _, state, _ = world
     report = tmp_path / "report.json"
-    result = fleet_run(env, "--prefix", "fl-", "--token-batch", 0, "--json", report)
+    result = fleet_run(state, "--prefix", "fl-", "--token-batch", 0, "--json", report)
     data = json.loads(report.read_text())
     assert data["summary"]["outcomes"] == {"assigned": 10}
     assert data["settings"]["token_batch"] == 0 and "token_batches" not in data["settings"]
@@ -244,8 +221,8 @@ def test_token_batch_0_loads_every_token_at_once(world, tmp_path):
     (("--json", "/nonexistent-dir/r.json"), "the folder does not exist"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(world, tmp_path, args, message):
-    _, env, _ = world
-    result = fleet_run(env, *args, check=False)
+    _, state, _ = world
+    result = fleet_run(state, *args, check=False)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], result.stderr

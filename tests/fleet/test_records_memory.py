@@ -11,16 +11,12 @@ report). The records file has one line per device and agrees with the summary.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
-from device_sim.testing import Emulator
-from stub_server.emulator_proc import REPO, stub_admin
+from device_sim.testing import StateDir, fleet_emulator, fleet_world
+from stub_server.emulator_proc import REPO
 
-PIN, SO_PIN = "1234", "87654321"
 SMALL, LARGE = 50, 400
 PER_DEVICE_BYTES = 1024
 
@@ -43,43 +39,29 @@ sys.exit(code)
 """
 
 
-def cli(env, *args, program="device_sim.cli.hsm_setup"):
-    done = subprocess.run([sys.executable, "-m", program, *map(str, args)], capture_output=True, text=True,
-                          cwd=REPO, env=env, timeout=600)
-    assert done.returncode == 0, done.stderr
-    return done
-
-
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory):
-    home = tmp_path_factory.mktemp("memory-home")
-    env = {k: v for k, v in os.environ.items() if k not in ("SOFTHSM2_CONF", "PKCS11_MODULE")}
-    env.update(DEVICE_SIM_HOME=str(home), PKCS11_PIN=PIN, PKCS11_SO_PIN=SO_PIN)
-    cli(env, "token", "init", "ca")
-    cli(env, "ca", "create", "root")
-    cli(env, "fleet", "create", "--count", LARGE, "--prefix", "mem-", "--ca", "root", "--jobs", 2, "--no-progress")
-    emulator = Emulator.spawn(home, "--retry-after", "0", "--assignment-delay", "0", "--no-mqtt")
-    stub_admin(emulator, "ca", "upload", "root", home / "pki" / "ca" / "root" / "cert.pem", "--verified")
-    stub_admin(emulator, "group", "create", "all", "--ca-ref", "root")
-    yield home, env
+    state = StateDir(tmp_path_factory.mktemp("memory-home"), without=("SOFTHSM2_CONF", "PKCS11_MODULE"),
+                     cwd=REPO, timeout=600)
+    fleet_world(state, LARGE, "mem-", extra=("--jobs", 2))
+    emulator = fleet_emulator(state, "--retry-after", "0", "--assignment-delay", "0", "--no-mqtt")
+    yield state
     emulator.stop()
 
 
-def traced_run(env, tmp_path, count: int) -> tuple[int, dict, list[dict]]:
+def traced_run(state, tmp_path, count: int) -> tuple[int, dict, list[dict]]:
     """(peak traced bytes, --json summary, records) of a run of `count` devices."""
     peak, report = tmp_path / f"peak-{count}", tmp_path / f"run-{count}.json"
-    done = subprocess.run([sys.executable, "-c", TRACED_RUN, str(peak), "fleet", "run", "--emulator", "--no-progress",
-                           "--concurrency", "16", "--limit", str(count), "--json", str(report)],
-                          capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
-    assert done.returncode == 0, done.stderr
+    state.python("-c", TRACED_RUN, peak, "fleet", "run", "--emulator", "--no-progress",
+                 "--concurrency", 16, "--limit", count, "--json", report)
     records = [json.loads(line) for line in report.with_suffix(".jsonl").read_text().splitlines()]
     return int(peak.read_text()), json.loads(report.read_text())["summary"], records
 
 
 def test_memory_does_not_grow_with_the_fleet(fleet, tmp_path):
-    _, env = fleet
-    small_peak, small, small_records = traced_run(env, tmp_path, SMALL)
-    large_peak, large, large_records = traced_run(env, tmp_path, LARGE)
+    state = fleet
+    small_peak, small, small_records = traced_run(state, tmp_path, SMALL)
+    large_peak, large, large_records = traced_run(state, tmp_path, LARGE)
     assert len(small_records) == SMALL and len(large_records) == LARGE
     assert len({r["registration_id"] for r in large_records}) == LARGE
     assert small["outcomes"] == {"assigned": SMALL} and large["outcomes"] == {"assigned": LARGE}

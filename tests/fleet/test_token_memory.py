@@ -12,32 +12,19 @@ import sys
 
 import pytest
 
-from device_sim.testing import Emulator
-from stub_server.emulator_proc import REPO, stub_admin
+from device_sim.testing import StateDir, fleet_emulator, fleet_world
+from stub_server.emulator_proc import REPO
 
-PIN, SO_PIN = "1234", "87654321"
 BALLAST = 800  # identities on a token no run here uses: ~15 MiB of SoftHSM objects (~19 KB each)
-
-
-def hsm(env, *args):
-    subprocess.run([sys.executable, "-m", "device_sim.cli.hsm_setup", *map(str, args)], cwd=REPO, env=env,
-                   check=True, capture_output=True, timeout=600)
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    home = tmp_path_factory.mktemp("memory-home")
-    env = {k: v for k, v in os.environ.items() if k != "SOFTHSM2_CONF"}
-    env.update(DEVICE_SIM_HOME=str(home), PKCS11_PIN=PIN, PKCS11_SO_PIN=SO_PIN)
-    hsm(env, "token", "init", "ca")
-    hsm(env, "ca", "create", "root")
-    hsm(env, "fleet", "create", "--count", 10, "--prefix", "run-", "--ca", "root", "--per-token", 5, "--no-progress")
-    hsm(env, "fleet", "create", "--count", BALLAST, "--prefix", "ballast-", "--ca", "root",
-        "--per-token", BALLAST, "--token-prefix", "ballast", "--jobs", 1, "--no-progress")
-    emulator = Emulator.spawn(home, "--retry-after", "0", "--assignment-delay", "0", "--no-amqp")
-    stub_admin(emulator, "ca", "upload", "root", home / "pki" / "ca" / "root" / "cert.pem", "--verified")
-    stub_admin(emulator, "group", "create", "all", "--ca-ref", "root")
-    yield env
+    state = StateDir(tmp_path_factory.mktemp("memory-home"), cwd=REPO, timeout=600)
+    fleet_world(state, 10, "run-", per_token=5)
+    state.fleet_create(BALLAST, "ballast-", "root", "--token-prefix", "ballast", "--jobs", 1, per_token=BALLAST)
+    emulator = fleet_emulator(state, "--retry-after", "0", "--assignment-delay", "0", "--no-amqp")
+    yield state.env
     emulator.stop()
 
 

@@ -10,7 +10,6 @@ and python-pkcs11 keeps one library per path per process.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from device_sim.testing import Emulator
+from device_sim.testing import Emulator, StateDir, fleet_emulator, fleet_world
 from device_sim.testing.tpm import SoftwareTpm
 from hsm_setup.module import SOFTHSM_CANDIDATES
 
@@ -35,45 +34,10 @@ def _softhsm_module() -> str:
     return next(p for p in SOFTHSM_CANDIDATES if Path(p).is_file())
 
 
-def _env(home: Path, tpm: SoftwareTpm | None) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(FOREIGN_ENV)}
-    env.update(DEVICE_SIM_HOME=str(home), PKCS11_PIN=TEST_PIN, PKCS11_SO_PIN=TEST_SO_PIN)
-    if tpm is not None:
-        env.update(tpm.env, PKCS11_MODULE=tpm.module_path)
-    return env
-
-
-def _run(env, program, *args, check=True, timeout=300):
-    done = subprocess.run([sys.executable, "-m", program, *map(str, args)], capture_output=True,
-                          text=True, cwd=REPO, env=env, timeout=timeout)
-    if check and done.returncode != 0:
-        raise AssertionError(f"{program} {' '.join(map(str, args))}: exit {done.returncode}\n{done.stderr}")
-    return done
-
-
-def hsm(env, *args, **kw):
-    return _run(env, "device_sim.cli.hsm_setup", *args, **kw)
-
-
-def device_sim(env, *args, **kw):
-    return _run(env, "device_sim.cli", *args, **kw)
-
-
-def _fleet_create(env, prefix: str, ca: str, *extra) -> dict:
-    made = hsm(env, "fleet", "create", "--count", FLEET_SIZE, "--prefix", prefix, "--ca", ca,
-               "--no-progress", "--json", *extra)
-    return json.loads(made.stdout)
-
-
-def _emulator(home: Path, env: dict, root_pem: Path, *args) -> Emulator:
-    emulator = Emulator.spawn(home, "--retry-after", "0", *args, env=env)
-    try:
-        emulator.admin.upload_ca("root", root_pem.read_bytes(), verified=True)
-        emulator.admin.create_group("all", ca_ref="root")
-    except BaseException:
-        emulator.stop()
-        raise
-    return emulator
+def _state(home: Path, tpm: SoftwareTpm | None) -> StateDir:
+    tpm_env = None if tpm is None else {**tpm.env, "PKCS11_MODULE": tpm.module_path}
+    return StateDir(home, pin=TEST_PIN, so_pin=TEST_SO_PIN, without=FOREIGN_ENV, extra_env=tpm_env, cwd=REPO,
+                    timeout=300)
 
 
 @pytest.fixture(scope="module")
@@ -84,15 +48,15 @@ def tpm_fleet(tmp_path_factory):
     with SoftwareTpm.start(work / "tpm", label="fleet-ca", user_pin=TEST_PIN, so_pin=TEST_SO_PIN) as tpm:
         home = work / "home"
         home.mkdir()
-        env = _env(home, tpm)
-        hsm(env, "ca", "create", "root", "--token", "fleet-ca")
-        created = _fleet_create(env, "tpmfl-", "root", "--token-prefix", "tpmshard")
+        state = _state(home, tpm)
+        created = fleet_world(state, FLEET_SIZE, "tpmfl-", ca_token=None, ca_args=("--token", "fleet-ca"),
+                              extra=("--token-prefix", "tpmshard"))
         softhsm = _softhsm_rate(work / "softhsm-home")
         print(f"\nfleet create, {FLEET_SIZE} ec-p256 identities: TPM {created['per_second']}/s "
               f"({created['seconds']} s), SoftHSM {softhsm['per_second']}/s ({softhsm['seconds']} s)")
-        emulator = _emulator(home, env, home / "pki/ca/root/cert.pem", "--assignment-delay", "0")
+        emulator = fleet_emulator(state, "--retry-after", "0", "--assignment-delay", "0", env=state.env)
         try:
-            yield home, env, created, emulator
+            yield home, state, created, emulator
         finally:
             emulator.stop()
 
@@ -100,29 +64,26 @@ def tpm_fleet(tmp_path_factory):
 def _softhsm_rate(home: Path) -> dict:
     """The same `fleet create` on SoftHSM, for the figure beside the TPM's."""
     home.mkdir()
-    env = _env(home, None)
-    hsm(env, "token", "init", "ca")
-    hsm(env, "ca", "create", "root", "--token", "ca")
-    return _fleet_create(env, "shfl-", "root")
+    return fleet_world(_state(home, None), FLEET_SIZE, "shfl-", ca_args=("--token", "ca"))
 
 
 def test_fleet_create_puts_20_identities_on_tpm_shard_tokens(tpm_fleet):
-    home, env, created, _ = tpm_fleet
+    home, state, created, _ = tpm_fleet
     assert created["count"] == FLEET_SIZE
     assert created["tokens"] == ["tpmshard-001", "tpmshard-002"]
     assert created["per_second"] > 0
-    listed = json.loads(hsm(env, "device", "show", "tpmfl-0020", "--json").stdout)
+    listed = json.loads(state.hsm_setup("device", "show", "tpmfl-0020", "--json").stdout)
     assert listed["uri"].startswith("pkcs11:token=tpmshard-002;object=tpmfl-0020")
     # Run again: every identity is there already, nothing is made twice.
-    again = _fleet_create(env, "tpmfl-", "root", "--token-prefix", "tpmshard")
+    again = state.fleet_create(FLEET_SIZE, "tpmfl-", "root", "--token-prefix", "tpmshard")
     assert again["count"] == 0 and again["kept"] == FLEET_SIZE
 
 
 def test_fleet_run_of_tpm_held_devices_over_https(tpm_fleet, tmp_path):
-    home, env, _, emulator = tpm_fleet
+    home, state, _, emulator = tpm_fleet
     report = tmp_path / "report.json"
-    done = device_sim(env, "fleet", "run", "--emulator", "--no-progress", "--prefix", "tpmfl-",
-                      "--concurrency", 4, "--json", report)
+    done = state.device_sim("fleet", "run", "--emulator", "--no-progress", "--prefix", "tpmfl-",
+                            "--concurrency", 4, "--json", report)
     assert f"assigned {FLEET_SIZE}" in done.stdout, done.stdout
     data = json.loads(report.read_text())
     assert len(data["devices"]) == FLEET_SIZE
@@ -132,9 +93,9 @@ def test_fleet_run_of_tpm_held_devices_over_https(tpm_fleet, tmp_path):
 
 
 def test_register_with_a_tpm_key_over_mqtt(tpm_fleet):
-    _, env, _, _ = tpm_fleet
-    done = device_sim(env, "register", "tpmfl-0007", "--emulator", "--transport", "mqtt", "--json",
-                      "--timeout", "60")
+    _, state, _, _ = tpm_fleet
+    done = state.device_sim("register", "tpmfl-0007", "--emulator", "--transport", "mqtt", "--json",
+                            "--timeout", "60")
     answer = json.loads(done.stdout)
     assert answer["status"] == "assigned", answer
 
@@ -157,20 +118,20 @@ def test_a_tpm_that_disappears_mid_run_ends_the_affected_devices_and_the_run(tmp
                            so_pin=TEST_SO_PIN) as tpm:
         home = tmp_path / "home"
         home.mkdir()
-        env = _env(home, tpm)
+        state = _state(home, tpm)
         softhsm = _softhsm_module()
-        hsm(env, "token", "init", "ca", "--module", softhsm)
-        hsm(env, "ca", "create", "root", "--token", "ca", "--module", softhsm)
-        hsm(env, "fleet", "create", "--count", FLEET_SIZE, "--prefix", "gone-", "--ca", "root",
-            "--ca-module", softhsm, "--token-prefix", "goneshard", "--no-progress")
-        emulator = _emulator(home, env, home / "pki/ca/root/cert.pem", "--assignment-delay", "1",
-                             "--no-mqtt", "--no-amqp")
+        state.hsm_setup("token", "init", "ca", "--module", softhsm)
+        state.hsm_setup("ca", "create", "root", "--token", "ca", "--module", softhsm)
+        state.hsm_setup("fleet", "create", "--count", FLEET_SIZE, "--prefix", "gone-", "--ca", "root",
+                        "--ca-module", softhsm, "--token-prefix", "goneshard", "--no-progress")
+        emulator = fleet_emulator(state, "--retry-after", "0", "--assignment-delay", "1", "--no-mqtt", "--no-amqp",
+                                  env=state.env)
         report = tmp_path / "report.json"
         try:
             run = subprocess.Popen(
                 [sys.executable, "-m", "device_sim.cli", "fleet", "run", "--emulator", "--no-progress",
                  "--prefix", "gone-", "--concurrency", "2", "--timeout", "20", "--json", str(report)],
-                cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                cwd=REPO, env=state.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             try:
                 deadline = time.monotonic() + 60
                 while not _registered(emulator, "gone-0001") and time.monotonic() < deadline:
