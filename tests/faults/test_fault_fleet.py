@@ -30,7 +30,7 @@ PLAN = {"seed": 12, "rules": [
 
 
 class NoTraceback(StateDir):
-    """Every set-up command also prints no traceback (a caught one would pass unseen)."""
+    """Every set-up command here must also print no traceback, even one that exits 0."""
 
     def python(self, *args, **kw):
         result = super().python(*args, **kw)
