@@ -128,7 +128,8 @@ def cmd_run(args) -> int:
     print(render_text(summary))
     if report.settings.get("token_batches"):
         print(f"token batches: {report.settings['token_batches']} of about {batch} identities each, "
-              f"{report.settings['token_switch_s']:.1f} s spent switching")
+              f"{report.settings['token_switch_s']:.1f} s spent switching ({report.settings['token_drain_s']:.1f} s "
+              f"letting each batch's last devices finish, {report.settings['token_load_s']:.1f} s loading the next tokens)")
     print(f"records: {records_path}")
     if args.json:
         write_json_report(Path(args.json), log, settings=report.settings, summary=summary)

@@ -325,13 +325,15 @@ class _Switches:
                  stop: threading.Event):
         self.runtime, self.slots, self.concurrency, self.stop = runtime, slots, concurrency, stop
         self.count = 0
-        self.seconds = 0.0  # spent waiting for the last devices of a batch and initialising
+        self.drain_s = 0.0  # waiting for the last devices of a batch
+        self.load_s = 0.0   # making the view and initialising the module over it
         self.error: str | None = None
 
     def switch(self, item: TokenSwitch) -> bool:
         """False when the run must stop (stopped while waiting, or the module failed)."""
         started = time.monotonic()
         _wait_idle(self.slots, self.concurrency)
+        drained = time.monotonic()
         if self.stop.is_set():
             return False
         try:
@@ -341,11 +343,15 @@ class _Switches:
             self.stop.set()
             return False
         self.count += 1
-        self.seconds += time.monotonic() - started
+        self.drain_s += drained - started
+        self.load_s += time.monotonic() - drained
         return True
 
     def settings(self) -> dict:
-        return {"token_batches": self.count, "token_switch_s": round(self.seconds, 3)} if self.count else {}
+        if not self.count:
+            return {}
+        return {"token_batches": self.count, "token_switch_s": round(self.drain_s + self.load_s, 3),
+                "token_drain_s": round(self.drain_s, 3), "token_load_s": round(self.load_s, 3)}
 
 
 def arrival_s(index: int, rate: float | None, ramp: float | None = None) -> float:
