@@ -119,6 +119,14 @@ def test_state_dir_runs_the_cli_in_its_environment_and_says_what_failed(tmp_path
     assert state.hsm_setup("device", "show", "dev-1", check=False).returncode == 2
 
 
+def test_python_peak_rss_is_the_command_s_own_not_its_parent_s(tmp_path):
+    state = StateDir(tmp_path / "home")
+    ballast = b"x" * (200 << 20)  # this process 200 MiB larger (written, so resident): no child pays it
+    _, small = state.python_peak_rss("-c", "pass")
+    _, large = state.python_peak_rss("-c", "import time; b = b'x' * (80 << 20); time.sleep(0.3)")
+    assert len(ballast) and small < 60 and large - small >= 70, (small, large)
+
+
 def test_fleet_world_and_its_emulator_register_the_fleet(tmp_path):
     state = StateDir(tmp_path / "home")
     made = fleet_world(state, 3, "tw-", cas=("root", "line"), per_token=2)

@@ -22,6 +22,7 @@ directory configures its own SoftHSM), with `DEVICE_SIM_HOME`, `PKCS11_PIN` and
 `SoftwareTpm`'s `env` and `PKCS11_MODULE`).
 `state.env` is that dict, for a `subprocess.Popen` or a Dask worker of one's own.
 
+`python_peak_rss(*args)` also returns the command's own peak RSS (MiB).
 `python(*args)`, `hsm_setup(*args)` and `device_sim(*args)` return the
 `subprocess.CompletedProcess` (text output). With `check=True` (the default) a non-zero
 exit raises AssertionError naming the command, its exit code, stdout and stderr;
@@ -34,6 +35,8 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 from device_sim.testing.emulator import Emulator
@@ -71,6 +74,31 @@ class StateDir:
                                  f"stdout:\n{done.stdout}\nstderr:\n{done.stderr}")
         return done
 
+    def python_peak_rss(self, *args, check: bool = True,
+                        timeout: float | None = None) -> tuple[subprocess.CompletedProcess, float]:
+        """`python(*args)` and the peak RSS in MiB of that process alone (its VmHWM, read
+        from /proc while it runs; Linux). Not wait4's ru_maxrss: a child started by
+        vfork/posix_spawn is charged the parent's peak up to its exec, so a large test
+        process would hide what the command itself used."""
+        with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+            argv = [sys.executable, *map(str, args)]
+            process = subprocess.Popen(argv, stdout=out, stderr=err, text=True, cwd=self.cwd, env=self.env)
+            peak, deadline = 0.0, time.monotonic() + (self.timeout if timeout is None else timeout)
+            while process.poll() is None:
+                peak = max(peak, _vm_hwm_mib(process.pid))
+                if time.monotonic() > deadline:
+                    process.kill()
+                    process.wait()
+                    raise AssertionError(f"python {' '.join(argv[1:])}: still running after its timeout")
+                time.sleep(0.02)
+            out.seek(0)
+            err.seek(0)
+            done = subprocess.CompletedProcess(argv, process.returncode, out.read(), err.read())
+        if check and done.returncode != 0:
+            raise AssertionError(f"python {' '.join(argv[1:])}: exit {done.returncode}\n"
+                                 f"stdout:\n{done.stdout}\nstderr:\n{done.stderr}")
+        return done, peak
+
     def hsm_setup(self, *args, **kw) -> subprocess.CompletedProcess:
         return self.python("-m", "device_sim.cli.hsm_setup", *args, **kw)
 
@@ -83,6 +111,18 @@ class StateDir:
         done = self.hsm_setup("fleet", "create", "--count", count, "--prefix", prefix, "--ca", ca, *shards,
                               "--no-progress", "--json", *extra)
         return json.loads(done.stdout)
+
+
+def _vm_hwm_mib(pid: int) -> float:
+    """VmHWM of a running process in MiB; 0 once it has ended (a zombie has none)."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except (OSError, ValueError):
+        pass
+    return 0.0
 
 
 def fleet_world(state: StateDir, count: int, prefix: str, *, cas: tuple[str, ...] = ("root",),

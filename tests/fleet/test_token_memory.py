@@ -6,10 +6,6 @@ views (the default) and with every token loaded at once (--token-batch 0)."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 
 from device_sim.testing import StateDir, fleet_emulator, fleet_world
@@ -24,23 +20,15 @@ def world(tmp_path_factory):
     fleet_world(state, 10, "run-", per_token=5)
     state.fleet_create(BALLAST, "ballast-", "root", "--token-prefix", "ballast", "--jobs", 1, per_token=BALLAST)
     emulator = fleet_emulator(state, "--retry-after", "0", "--assignment-delay", "0", "--no-amqp")
-    yield state.env
+    yield state
     emulator.stop()
 
 
-def peak_rss_mib(env, *args) -> float:
-    """Peak RSS of one `fleet run` process (wait4: it and the children it waited for; its
-    slot child loads a few tokens at a time as well)."""
-    process = subprocess.Popen([sys.executable, "-m", "device_sim.cli", "fleet", "run", "--emulator",
-                                "--no-progress", "--prefix", "run-", *map(str, args)],
-                               cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(process.pid, 0)
-    process.returncode = os.waitstatus_to_exitcode(status)
-    err = process.stderr.read().decode()
-    process.stdout.close()
-    process.stderr.close()
-    assert process.returncode == 0, err
-    return usage.ru_maxrss / 1024
+def peak_rss_mib(state, *args) -> float:
+    """Peak RSS of one `fleet run` process alone (its VmHWM: docs/testing.md)."""
+    _, peak = state.python_peak_rss("-m", "device_sim.cli", "fleet", "run", "--emulator", "--no-progress",
+                                    "--prefix", "run-", *args)
+    return peak
 
 
 def test_tokens_outside_the_run_cost_the_run_no_memory(world):
