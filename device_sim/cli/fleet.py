@@ -12,6 +12,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from device_sim.cli import register as register_cli
+from device_sim.cli import runner
 from device_sim.cli.options import add_home_argument
 from device_sim.common.errors import (EXIT_INTERRUPTED, EXIT_OK, EXIT_SOME_NOT_ASSIGNED, EXIT_USAGE,
                                       UserError)
@@ -112,6 +113,7 @@ def cmd_run(args) -> int:
     if target.trust_file:
         fast_trust_defaults(target.trust_file)
     records_path = records_file(args, home)
+    runner.skip_teardown()  # awscrt loads the module from here on: see runner.skip_teardown
     try:
         with RunLog(records_path) as log:
             report = _run_with_progress(devices, target, settings, args.no_progress, log)

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from device_sim.cli import chain, fleet, register, stub
-from device_sim.cli.runner import run_cli
+from device_sim.cli.runner import end_program, run_cli
 
 # Each verb group owns its verbs: `add_subparser(subparsers)` sets `func`.
 VERB_GROUPS = (register, chain, fleet, stub)
@@ -21,7 +21,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_cli("device-sim", build_parser(), argv)
+    code = run_cli("device-sim", build_parser(), argv)
+    return end_program(code) if argv is None else code  # the program, not a caller in-process
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ The order of a run:
 from __future__ import annotations
 
 import dataclasses
+import os
 import sqlite3
 import sys
 import tempfile
@@ -315,8 +316,6 @@ def _send_never_started(parent, report, received: set[str], arrived: threading.C
 
 def _target(spec: dict, home: Path) -> Target:
     """The coordinator's target, its trust certificates in a file of this machine."""
-    import os
-
     trust_file = None
     if spec["trust_pem"]:
         trust_file = str(home / "dask-trust.pem")
@@ -330,4 +329,9 @@ def _target(spec: dict, home: Path) -> Target:
 
 
 if __name__ == "__main__":
-    sys.exit(dask_shares.run_child(_run_share))
+    # Exit without the interpreter's teardown, as `fleet run` does (device_sim/cli/runner.py,
+    # skip_teardown): a child hanging in SoftHSM at exit would keep its share open.
+    code = dask_shares.run_child(_run_share)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
