@@ -184,6 +184,13 @@ def tokens_of(home: Path, *, prefix: str | None = None, limit: int | None = None
     return {label: (count, first) for label, count, first in rows}
 
 
+def token_serials(home: Path) -> dict[str, str]:
+    """Token label -> the serial its devices were made on (one query; a token initialised
+    again since has another serial now)."""
+    return {label: serial for label, serial in
+            _read(home, "SELECT token_label, MAX(token_serial) FROM devices GROUP BY token_label", [])}
+
+
 def _filters(token_label: str | None, prefix: str | None) -> tuple[list[str], list]:
     where, params = [], []
     if token_label is not None:

@@ -108,7 +108,9 @@ def ask_tokens(module_path: str, home: Path, *, pin: str | None = None,
     # awscrt initialises the module in this process later and SoftHSM reads its
     # configuration then; the child inherits it too.
     os.environ.update(module.softhsm_environment(module_path, home))
-    request = json.dumps({"module": module_path, "home": str(home), "pin": pin, "labels": list(labels)})
+    known = registry.token_serials(home) if labels else {}  # to look at these tokens first, in order
+    request = json.dumps({"module": module_path, "home": str(home), "pin": pin, "labels": list(labels),
+                          "serials": [known[label] for label in labels if label in known]})
     child = subprocess.run([sys.executable, "-m", __name__], input=request,  # the PIN never in argv
                            capture_output=True, text=True, timeout=300)
     try:
@@ -130,28 +132,29 @@ def _answer_token_slots(request: dict) -> dict:
     from hsm_setup.context import Pkcs11Context
 
     home, module_path = Path(request["home"]), request["module"]
-    wanted = set(request["labels"]) if request.get("pin") is not None else set()
+    wanted = request["labels"] if request.get("pin") is not None else []
     slots: dict[str, int] = {}
     serials: dict[str, str] = {}
     try:
-        for conf in _listing_views(home, module_path):
+        for conf in _listing_views(home, module_path, first=request.get("serials", [])):
             with Pkcs11Context(home, softhsm_conf=conf) as ctx:
                 library = ctx.library(module_path)
-                listed = tokens.list_tokens(library)
-                slots.update({t.label: t.slot_id for t in listed})
-                serials.update({t.label: t.serial for t in listed})
-                for info in listed:
-                    if info.label in wanted:  # an absent token is reported per device, as before
-                        tokens.session(library, info.label, request["pin"])
+                listed = {t.label: t for t in tokens.list_tokens(library)}
+                slots.update({label: t.slot_id for label, t in listed.items()})
+                serials.update({label: t.serial for label, t in listed.items()})
+                for label in wanted:  # in the run's order: a wrong PIN names its first token
+                    if label in listed:  # an absent token is reported per device, as before
+                        tokens.session(library, label, request["pin"])
     except UserError as exc:
         return {"error": str(exc)}
     return {"slots": slots, "serials": serials}
 
 
-def _listing_views(home: Path, module_path: str) -> Iterator[Path | None]:
+def _listing_views(home: Path, module_path: str, *, first: list[str] = ()) -> Iterator[Path | None]:
     """SoftHSM configurations that together show every token once: views of about
-    LISTING_OBJECTS token objects each, or None (the state directory's own) when the
-    module is not SoftHSM or its files allow no view."""
+    LISTING_OBJECTS token objects each, the tokens of serials `first` first and in that
+    order, or None (the state directory's own) when the module is not SoftHSM or its files
+    allow no view."""
     views = None
     if module.is_softhsm(module_path):
         try:
@@ -163,7 +166,10 @@ def _listing_views(home: Path, module_path: str) -> Iterator[Path | None]:
         yield None
         return
     try:
-        for group in token_views.batches(sorted(directory.by_serial.values()), key=lambda path: path,
+        found = (directory.by_serial.get(serial.strip().lower()) for serial in first)
+        ahead = list(dict.fromkeys(path for path in found if path is not None))
+        rest = sorted(set(directory.by_serial.values()).difference(ahead))
+        for group in token_views.batches([*ahead, *rest], key=lambda path: path,
                                          weight=token_views.objects_in, limit=LISTING_OBJECTS):
             conf = views.make(group)
             yield conf
