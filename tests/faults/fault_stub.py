@@ -290,27 +290,28 @@ class FaultStub:
         client.loop_start()
         try:
             deadline = time.monotonic() + timeout
-            while True:
-                try:
-                    connack.get(timeout=0.05)
-                    break
-                except queue.Empty:
-                    if not gone.empty():
-                        return ended(dropped=True)
-                    if time.monotonic() > deadline:
-                        return ended(silent=True)
+
+            def take(source):
+                """(next item of `source`, None), or (None, the ending) once the connection is
+                gone or the deadline passed."""
+                while True:
+                    try:
+                        return source.get(timeout=0.05), None
+                    except queue.Empty:
+                        if not gone.empty():
+                            return None, ended(dropped=True)
+                        if time.monotonic() > deadline:
+                            return None, ended(silent=True)
+
+            _, ending = take(connack)
+            if ending is not None:
+                return ending
             client.subscribe(topics.RESPONSE_FILTER, qos=1)
             topic = topics.format_register("1") if operation == "register" else topics.format_status("1", operation_id)
             client.publish(topic, json.dumps({"registrationId": registration_id}).encode(), qos=1)
-            while True:
-                try:
-                    message = answers.get(timeout=0.05)
-                    break
-                except queue.Empty:
-                    if not gone.empty():
-                        return ended(dropped=True)
-                    if time.monotonic() > deadline:
-                        return ended(silent=True)
+            message, ending = take(answers)
+            if ending is not None:
+                return ending
             response = topics.parse_response(message.topic)
             retry = None if response.retry_after is None else str(response.retry_after)
             return ended(status=response.status, body=message.payload, retry_after=retry)
