@@ -155,16 +155,14 @@ def _listing_views(home: Path, module_path: str, *, first: list[str] = ()) -> It
     LISTING_OBJECTS token objects each, the tokens of serials `first` first and in that
     order, or None (the state directory's own) when the module is not SoftHSM or its files
     allow no view."""
-    views = None
-    if module.is_softhsm(module_path):
-        try:
-            directory = token_views.TokenDirectory.of(module.softhsm_conf(home))
-            views = token_views.Views(directory)
-        except token_views.ViewsUnavailable:
-            views = None
+    try:
+        views = token_views.open_views(module_path, home)
+    except token_views.ViewsUnavailable:
+        views = None
     if views is None:
         yield None
         return
+    directory = views.tokens
     try:
         found = (directory.by_serial.get(serial.strip().lower()) for serial in first)
         ahead = list(dict.fromkeys(path for path in found if path is not None))
@@ -264,10 +262,11 @@ def stream_devices(records: Selection | list[registry.DeviceRecord], *, home: Pa
         if label not in slots:
             raise UserError(_absent(label, first))
     views = None
-    if batch > 0 and module.is_softhsm(module_path):
+    if batch > 0:
         try:
-            views = token_views.Views(token_views.TokenDirectory.of(module.softhsm_conf(home)))
-            views.tokens.directories({label: answer["serials"].get(label, "") for label in tokens})
+            views = token_views.open_views(module_path, home)
+            if views is not None:
+                views.tokens.directories({label: answer["serials"].get(label, "") for label in tokens})
         except token_views.ViewsUnavailable as exc:
             views = None
             if on_note:

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Callable, Hashable, Iterable, Iterator, TypeVar
 
 from device_sim.common.errors import UserError
+from hsm_setup import module
 
 T = TypeVar("T")
 VIEWS_DIR = ".device-sim-views"
@@ -76,6 +77,14 @@ class TokenDirectory:
                 raise ViewsUnavailable(f"token {label!r} (serial {serial}) has no directory in {self.path}")
             out.append(path)
         return out
+
+
+def open_views(module_path: str, home: Path) -> "Views | None":
+    """Views of the state directory's SoftHSM tokens; None for a module that is not SoftHSM
+    (it loads once for the whole run); ViewsUnavailable when SoftHSM's files allow none."""
+    if not module.is_softhsm(module_path):
+        return None
+    return Views(TokenDirectory.of(module.softhsm_conf(home)))
 
 
 def objects_in(token_directory: Path) -> int:
