@@ -6,11 +6,11 @@ need not parse stderr."""
 import contextlib
 import io
 import json
-import os
 import re
 import sys
 import warnings
 
+from device_sim.common.process_exit import exit_now
 from device_sim.common.errors import EXIT_INTERRUPTED, EXIT_SLUGS, EXIT_USAGE, Notice, UserError
 
 
@@ -19,21 +19,16 @@ _skip_teardown = False
 
 def skip_teardown() -> None:
     """Ask the program to end as soon as the verb is done, without the interpreter's
-    teardown (`end_program`). For verbs that loaded a PKCS#11 module through awscrt: a
-    fleet run that had written its whole report hung at exit in SoftHSM, its main thread
-    waiting on a mutex awscrt had handed SoftHSM at C_Initialize (docs/fleet.md, "Memory")."""
+    teardown (`end_program`, device_sim/common/process_exit.py): for verbs that loaded a
+    PKCS#11 module through awscrt."""
     global _skip_teardown
     _skip_teardown = True
 
 
 def end_program(code: int) -> int:
-    """Exit with `code` now if the verb asked to skip teardown (output flushed first, every
-    file the verb wrote is closed by then); else return it for `sys.exit`."""
+    """Exit with `code` now if the verb asked to skip teardown; else return it for `sys.exit`."""
     if _skip_teardown:
-        for stream in (sys.stdout, sys.stderr):
-            with contextlib.suppress(Exception):
-                stream.flush()
-        os._exit(code)
+        exit_now(code)
     return code
 
 

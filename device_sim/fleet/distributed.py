@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import sqlite3
-import sys
 import tempfile
 import threading
 import time
@@ -33,6 +32,7 @@ from typing import Callable, Iterator
 
 from device_sim.common import dask_shares
 from device_sim.common.errors import UserError
+from device_sim.common.process_exit import exit_now
 from device_sim.device import registration as reg
 from device_sim.device.target import Target
 from device_sim.fleet.records import RunLog
@@ -329,9 +329,6 @@ def _target(spec: dict, home: Path) -> Target:
 
 
 if __name__ == "__main__":
-    # Exit without the interpreter's teardown, as `fleet run` does (device_sim/cli/runner.py,
-    # skip_teardown): a child hanging in SoftHSM at exit would keep its share open.
-    code = dask_shares.run_child(_run_share)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    # No interpreter teardown, as `fleet run` (device_sim/common/process_exit.py): a child
+    # hanging in SoftHSM at exit would keep its share open.
+    exit_now(dask_shares.run_child(_run_share))
